@@ -1,0 +1,111 @@
+"""Causal self-attention: MHA, GQA and MQA through n_kv_heads, RoPE, sliding window, QK-norm, KV cache."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blocks.norms import rms_norm
+from micro_arch.registry import register_block
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_seq_len, head_dim // 2) for rotary position embeddings."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x: (batch, heads, seq, head_dim) by the position's angle."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (q, k) mask, True where query may attend: k <= q, and within `window` tokens if set."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed &= diff < window
+    return allowed
+
+
+@register_block("attention", kind="attention")
+class Attention(nn.Module):
+    """Causal multi-head self-attention through F.scaled_dot_product_attention; n_kv_heads < n_heads is GQA/MQA."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        max_seq_len: int = 1024,
+        positions: str = "rope",
+        rope_theta: float = 10000.0,
+        window: int | None = None,
+        qk_norm: bool = False,
+        bias: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        head_dim = head_dim or d_model // n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        if positions == "rope" and head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.window, self.qk_norm, self.dropout = window, qk_norm, dropout
+        self.use_rope = positions == "rope"
+        self.qkv_proj = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
+        self.out_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+        if qk_norm:
+            self.q_norm = nn.Parameter(torch.ones(head_dim))
+            self.k_norm = nn.Parameter(torch.ones(head_dim))
+        if self.use_rope:
+            cos, sin = rope_tables(head_dim, max_seq_len, rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x, state=None):
+        B, T, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * D, KV * D, KV * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, KV, D).transpose(1, 2)
+        v = v.view(B, T, KV, D).transpose(1, 2)
+        if self.qk_norm:
+            q, k = rms_norm(q, self.q_norm, 1e-6), rms_norm(k, self.k_norm, 1e-6)
+        offset = state.offset if state is not None else 0
+        if self.use_rope:
+            pos = slice(offset, offset + T)
+            q = apply_rope(q, self.rope_cos[pos], self.rope_sin[pos])
+            k = apply_rope(k, self.rope_cos[pos], self.rope_sin[pos])
+        cache = state.cache if state is not None else None
+        if cache is not None:
+            if self in cache:
+                k = torch.cat([cache[self][0], k], dim=2)
+                v = torch.cat([cache[self][1], v], dim=2)
+            cache[self] = (k, v)
+        S = k.shape[2]
+        mask, is_causal = None, False
+        if self.window is None and S == T:
+            is_causal = T > 1
+        elif self.window is not None or T > 1:
+            q_pos = torch.arange(S - T, S, device=x.device)
+            mask = causal_mask(q_pos, torch.arange(S, device=x.device), self.window)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=KV != H,
+        )
+        if state is not None and state.recorder is not None:
+            for name, t in (("q", q), ("k", k), ("v", v)):
+                state.record(name, t)
+            state.record("scores (inside SDPA)", torch.empty(B, H, T, S, device="meta"))
+            state.record("attn_out", y)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.resid_dropout(self.out_proj(y))

@@ -1,0 +1,175 @@
+"""The `micro-arch` command line: run, trace, blocks, sweep, compare, generate, eval."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from micro_arch.errors import MicroArchError
+
+console = Console()
+
+
+def cmd_blocks(args) -> None:
+    from rich.table import Table
+
+    from micro_arch.registry import DIM_NAMES, list_blocks
+
+    table = Table(title="micro-arch blocks", show_lines=False)
+    for col in ("name", "kind", "arguments (defaults)", "defined in"):
+        table.add_column(col, overflow="fold")
+    for entry in list_blocks(args.pattern, args.kind):
+        own = [f"{n}={p.default!r}" if p.default is not p.empty else n
+               for n, p in entry.arguments.items() if n not in DIM_NAMES]
+        shared = [n for n in entry.arguments if n in DIM_NAMES]
+        text = ", ".join(own) + (f"  [dim](from model: {', '.join(shared)})[/]" if shared else "")
+        table.add_row(f"[bold]{entry.name}[/]\n[dim]{entry.description}[/]", entry.kind, text,
+                      _short_path(entry.source))
+    if not table.rows:
+        raise MicroArchError(f"no block matches {args.pattern!r}" + (f" of kind {args.kind}" if args.kind else ""))
+    console.print(table)
+
+
+def _short_path(path: str) -> str:
+    from pathlib import Path
+
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def cmd_trace(args) -> None:
+    import torch
+
+    from micro_arch.experiment import build_model, load_experiment
+    from micro_arch.trace import render, trace_model, trace_text
+
+    cfg = load_experiment(args.experiment, args.set)
+    model = build_model(cfg)
+    batch = args.batch or cfg.train.batch_size
+    seq = args.seq_len or cfg.train.seq_len
+    idx = torch.zeros(batch, seq, dtype=torch.long)
+    tree = render(trace_model(model, idx), depth=args.depth)
+    console.print(tree)
+    console.print(f"[bold]{cfg.name}[/]: {model.num_params():,} parameters "
+                  f"({model.num_params(non_embedding=True):,} without embeddings), "
+                  f"{model.flops_per_token(seq):,.0f} training FLOPs per token at seq_len {seq}")
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(trace_text(tree))
+        console.print(f"written to {args.out}")
+
+
+def cmd_run(args) -> None:
+    from micro_arch.train import run_experiment
+
+    run_experiment(args.experiment, overrides=args.set, resume=args.resume, dry_run=args.dry_run,
+                   runs_root=args.runs_dir, nproc=args.nproc)
+
+
+def cmd_generate(args) -> None:
+    from micro_arch.generate import generate_command
+
+    generate_command(args)
+
+
+def cmd_eval(args) -> None:
+    from micro_arch.evaluate import eval_command
+
+    eval_command(args)
+
+
+def cmd_sweep(args) -> None:
+    from micro_arch.sweep import run_sweep
+
+    run_sweep(args.sweep, overrides=args.set, n_trials=args.trials)
+
+
+def cmd_compare(args) -> None:
+    from micro_arch.report import compare
+
+    compare(args.runs, args.out, prompts=args.prompt or None, console=console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="micro-arch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_set(p):
+        p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override config values, e.g. --set train.max_steps=200 model.d_model=64")
+        return p
+
+    p = with_set(sub.add_parser("run", help="train an experiment; resumable"))
+    p.add_argument("experiment", help="experiment folder, e.g. experiments/shakespeare-char")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and memory, then exit")
+    p.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
+    p.add_argument("--nproc", type=int, default=1, help="processes to train with (DDP through torchrun)")
+    p.set_defaults(func=cmd_run)
+
+    p = with_set(sub.add_parser("trace", help="show how shapes flow through every module"))
+    p.add_argument("experiment")
+    p.add_argument("--depth", type=int, default=None, help="how many levels of modules to show")
+    p.add_argument("--batch", type=int, default=None, help="batch size of the traced input (default: train.batch_size)")
+    p.add_argument("--seq-len", type=int, default=None, help="length of the traced input (default: train.seq_len)")
+    p.add_argument("--out", default=None, help="also write the tree as plain text to this file")
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("blocks", help="list the registered blocks")
+    p.add_argument("pattern", nargs="?", default="*", help="wildcard on names, e.g. 'rms*'")
+    p.add_argument("--kind", default=None, help="norm, attention, mlp, moe, ssm or other")
+    p.set_defaults(func=cmd_blocks)
+
+    p = with_set(sub.add_parser("sweep", help="run an Optuna study, then train the best configs in full"))
+    p.add_argument("sweep", help="sweep file, e.g. sweeps/tiny.yaml")
+    p.add_argument("--trials", type=int, default=None, help="override the number of trials")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="write a report that compares runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="report folder (default: runs/compare/<time>)")
+    p.add_argument("--prompt", action="append", help="generate fresh samples for this prompt (repeatable)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("generate", help="sample from a trained run with a KV cache")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's latest)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte, top-k accuracy")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate on at most this many batches")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MicroArchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Experiment configs: dataclasses with documented defaults, read from YAML, overridden from the command line.
+
+config file -> raw dict (with `extends:` merged and `--set` overrides applied) -> validated dataclasses.
+Every error names the file (or override) and the key, and suggests the nearest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from micro_arch.errors import MicroArchError, closest
+
+ROLES = ("Norm", "Attn", "MLP", "MoE", "Mamba")
+
+
+@dataclass
+class LayerGroup:
+    spec: str | list[str]  # a block string, or a list of them run as parallel branches
+    repeat: int = 1
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: as many as n_heads (MHA); 1: MQA; between: GQA
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int | None = None  # None: each MLP picks its usual width (4*d for GELU, 8/3*d for SwiGLU)
+    vocab_size: int | None = None  # None: taken from the tokenizer
+    max_seq_len: int = 256
+    positions: Literal["rope", "learned", "none"] = "rope"
+    rope_theta: float = 10000.0
+    defaults: dict[str, str] = field(
+        default_factory=lambda: {
+            "Norm": "rmsnorm", "Attn": "attention", "MLP": "swiglu", "MoE": "moe", "Mamba": "mamba",
+        }
+    )
+    layers: list[LayerGroup] = field(
+        default_factory=lambda: [LayerGroup("Norm->Attn->+->Norm->MLP->+", 4)]
+    )
+    final_norm: str | None = "Norm"  # a block string applied after the last layer; null for none
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+
+@dataclass
+class SourceConfig:
+    source: str  # 'shakespeare', a local file or glob (.txt/.jsonl/.parquet), or a hub dataset name
+    weight: float = 1.0
+    text_field: str = "text"
+
+
+@dataclass
+class DataConfig:
+    source: str | list[SourceConfig] = "shakespeare"  # one source, or a weighted mixture
+    text_field: str = "text"  # the column that holds text in .jsonl/.parquet/hub sources
+    tokenizer: str = "char"  # 'char', 'bpe' (SentencePiece trained on the training split), or a .model path
+    vocab_size: int = 4096  # for 'bpe'
+    val_fraction: float = 0.1  # held-out share, taken as whole documents from the end
+    cache_dir: str | None = None  # None: $MICRO_ARCH_CACHE or ~/.cache/micro-arch
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=lambda: ["\n"])
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12  # sequences per optimizer step per process, before accumulation
+    seq_len: int = 64
+    grad_accum: int = 1
+    max_steps: int = 2000
+    max_tokens: int | None = None  # if set, the step budget is derived from it
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    muon_lr: float = 0.02  # for the 2-D weights when optimizer is 'muon'
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # share of the steps spent decaying in 'wsd'
+    grad_clip: float | None = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPUs that support it
+    compile: bool = False
+    eval_every: int = 250
+    eval_batches: int = 20
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    seed: int = 1337
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = ""  # defaults to the experiment folder's name
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --- dict -> dataclass, with checks ------------------------------------------------------------
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _describe(tp) -> str:
+    if _is_union(tp):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if typing.get_origin(tp) is list:
+        return "a list"
+    if typing.get_origin(tp) is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, where: str):
+    """Return `value` as type `tp`, or raise TypeError (the caller adds the location)."""
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except (TypeError, MicroArchError) as err:
+                last = err
+        if isinstance(last, MicroArchError):
+            raise last
+        raise TypeError(_describe(tp))
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TypeError(_describe(tp))
+    if dataclasses.is_dataclass(tp):
+        if tp is LayerGroup and isinstance(value, (str, list)):
+            value = {"spec": value}
+        if tp is SourceConfig and isinstance(value, str):
+            value = {"source": value}
+        if not isinstance(value, dict):
+            raise TypeError(_describe(tp))
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError("a list")
+        (item,) = typing.get_args(tp)
+        return [_checked(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError("a mapping")
+        _, vt = typing.get_args(tp)
+        return {str(k): _checked(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError("float") from None
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and type(value) is tp:
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(_describe(tp))
+
+
+def _checked(value, tp, where):
+    try:
+        return _convert(value, tp, where)
+    except TypeError as err:
+        raise MicroArchError(f"{where}: {value!r} should be {err}") from None
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    """Build dataclass `cls` from a plain dict: unknown keys and wrong types are errors that say where."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            raise MicroArchError(f"{where}: unknown key {key!r}{closest(str(key), known)}; known keys: "
+                                 f"{', '.join(known)}")
+    values = {k: _checked(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise MicroArchError(f"{where}: missing key {missing[0]!r}")
+    obj = cls(**values)
+    _validate(obj, where)
+    return obj
+
+
+def _validate(obj, where: str) -> None:
+    def need(ok, key, msg):
+        if not ok:
+            raise MicroArchError(f"{where}.{key}: {msg}")
+
+    if isinstance(obj, LayerGroup):
+        need(obj.repeat >= 1, "repeat", f"must be at least 1, got {obj.repeat}")
+        specs = obj.spec if isinstance(obj.spec, list) else [obj.spec]
+        need(len(specs) > 0, "spec", "an empty list of branches; write at least one block string")
+    elif isinstance(obj, ModelConfig):
+        for key in ("d_model", "n_heads", "max_seq_len"):
+            need(getattr(obj, key) >= 1, key, f"must be positive, got {getattr(obj, key)}")
+        need(obj.head_dim is not None or obj.d_model % obj.n_heads == 0, "n_heads",
+             f"d_model={obj.d_model} is not divisible by n_heads={obj.n_heads}; set head_dim or change either")
+        if obj.n_kv_heads is not None:
+            need(obj.n_kv_heads >= 1 and obj.n_heads % obj.n_kv_heads == 0, "n_kv_heads",
+                 f"n_heads={obj.n_heads} must be a multiple of n_kv_heads={obj.n_kv_heads}")
+        need(len(obj.layers) > 0, "layers", "no layers; write e.g. layers: [{spec: 'Norm->Attn->+', repeat: 2}]")
+        need(0.0 <= obj.dropout < 1.0, "dropout", f"must be in [0, 1), got {obj.dropout}")
+    elif isinstance(obj, TrainConfig):
+        for key in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                    "log_every", "checkpoint_every"):
+            need(getattr(obj, key) >= 1, key, f"must be at least 1, got {getattr(obj, key)}")
+        need(obj.lr > 0, "lr", f"must be positive, got {obj.lr}")
+        need(len(obj.betas) == 2, "betas", f"needs two values, got {obj.betas}")
+        need(obj.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(0.0 < obj.decay_fraction <= 1.0, "decay_fraction", "must be in (0, 1]")
+    elif isinstance(obj, DataConfig):
+        need(0.0 < obj.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {obj.val_fraction}")
+        need(obj.vocab_size >= 2, "vocab_size", "must be at least 2")
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+# --- files and overrides -----------------------------------------------------------------------
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise MicroArchError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise MicroArchError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MicroArchError(f"{path}: the top level should be a mapping with model/data/train sections")
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_raw(path: Path, _seen: tuple = ()) -> dict:
+    """Read a config file, merging the parents named by `extends:` (relative to the file)."""
+    path = path.resolve()
+    if path in _seen:
+        raise MicroArchError(f"{path}: `extends` forms a cycle: {' -> '.join(map(str, _seen + (path,)))}")
+    data = read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = (path.parent / parent).resolve()
+    if parent_path.is_dir():
+        parent_path = parent_path / "config.yaml"
+    if not parent_path.is_file():
+        raise MicroArchError(f"{path}: extends {parent!r}, but {parent_path} does not exist")
+    return deep_merge(load_raw(parent_path, _seen + (path,)), data)
+
+
+def parse_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(data: dict, dotted: str, value) -> None:
+    """Set `model.layers.0.repeat`-style paths in a raw config dict (list indices are integers)."""
+    parts = dotted.split(".")
+    node = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise MicroArchError(f"override {dotted!r}: {where!r} needs an index below {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise MicroArchError(f"override {dotted!r}: {'.'.join(parts[:i])!r} is a value, not a section")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise MicroArchError(f"override {item!r} should look like key=value, e.g. train.max_steps=200")
+        key, text = item.split("=", 1)
+        set_dotted(data, key.strip(), parse_value(text))
+    return data
+
+
+def materialise_defaults(data: dict) -> dict:
+    """Fill in default sections so that list-index overrides like model.layers.0.repeat find something."""
+    full = to_dict(ExperimentConfig())
+    return deep_merge(full, data)
+
+
+def experiment_path(target: str | Path) -> Path:
+    """An experiment folder or a config file -> the config file."""
+    path = Path(target)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.is_file():
+        raise MicroArchError(f"{target}: no experiment here; expected a folder with config.yaml "
+                             "(e.g. experiments/shakespeare-char) or a .yaml file")
+    return path
+
+
+def load_config(target: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Experiment folder (or YAML file) + `--set` overrides -> validated ExperimentConfig."""
+    path = experiment_path(target)
+    data = load_raw(path)
+    if overrides:
+        data = apply_overrides(materialise_defaults(data) if any(".layers." in o for o in overrides)
+                               else data, overrides)
+    cfg = from_dict(ExperimentConfig, data, where=str(path))
+    if not cfg.name:
+        cfg.name = path.parent.name if path.name == "config.yaml" else path.stem
+    return cfg

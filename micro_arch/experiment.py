@@ -1,0 +1,39 @@
+"""From an experiment folder to a model: config (with the experiment's own blocks loaded) and vocabulary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from micro_arch.config import ExperimentConfig, experiment_path, load_config
+from micro_arch.errors import MicroArchError
+from micro_arch.model import Model
+from micro_arch.registry import load_experiment_blocks
+
+
+def load_experiment(target: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load `<experiment>/blocks.py` (if any) first, so its block names resolve, then the config."""
+    path = experiment_path(target)
+    load_experiment_blocks(path.parent)
+    cfg = load_config(path, overrides)
+    check_consistency(cfg)
+    return cfg
+
+
+def check_consistency(cfg: ExperimentConfig) -> None:
+    """Checks across sections that no single section can make."""
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise MicroArchError(f"train.seq_len={cfg.train.seq_len} is longer than model.max_seq_len="
+                             f"{cfg.model.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
+
+
+def with_vocab(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Fill model.vocab_size from the tokenizer when the config leaves it to the data."""
+    if cfg.model.vocab_size is None:
+        from micro_arch.data import prepare_data
+
+        cfg.model.vocab_size = prepare_data(cfg.data).tokenizer.vocab_size
+    return cfg
+
+
+def build_model(cfg: ExperimentConfig) -> Model:
+    return Model(with_vocab(cfg).model)
