@@ -1,0 +1,73 @@
+"""Run directories: created fresh for every run, and enough on their own to rebuild the model."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+
+import yaml
+
+from micro_arch.config import ExperimentConfig, from_dict, to_dict
+from micro_arch.errors import MicroArchError
+
+
+def new_run_dir(runs_root: str | Path, experiment: str) -> Path:
+    """runs/<experiment>/<time>-<random>: a new run never reuses an old run's directory."""
+    parent = Path(runs_root) / experiment
+    parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        path = parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise MicroArchError(f"could not create a new run directory under {parent}")
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    full = to_dict(cfg)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    write_json(run_dir / "model_config.json", full["model"])
+    write_json(run_dir / "train_config.json", full["train"])
+    write_json(run_dir / "data_config.json", full["data"])
+
+
+def read_run_config(run_dir: str | Path) -> ExperimentConfig:
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise MicroArchError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise MicroArchError(f"{run_dir}: not a run directory (no config.yaml); pass a folder under runs/")
+    return from_dict(ExperimentConfig, yaml.safe_load(path.read_text()) or {}, where=str(path))
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu"):
+    """(config, model with trained weights in eval mode, tokenizer) from a run directory alone."""
+    from micro_arch.checkpoint import latest_checkpoint, load_checkpoint
+    from micro_arch.data import load_tokenizer
+    from micro_arch.model import Model
+    from micro_arch.registry import load_experiment_blocks
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    if (run_dir / "blocks.py").is_file():
+        load_experiment_blocks(run_dir)
+    payload = load_checkpoint(Path(checkpoint) if checkpoint else latest_checkpoint(run_dir), device)
+    model = Model(cfg.model)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        raise MicroArchError(f"{run_dir}: the checkpoint does not fit the run's config.yaml "
+                             f"({str(err).splitlines()[0]})") from None
+    model.to(device).eval()
+    return cfg, model, load_tokenizer(run_dir)
