@@ -16,8 +16,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x: (batch, heads, seq, head_dim) by the position's angle."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """Rotate each pair (x[..., i], x[..., i + d/2]) of x by its position's angle; cos and sin
+    broadcast against x[..., : d/2] (e.g. (seq, 1, d/2) for x of shape (batch, seq, heads, d))."""
+    x1, x2 = x.chunk(2, dim=-1)
+    if x.dtype != torch.float32:
+        x1, x2 = x1.float(), x2.float()
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
@@ -74,17 +77,15 @@ class Attention(nn.Module):
     def forward(self, x, state=None):
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([H * D, KV * D, KV * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, KV, D).transpose(1, 2)
-        v = v.view(B, T, KV, D).transpose(1, 2)
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, D)
+        qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV:]
         if self.qk_norm:
-            q, k = rms_norm(q, self.q_norm, 1e-6), rms_norm(k, self.k_norm, 1e-6)
-        offset = state.offset if state is not None else 0
-        if self.use_rope:
+            qk = torch.cat([rms_norm(qk[:, :, :H], self.q_norm, 1e-6), rms_norm(qk[:, :, H:], self.k_norm, 1e-6)], 2)
+        if self.use_rope:  # q and k rotated together: one set of kernels instead of two
+            offset = state.offset if state is not None else 0
             pos = slice(offset, offset + T)
-            q = apply_rope(q, self.rope_cos[pos], self.rope_sin[pos])
-            k = apply_rope(k, self.rope_cos[pos], self.rope_sin[pos])
+            qk = apply_rope(qk, self.rope_cos[pos, None], self.rope_sin[pos, None])
+        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
         cache = state.cache if state is not None else None
         if cache is not None:
             if self in cache:
