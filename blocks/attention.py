@@ -8,20 +8,18 @@ from blocks.norms import rms_norm
 from micro_arch.registry import register_block
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (max_seq_len, head_dim // 2) for rotary position embeddings."""
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+    """Rotations e^(i * position * theta^(-2j/d)) of shape (max_seq_len, head_dim // 2), complex."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[..., i], x[..., i + d/2]) of x by its position's angle; cos and sin
-    broadcast against x[..., : d/2] (e.g. (seq, 1, d/2) for x of shape (batch, seq, heads, d))."""
-    x1, x2 = x.chunk(2, dim=-1)
-    if x.dtype != torch.float32:
-        x1, x2 = x1.float(), x2.float()
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[..., 2j], x[..., 2j+1]) of x by its position's angle, as one complex multiply
+    (half the kernels of the rotate-half form); `rotations` broadcasts against x[..., ::2]."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -70,9 +68,9 @@ class Attention(nn.Module):
             self.q_norm = nn.Parameter(torch.ones(head_dim))
             self.k_norm = nn.Parameter(torch.ones(head_dim))
         if self.use_rope:
-            cos, sin = rope_tables(head_dim, max_seq_len, rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            # kept as real (cos, sin) pairs: Module.to(dtype) would drop the imaginary part of a complex buffer
+            rope = torch.view_as_real(rope_tables(head_dim, max_seq_len, rope_theta))
+            self.register_buffer("rope", rope, persistent=False)
 
     def forward(self, x, state=None):
         B, T, _ = x.shape
@@ -84,7 +82,7 @@ class Attention(nn.Module):
         if self.use_rope:  # q and k rotated together: one set of kernels instead of two
             offset = state.offset if state is not None else 0
             pos = slice(offset, offset + T)
-            qk = apply_rope(qk, self.rope_cos[pos, None], self.rope_sin[pos, None])
+            qk = apply_rope(qk, torch.view_as_complex(self.rope[pos, None].float()))
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
         cache = state.cache if state is not None else None
         if cache is not None:
