@@ -23,7 +23,7 @@ def _split_params(model: nn.Module):
         seen.add(id(p))
         if id(p) in embed_like:
             io.append(p)
-        elif p.dim() >= 2:
+        elif p.dim() >= 2 and not getattr(p, "_no_weight_decay", False):  # e.g. Mamba's A_log opts out
             matrices.append(p)
         else:
             others.append(p)

@@ -17,6 +17,7 @@ from micro_arch.errors import MicroArchError, closest
 
 ADD = "+"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\Z")  # YAML 1.1 reads 1e-6 as a string
 
 
 @dataclass
@@ -98,6 +99,8 @@ def _parse_token(raw: str, offset: int, whole: str) -> Step:
             raise spec_error(whole, at, f"bad block string: {key!r} is not an argument name")
         try:
             kwargs[key] = yaml.safe_load(value) if value.strip() else None
+            if _EXP_FLOAT.match(value.strip()):
+                kwargs[key] = float(value)
         except yaml.YAMLError:
             raise spec_error(whole, at, f"bad block string: value {value.strip()!r} of {key} is not a "
                              "YAML scalar (int, float, bool or string)") from None
@@ -138,7 +141,8 @@ def resolve_call(call: BlockCall, defaults: dict[str, str], text: str) -> BlockC
         except (MicroArchError, ValueError):
             raise spec_error(text, call.position, f"model.defaults: role {name!r} maps to {target!r}, which "
                              "is not a single block such as 'rmsnorm' or 'attention(qk_norm=true)'") from None
-        if resolved == ADD or resolved.name.lower() in roles:
+        is_block = resolved != ADD and resolved.name.lower() in {e.name for e in registry.list_blocks()}
+        if resolved == ADD or (resolved.name.lower() in roles and not is_block):  # 'Mamba: mamba' is fine
             raise spec_error(text, call.position, f"model.defaults: role {name!r} must map to a registered "
                              f"block, not {target!r}")
         name, kwargs = resolved.name, {**resolved.kwargs, **kwargs}
