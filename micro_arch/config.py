@@ -213,6 +213,10 @@ def from_dict(cls, data: dict, where: str = "config"):
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise MicroArchError(f"{where}: missing key {missing[0]!r}")
+    if cls is ModelConfig and "defaults" in values:  # roles not named keep their built-in blocks
+        given = {role.lower() for role in values["defaults"]}
+        builtin = {r: t for r, t in ModelConfig().defaults.items() if r.lower() not in given}
+        values["defaults"] = {**builtin, **values["defaults"]}
     obj = cls(**values)
     _validate(obj, where)
     return obj

@@ -66,7 +66,7 @@ def held_out_loss(model, batches, device, precision) -> tuple[float, list[float]
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, data, run_dir: Path, dist: Dist, device: torch.device,
-                 resume_payload: dict | None = None):
+                 resume_payload: dict | None = None, on_eval=None):
         from micro_arch.data import eval_batches
 
         self.cfg, self.data, self.run_dir, self.dist, self.device = cfg, data, run_dir, dist, device
@@ -93,9 +93,14 @@ class Trainer:
                                      find_unused_parameters=any(type(m) in sparse for m in self.model.modules()))
         if t.compile:
             self.forward_model = torch.compile(self.forward_model)
-        self.val_batches = eval_batches(data.val, t.batch_size, t.seq_len, t.eval_batches)
+        # The held-out windows are fixed by the global batch; each rank evaluates its rows of them,
+        # so N processes evaluate exactly what one process with the global batch does.
+        rows = slice(dist.rank * t.batch_size, (dist.rank + 1) * t.batch_size)
+        self.val_batches = [(x[rows], y[rows]) for x, y in
+                            eval_batches(data.val, t.batch_size * dist.world_size, t.seq_len, t.eval_batches)]
         self.metrics = MetricsLog(run_dir / "metrics.csv", resume_step=self.step if resume_payload else None)
         self.last_val = None
+        self.on_eval = on_eval  # on_eval(step, val_loss) after each evaluation (main rank); may raise to stop
 
     # --- one optimizer step ------------------------------------------------------------------
 
@@ -163,6 +168,7 @@ class Trainer:
                     progress.update(task, info=info)
                 if self.step % t.eval_every == 0 or last:
                     val, _ = held_out_loss(self.model, self.val_batches, self.device, t.precision)
+                    val = float(dist.mean(torch.tensor(val, device=self.device)))
                     self.last_val, self.best_val = val, min(self.best_val, val)
                     row = (row or {"step": self.step, "tokens": self.tokens}) | {"val_loss": val}
                     progress.update(task, info=(f"{progress.tasks[0].fields['info'].split('  val')[0]}"
@@ -173,6 +179,8 @@ class Trainer:
                     if dist.main:
                         self.metrics.log(row)
                     window_start = time.perf_counter() if "tokens_per_sec" in row else window_start
+                    if self.on_eval is not None and dist.main and "val_loss" in row:
+                        self.on_eval(self.step, row["val_loss"])
                 if self.step % t.checkpoint_every == 0 or last:
                     self.elapsed = time.perf_counter() - run_start
                     self.save()
@@ -221,13 +229,13 @@ def print_plan(cfg: ExperimentConfig, model: Model, world_size: int, device: tor
     n, n_ne = model.num_params(), model.num_params(non_embedding=True)
     flops = model.flops_per_token(cfg.train.seq_len)
     est = estimate_memory(cfg, device)
-    console.print(f"[bold]{cfg.name}[/] (dry run)")
-    console.print(f"  parameters        {n:,} ({n_ne:,} without embeddings)")
-    console.print(f"  FLOPs per token   {flops:,.0f} (training: forward + backward)")
+    console.print(f"[bold]{cfg.name}[/] (dry run)", soft_wrap=True)
+    console.print(f"  parameters        {n:,} ({n_ne:,} without embeddings)", soft_wrap=True)
+    console.print(f"  FLOPs per token   {flops:,.0f} (training: forward + backward)", soft_wrap=True)
     console.print(f"  planned           {steps:,} steps x {tokens_per_step(cfg, world_size):,} tokens = "
                   f"{tokens:,} tokens ({tokens / n_ne:.1f} tokens per non-embedding parameter), "
-                  f"{flops * tokens:.3g} FLOPs")
-    console.print(f"  peak memory       {est.summary()}")
+                  f"{flops * tokens:.3g} FLOPs", soft_wrap=True)
+    console.print(f"  peak memory       {est.summary()}", soft_wrap=True)
 
 
 def _cli_args(target, overrides, resume, runs_root) -> list[str]:
@@ -239,8 +247,11 @@ def _cli_args(target, overrides, resume, runs_root) -> list[str]:
     return args
 
 
-def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root="runs", nproc=1) -> Path | None:
-    """Train `target` (an experiment folder); returns the run directory (None on non-main ranks)."""
+def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root="runs", nproc=1,
+                   on_eval=None) -> Path | None:
+    """Train `target` (an experiment folder); returns the run directory (None on non-main ranks).
+    `on_eval(step, val_loss)` is called after each held-out evaluation (single process only; sweeps
+    use it to prune); an exception it raises stops training and propagates."""
     overrides = list(overrides or [])
     if nproc > 1 and "RANK" not in os.environ and not dry_run:
         code = launch(nproc, _cli_args(target, overrides, resume, runs_root))
@@ -277,7 +288,7 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
         elif dist.main:
             run_dir = new_run_dir(runs_root, cfg.name)
         run_dir = Path(dist.broadcast(str(run_dir)))
-        trainer = Trainer(cfg, data, run_dir, dist, device, payload)
+        trainer = Trainer(cfg, data, run_dir, dist, device, payload, on_eval=on_eval)
         if dist.main:
             _announce(cfg, trainer, run_dir, resume)
             if not resume:

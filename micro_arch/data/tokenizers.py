@@ -1,0 +1,154 @@
+"""Tokenizers: characters, SentencePiece BPE trained on the training split, or an existing .model file.
+
+A run directory keeps its tokenizer: tokenizer.json (every kind: its type and name), plus tokenizer.model
+for SentencePiece. `load_tokenizer(run_dir)` reads them back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from micro_arch.errors import MicroArchError
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+class CharTokenizer:
+    """One id per character; ids follow the sorted characters."""
+
+    name = "char"
+
+    def __init__(self, chars: str):
+        self.chars = "".join(sorted(set(chars)))
+        self.vocab_size = len(self.chars)
+        codes = np.frombuffer(self.chars.encode("utf-32-le"), dtype=np.uint32)
+        self._table = np.full(int(codes.max()) + 1 if len(codes) else 1, -1, dtype=np.int32)
+        self._table[codes] = np.arange(len(codes), dtype=np.int32)
+        self._lookup = np.array(list(self.chars))
+
+    @classmethod
+    def from_texts(cls, texts) -> CharTokenizer:
+        found: set[str] = set()
+        for text in texts:
+            found.update(text)
+        return cls("".join(found))
+
+    @property
+    def identity(self) -> str:
+        return "char:" + self.chars
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = self._table[np.minimum(codes, len(self._table) - 1)]
+        unknown = (ids < 0) | (codes >= len(self._table))
+        if unknown.any():
+            missing = sorted({chr(c) for c in codes[unknown]})
+            raise ValueError(f"characters not in the vocabulary: {''.join(missing)!r}")
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        return "".join(self._lookup[np.asarray(ids, dtype=np.int64)].tolist())
+
+    def save(self, run_dir) -> None:
+        data = {"type": "char", "name": self.name, "chars": self.chars}
+        write_atomically(Path(run_dir) / "tokenizer.json", json.dumps(data, ensure_ascii=False).encode())
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_proto: bytes, name: str):
+        import sentencepiece as spm
+
+        self.model_proto, self.name = model_proto, name
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self.sp.get_piece_size()
+
+    @classmethod
+    def from_file(cls, path, name: str | None = None) -> SentencePieceTokenizer:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise MicroArchError(f"data.tokenizer {str(path)!r}: no such SentencePiece model; use 'char', 'bpe' "
+                                 "or the path of an existing .model file")
+        try:
+            return cls(path.read_bytes(), name or f"sentencepiece-{path.stem}")
+        except (RuntimeError, OSError) as err:
+            raise MicroArchError(f"{path}: not a SentencePiece model ({err})") from None
+
+    @property
+    def identity(self) -> str:
+        import hashlib
+
+        return "sentencepiece:" + hashlib.sha256(self.model_proto).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def save(self, run_dir) -> None:
+        run_dir = Path(run_dir)
+        write_atomically(run_dir / "tokenizer.model", self.model_proto)
+        data = {"type": "sentencepiece", "name": self.name, "model": "tokenizer.model"}
+        write_atomically(run_dir / "tokenizer.json", json.dumps(data).encode())
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> bytes:
+    """A SentencePiece BPE model (serialized) that keeps text exactly: no normalization, byte fallback."""
+    import sentencepiece as spm
+
+    # SentencePiece trains on "sentences" of limited length: feed lines, and keep '\n' as its own piece
+    lines = (line for text in texts for line in text.splitlines() if line.strip())
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+            split_digits=True, user_defined_symbols=["\n"], bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0,
+            input_sentence_size=2_000_000, shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+            minloglevel=2)
+    except RuntimeError as err:
+        text = str(err)
+        most = re.search(r"<= (\d+)", text)
+        if "too high" in text or most:
+            limit = f" (at most {most.group(1)})" if most else ""
+            raise MicroArchError(f"data.vocab_size={vocab_size} is larger than this corpus supports{limit}; "
+                                 "lower data.vocab_size or train on more text") from None
+        if "required_chars" in text or "smaller than" in text:
+            raise MicroArchError(f"data.vocab_size={vocab_size} is too small for BPE with byte fallback "
+                                 "(256 byte pieces plus every character); raise data.vocab_size") from None
+        raise MicroArchError(f"SentencePiece could not train a BPE tokenizer: {text.splitlines()[0]}") from None
+    return model.getvalue()
+
+
+def load_tokenizer(run_dir):
+    """The tokenizer a run saved (tokenizer.json, with tokenizer.model for SentencePiece)."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "tokenizer.json"
+    if not meta_path.is_file():
+        if (run_dir / "tokenizer.model").is_file():
+            return SentencePieceTokenizer.from_file(run_dir / "tokenizer.model")
+        raise MicroArchError(f"{run_dir}: no tokenizer.json or tokenizer.model; is this a run directory?")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("type") == "char":
+        return CharTokenizer(meta["chars"])
+    if meta.get("type") == "sentencepiece":
+        return SentencePieceTokenizer.from_file(run_dir / meta.get("model", "tokenizer.model"), meta.get("name"))
+    raise MicroArchError(f"{meta_path}: unknown tokenizer type {meta.get('type')!r}")

@@ -1,0 +1,166 @@
+"""The trainer end to end: run directories, exact resume, DDP equals one process, bad input."""
+
+import csv
+import json
+import shutil
+import textwrap
+
+import pytest
+import torch
+from helpers import run_cli
+
+from micro_arch.config import TrainConfig
+from micro_arch.errors import MicroArchError
+from micro_arch.optim import lr_factor
+from micro_arch.train import run_experiment
+
+TINY = """
+model:
+  d_model: 32
+  n_heads: 2
+  max_seq_len: 32
+  layers: [{spec: "Norm->Attn->+->Norm->MLP->+", repeat: 2}]
+data: {source: shakespeare, tokenizer: char}
+train:
+  batch_size: 4
+  seq_len: 32
+  max_steps: 24
+  warmup_steps: 4
+  lr: 3.0e-3
+  min_lr: 3.0e-4
+  eval_every: 8
+  eval_batches: 2
+  log_every: 4
+  checkpoint_every: 12
+  sample: {prompts: ["ROMEO:"], max_new_tokens: 8}
+"""
+
+
+def make_experiment(tmp_path, text=TINY, name="tiny"):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.yaml").write_text(textwrap.dedent(text))
+    return folder
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_leaves_a_complete_run_directory(tmp_path):
+    exp = make_experiment(tmp_path)
+    run_dir = run_experiment(exp, runs_root=tmp_path / "runs")
+    for name in ("config.yaml", "model_config.json", "train_config.json", "data_config.json", "metrics.csv",
+                 "summary.json", "samples.json", "trace.txt", "checkpoints/latest.pt",
+                 "checkpoints/step_0000012.pt", "checkpoints/step_0000024.pt"):
+        assert (run_dir / name).is_file(), name
+    rows = read_metrics(run_dir)
+    assert [int(r["step"]) for r in rows] == [4, 8, 12, 16, 20, 24]
+    assert [bool(r["val_loss"]) for r in rows] == [False, True, False, True, False, True]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 24
+    assert summary["tokens_seen"] == 24 * 4 * 32
+    assert summary["final_val_loss"] == pytest.approx(float(rows[-1]["val_loss"]))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # it learns
+    # a second run never reuses the first one's directory
+    second = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=4"])
+    assert second != run_dir and (run_dir / "summary.json").read_text() == json.dumps(summary, indent=2) + "\n"
+
+
+def test_resume_matches_the_uninterrupted_run(tmp_path):
+    exp = make_experiment(tmp_path)
+    full = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["model.dropout=0.1"])
+    # The state a run killed after step 12 leaves behind: its checkpoint at 12 is the latest.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(full, stopped)
+    shutil.copy(stopped / "checkpoints/step_0000012.pt", stopped / "checkpoints/latest.pt")
+    (stopped / "checkpoints/step_0000024.pt").unlink()
+    run_experiment(exp, runs_root=tmp_path / "runs", overrides=["model.dropout=0.1"], resume=stopped)
+    a, b = read_metrics(full), read_metrics(stopped)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss", "lr", "tokens"):
+            if ra[key]:
+                assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-5, abs=1e-6), (ra["step"], key)
+    sa = torch.load(full / "checkpoints/latest.pt", weights_only=True)["model"]
+    sb = torch.load(stopped / "checkpoints/latest.pt", weights_only=True)["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    exp = make_experiment(tmp_path)
+    common = ["train.max_steps=8", "train.log_every=2", "train.eval_every=4", "train.checkpoint_every=8"]
+    one = run_experiment(exp, runs_root=tmp_path / "one", overrides=common + ["train.batch_size=8"])
+    result = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "two", "--set", *common,
+                     "train.batch_size=4", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (two,) = (tmp_path / "two" / "tiny").iterdir()
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    a, b = read_metrics(one), read_metrics(two)
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for ra, rb in zip(a, b):
+        assert float(rb["train_loss"]) == pytest.approx(float(ra["train_loss"]), rel=1e-4)
+        if ra["val_loss"]:
+            assert float(rb["val_loss"]) == pytest.approx(float(ra["val_loss"]), rel=1e-4)
+
+
+def test_muon_and_schedules_train(tmp_path):
+    exp = make_experiment(tmp_path)
+    for schedule in ("wsd", "constant"):
+        run_dir = run_experiment(exp, runs_root=tmp_path / "runs",
+                                 overrides=["train.optimizer=muon", f"train.schedule={schedule}", "train.max_steps=12",
+                                            "train.grad_accum=2"])
+        rows = read_metrics(run_dir)
+        assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_factor(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_factor(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_factor(10, cfg, 110) == pytest.approx(1.0)
+    assert lr_factor(60, cfg, 110) == pytest.approx(0.55)  # cosine halfway: (1 + 0.1) / 2
+    assert lr_factor(110, cfg, 110) == pytest.approx(0.1)
+    cfg.schedule, cfg.decay_fraction = "wsd", 0.2
+    assert lr_factor(87, cfg, 110) == pytest.approx(1.0)
+    assert lr_factor(99, cfg, 110) == pytest.approx(1.0 - 0.9 * 11 / 22)
+    cfg.schedule = "constant"
+    assert lr_factor(100, cfg, 110) == 1.0
+
+
+def test_dry_run_prints_the_plan(tmp_path):
+    exp = make_experiment(tmp_path)
+    result = run_cli("run", exp, "--dry-run", "--runs-dir", tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    for text in ("parameters", "without embeddings", "FLOPs per token", "tokens per non-embedding parameter",
+                 "peak memory"):
+        assert text in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    (["data.source=/no/such/file.txt"], "/no/such/file.txt"),
+    (["train.seq_len=64"], "max_seq_len"),
+    (["model.vocab_size=10"], "vocab_size"),
+    (["train.optimizer=sgd"], "optimizer"),
+])
+def test_bad_input_stops_with_a_message(tmp_path, override, message):
+    exp = make_experiment(tmp_path)
+    result = run_cli("run", exp, "--runs-dir", tmp_path / "runs", "--set", *override)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_refuses_corrupt_checkpoints_and_other_configs(tmp_path):
+    exp = make_experiment(tmp_path)
+    run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=4"])
+    with pytest.raises(MicroArchError, match="model.d_model"):
+        run_experiment(exp, runs_root=tmp_path / "runs", overrides=["model.d_model=64"], resume=run_dir)
+    latest = run_dir / "checkpoints/latest.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    result = run_cli("run", exp, "--resume", run_dir, "--runs-dir", tmp_path / "runs", "--set", "train.max_steps=8")
+    assert result.returncode == 2 and "corrupt or truncated" in result.stderr and "latest.pt" in result.stderr
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
