@@ -1,16 +1,12 @@
 """Mamba-1 selective state-space mixer (Gu & Dao, 2023) in plain PyTorch, with a recurrent cache.
 
-The selective scan h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t, y_t = C_t . h_t runs either as
-a reference loop over time ("sequential") or chunked ("chunked"): the sequence is cut into chunks
-that all advance together, chunk_size steps from a zero state, then a loop over chunks carries the
-state across their boundaries and a second pass of chunk_size steps reads y out from the true
-states. That is about 2 * chunk_size + seq / chunk_size steps on (batch, chunks, d_inner, d_state)
-slices instead of seq steps on (batch, d_inner, d_state) ones. Memory is a few tensors of size
-(batch, seq, d_inner, d_state), as the loop's autograd keeps: no chunk_size x chunk_size decay
-matrices (Mamba-2's segsum), which Mamba-1's per-channel A would make d_inner * d_state times larger.
-Every exponent is dt * A <= 0, so nothing can overflow.
+The selective scan h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t, y_t = C_t . h_t runs as a reference
+loop over time ("sequential") or over time blocks with a hand-written backward (_SelectiveScan), each block
+scanned either chunk-parallel ("chunked", the default) or as a Blelloch parallel scan ("parallel"). Every
+exponent is dt * A <= 0 and the fast scans only multiply decays <= 1, so nothing can overflow.
 """
 
+import functools
 import math
 
 import torch
@@ -19,7 +15,7 @@ from torch import nn
 
 from micro_arch.registry import register_block
 
-SCANS = ("chunked", "sequential")
+SCANS = ("chunked", "parallel", "sequential")
 
 
 def selective_scan_sequential(x, dt, A, B, C, h0=None):
@@ -35,42 +31,152 @@ def selective_scan_sequential(x, dt, A, B, C, h0=None):
     return torch.stack(ys, dim=1), h
 
 
-def selective_scan_chunked(x, dt, A, B, C, h0=None, chunk_size: int = 64):
-    """Same contract as selective_scan_sequential, computed chunk-parallel (see the module docstring)."""
-    x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
-    b, length, d = x.shape
+def _fold_h0_(a, u, h0):
+    """u_0 += a_0 * h0 in place: the initial state enters as part of the first input."""
+    if h0 is not None:
+        u[:, 0].addcmul_(a[:, 0], h0)
+
+
+def _scan_chunked_(a, u, chunk_size):
+    """In place along dim 1: u_t <- a_t * u_{t-1} + u_t (u_{-1} = 0); a (not modified) and u are (b, l, d, n).
+
+    Pass 1: chunks of chunk_size steps all advance together from a zero state, each step one op on
+    (b, chunks, d, n) slices, also multiplying up each chunk's decay. A loop over chunks then carries the
+    state across chunk boundaries, and pass 2 adds each chunk's start state, decayed step by step, to its
+    local states. A tail shorter than a chunk is stepped one by one. No (b, l, d, n) temporaries: on a CPU
+    fresh allocations of that size (page faults) cost more than the arithmetic. Decays are products of
+    a <= 1, so nothing overflows."""
+    length = u.shape[1]
     q = min(chunk_size, length)
-    pad = -length % q
-    if pad:  # dt = 0 on the padding: decay 1 and no input, so the final state is unchanged
-        x, dt, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (x, dt, B, C))
-    nc = (length + pad) // q
-    dt, dtx = dt.view(b, nc, q, d), (dt * x).view(b, nc, q, d)
-    B, C = B.view(b, nc, q, -1), C.view(b, nc, q, -1)
+    nc = length // q
+    main = nc * q
+    av, uv = a[:, :main].unflatten(1, (nc, q)), u[:, :main].unflatten(1, (nc, q))
+    chunk_decay = av[:, :, 0].clone()
+    for t in range(1, q):
+        uv[:, :, t].addcmul_(av[:, :, t], uv[:, :, t - 1])
+        chunk_decay.mul_(av[:, :, t])
+    if nc > 1:
+        starts = torch.zeros_like(chunk_decay)  # (b, nc, d, n): the state before each chunk
+        for c in range(1, nc):
+            torch.addcmul(uv[:, c - 1, -1], chunk_decay[:, c - 1], starts[:, c - 1], out=starts[:, c])
+        for t in range(q):
+            starts.mul_(av[:, :, t])
+            uv[:, :, t].add_(starts)
+    for t in range(main, length):
+        u[:, t].addcmul_(a[:, t], u[:, t - 1])
 
-    # Pass 1: every chunk from a zero state, all chunks at once; each step works on (b, nc, d, n)
-    # slices, which stay in cache, where precomputing exp(dt * A) for the whole sequence would not.
-    # unbind rather than indexing [:, :, t]: its backward is one stack, not q full-size sums.
-    decays, inputs, h_local = [], [], None
-    for dt_t, dtx_t, B_t in zip(dt.unbind(2), dtx.unbind(2), B.unbind(2)):
-        decays.append(torch.exp(dt_t[..., None] * A))
-        inputs.append(dtx_t[..., None] * B_t[:, :, None, :])
-        h_local = inputs[-1] if h_local is None else decays[-1] * h_local + inputs[-1]
 
-    # Carry the state across chunk boundaries; A is constant in time, so a chunk's decay is
-    # exp(A * sum of its dt), and the exponent is <= 0.
-    chunk_decay = torch.exp(dt.sum(2)[..., None] * A)  # (b, nc, d, n)
-    h = x.new_zeros(b, d, A.shape[1]) if h0 is None else h0.float()
-    starts = []
-    for decay_c, local_c in zip(chunk_decay.unbind(1), h_local.unbind(1)):
-        starts.append(h)
-        h = decay_c * h + local_c
+def _scan_blelloch_(a, u):
+    """In place along dim 1: u_t <- a_t * u_{t-1} + u_t (u_{-1} = 0) as a work-efficient (Blelloch /
+    Brent-Kung) parallel scan: about 2 log2(l) ops on strided time slices, any length. Overwrites a.
 
-    # Pass 2: the same steps again, now from the true start states, reading out y_t = C_t . h_t.
-    h_chunks, ys = torch.stack(starts, dim=1), []
-    for decay_t, input_t, C_t in zip(decays, inputs, C.unbind(2)):
-        h_chunks = decay_t * h_chunks + input_t
-        ys.append(torch.einsum("bcdn,bcn->bcd", h_chunks, C_t))
-    return torch.stack(ys, dim=2).reshape(b, nc * q, d)[:, :length], h
+    Up-sweep at stride s: index i = 2s-1, 4s-1, ... absorbs the segment ending at i - s, so that each i holds
+    the combined (decay, input) of the lowbit(i + 1) steps ending at i. Down-sweep from coarse to fine:
+    index i = 3s-1, 5s-1, ... (lowbit(i + 1) = s) takes the already complete prefix at i - s."""
+    length = u.shape[1]
+    s = 1
+    while 2 * s <= length:
+        m = length // (2 * s)
+        right, left = slice(2 * s - 1, None, 2 * s), slice(s - 1, 2 * s * m - s, 2 * s)
+        u[:, right].addcmul_(a[:, right], u[:, left])
+        if 4 * s <= length:  # the combined decay is needed by a coarser level only
+            a[:, right].mul_(a[:, left])
+        s *= 2
+    while s >= 1:
+        m = (length - s) // (2 * s)
+        if m:
+            right, left = slice(3 * s - 1, None, 2 * s), slice(2 * s - 1, 2 * s * m, 2 * s)
+            u[:, right].addcmul_(a[:, right], u[:, left])
+        s //= 2
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """The selective scan over time blocks of `block` steps, with a hand-written, recomputing backward.
+
+    Each block builds its decays exp(dt A) and inputs dt x B as (b, block, d, n) tensors and scans them with
+    `kernel` (in place, O(log block) or O(chunk) ops), starting from the previous block's last state. Blocks
+    bound memory and keep every temporary small: on a CPU, fresh (b, l, d, n) allocations (page faults) cost
+    more than the arithmetic. Only the state before each block is saved; the backward recomputes a block's
+    states from it. The gradient of a linear recurrence is the same recurrence backwards in time,
+    G_t = C_t gy_t + exp(dt_{t+1} A) G_{t+1}, so each block's backward is one more scan on flipped tensors."""
+
+    @staticmethod
+    def _block_states(x, dt, A, B, h, kernel, clobbers):
+        decay = (dt.unsqueeze(-1) * A).exp_()  # (b, block, d, n), exponent <= 0
+        H = (dt * x).unsqueeze(-1) * B.unsqueeze(2)  # the inputs, scanned into the states in place
+        _fold_h0_(decay, H, h)
+        kernel(decay.clone() if clobbers else decay, H)
+        return decay, H
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, h0, kernel, clobbers, block):
+        ys, starts, h = [], [], h0
+        for sl in [slice(i, i + block) for i in range(0, x.shape[1], block)]:
+            starts.append(h)
+            _, H = _SelectiveScan._block_states(x[:, sl], dt[:, sl], A, B[:, sl], h, kernel, clobbers)
+            ys.append(torch.matmul(H, C[:, sl].unsqueeze(-1)).squeeze(-1))  # y_t = C_t . h_t
+            h = H[:, -1].clone()
+        ctx.save_for_backward(x, dt, A, B, C, h0, *starts[1:])
+        ctx.setup = kernel, clobbers, block
+        return torch.cat(ys, 1), h
+
+    @staticmethod
+    def backward(ctx, gy, gh):
+        x, dt, A, B, C, h0, *starts = ctx.saved_tensors
+        kernel, clobbers, block = ctx.setup
+        starts = [h0, *starts]
+        slices = [slice(i, i + block) for i in range(0, x.shape[1], block)]
+        g_x, g_dt, g_B, g_C = torch.empty_like(x), torch.empty_like(dt), torch.empty_like(B), torch.empty_like(C)
+        g_A = torch.zeros_like(A)
+        carry = gh  # d(loss)/d(state after the block)
+        for sl, h in zip(reversed(slices), reversed(starts)):
+            xb, dtb, Bb, Cb, gyb = x[:, sl], dt[:, sl], B[:, sl], C[:, sl], gy[:, sl]
+            decay, H = _SelectiveScan._block_states(xb, dtb, A, Bb, h, kernel, clobbers)
+            # Flipped in time, G'_j = gH'_j + decay'_{j-1} G'_{j-1}: the forward recurrence on decay.flip
+            # shifted by one, i.e. G'[1:] scanned with decay'[:-1] after folding in G'_0 as its initial state.
+            G = gyb.flip(1).unsqueeze(-1) * Cb.flip(1).unsqueeze(2)
+            if carry is not None:
+                G[:, 0] += carry
+            if G.shape[1] > 1:
+                decay_rev = decay.flip(1)
+                _fold_h0_(decay_rev[:, :-1], G[:, 1:], G[:, 0])
+                kernel(decay_rev[:, :-1], G[:, 1:])
+            G = G.flip(1)
+            carry = decay[:, 0] * G[:, 0]  # into the state before the block
+            # h_t = decay_t * h_{t-1} + dt_t x_t B_t: d/d(dt_t A) = G_t * h_{t-1} * decay_t
+            g = G * decay
+            g[:, 1:] *= H[:, :-1]
+            if h is None:
+                g[:, 0] = 0
+            else:
+                g[:, 0] *= h
+            g_dt[:, sl] = (g * A).sum(-1)
+            g_A += g.mul_(dtb.unsqueeze(-1)).sum((0, 1))
+            g_dtx = torch.matmul(G, Bb.unsqueeze(-1)).squeeze(-1)  # (b, block, d)
+            g_B[:, sl] = torch.matmul((dtb * xb).unsqueeze(2), G).squeeze(2)
+            g_C[:, sl] = torch.matmul(gyb.unsqueeze(2), H).squeeze(2)
+            g_x[:, sl] = g_dtx * dtb
+            g_dt[:, sl] += g_dtx * xb
+        return g_x, g_dt, g_A, g_B, g_C, None if h0 is None else carry, None, None, None
+
+
+def _prepare(x, dt, A, B, C, h0):
+    return [None if t is None else t.float().contiguous() for t in (x, dt, A, B, C, h0)]
+
+
+def selective_scan_parallel(x, dt, A, B, C, h0=None, block: int = 64):
+    """Same contract as selective_scan_sequential, as a Blelloch parallel scan over the sequence: O(log l)
+    tensor ops on (b, l, d, n) tensors, any length, with a hand-written backward (see _SelectiveScan)."""
+    return _SelectiveScan.apply(*_prepare(x, dt, A, B, C, h0), _scan_blelloch_, True, block)
+
+
+def selective_scan_chunked(x, dt, A, B, C, h0=None, chunk_size: int = 8, block: int = 64):
+    """Same contract as selective_scan_sequential, chunk-parallel (see _scan_chunked_): about
+    chunk_size + l / chunk_size tensor ops, with a hand-written backward (see _SelectiveScan)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    kernel = functools.partial(_scan_chunked_, chunk_size=chunk_size)
+    return _SelectiveScan.apply(*_prepare(x, dt, A, B, C, h0), kernel, False, block)
 
 
 @register_block("mamba", kind="ssm")
@@ -87,7 +193,7 @@ class Mamba(nn.Module):
         dt_min: float = 0.001,
         dt_max: float = 0.1,
         scan: str = "chunked",
-        chunk_size: int = 64,
+        chunk_size: int = 8,
         conv_bias: bool = True,
         bias: bool = False,
     ):
@@ -161,7 +267,8 @@ class Mamba(nn.Module):
         xc = F.silu(xc).transpose(1, 2)  # (b, l, d_inner)
         dt, B, C = self._ssm_params(xc)
         A = -torch.exp(self.A_log.float())
-        scan = selective_scan_chunked if self.scan == "chunked" else selective_scan_sequential
+        scan = {"chunked": selective_scan_chunked, "parallel": selective_scan_parallel,
+                "sequential": selective_scan_sequential}[self.scan]
         kwargs = {"chunk_size": self.chunk_size} if self.scan == "chunked" else {}
         h0 = cached[1] if cached is not None else None
         y, h = scan(xc, dt, A, B, C, h0, **kwargs)

@@ -1,0 +1,229 @@
+"""The MoE block against naive references computed from its own weights."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import micro_arch.registry  # noqa: F401  (before blocks.moe: the registry must exist first)
+from blocks.moe import MoE
+from micro_arch.errors import MicroArchError
+from micro_arch.registry import Dims, build_block
+from micro_arch.state import BlockState
+
+
+def make(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    args = dict(d_model=8, d_ff=12, n_experts=4, top_k=2) | kwargs
+    block = MoE(**args).double()
+    torch.nn.init.normal_(block.router.weight, 0.0, 1.0)  # decisive routing, no near-ties
+    return block
+
+
+def naive_expert(x, w_in, w_out, expert, hidden):
+    if expert == "swiglu":
+        return (F.silu(x @ w_in[:, :hidden]) * (x @ w_in[:, hidden:])) @ w_out
+    return F.gelu(x @ w_in) @ w_out
+
+
+def naive_moe(block, x):
+    """Loop over tokens: sum of gate * expert(token) over the token's top-k experts."""
+    out = torch.zeros_like(x)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            tok = x[b, t]
+            logits = block.router.weight @ tok
+            scores = logits.softmax(-1) if block.router_kind == "softmax" else logits.sigmoid()
+            top = torch.topk(scores, block.top_k).indices
+            gates = scores[top] / scores[top].sum() if block.top_k > 1 else scores[top]
+            for g, e in zip(gates, top):
+                out[b, t] += g * naive_expert(tok, block.w_in[e], block.w_out[e], block.expert, block.hidden)
+            if block.shared is not None:
+                sh = block.shared
+                out[b, t] += naive_expert(tok, sh.in_proj.weight.t(), sh.out_proj.weight.t(), block.expert,
+                                          sh.out_proj.weight.shape[1])
+    return out
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("n_shared", [0, 1])
+@pytest.mark.parametrize("expert", ["swiglu", "gelu"])
+def test_matches_token_loop(router, top_k, n_shared, expert):
+    block = make(router=router, top_k=top_k, n_shared_experts=n_shared, expert=expert)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    y = block(x, BlockState())
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, naive_moe(block, x), rtol=1e-10, atol=1e-12)
+
+
+def test_one_expert_is_a_plain_mlp():
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    block = make(n_experts=1, top_k=1)
+    w1, w3, w2 = block.w_in[0, :, :12], block.w_in[0, :, 12:], block.w_out[0]
+    torch.testing.assert_close(block(x, None), (F.silu(x @ w1) * (x @ w3)) @ w2, rtol=1e-10, atol=1e-12)
+    block = make(n_experts=1, top_k=1, expert="gelu")
+    torch.testing.assert_close(block(x, None), F.gelu(x @ block.w_in[0]) @ block.w_out[0], rtol=1e-10, atol=1e-12)
+
+
+def test_default_widths():
+    assert MoE(d_model=48).hidden == 128  # 8/3 * 48 = 128, a multiple of 32
+    assert MoE(d_model=64).hidden == 192  # 170 rounded up to a multiple of 32
+    assert MoE(d_model=48, expert="gelu").hidden == 192
+    assert MoE(d_model=8, d_ff=20, n_shared_experts=2).shared.out_proj.weight.shape == (8, 40)
+
+
+def test_gradients_reach_router_and_used_experts():
+    block = make(n_experts=6, top_k=2)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    block(x, None).pow(2).sum().backward()
+    used = set(block.last_load.nonzero().flatten().tolist())
+    assert block.router.weight.grad.abs().sum() > 0
+    for e in range(6):
+        touched = block.w_in.grad[e].abs().sum() > 0 and block.w_out.grad[e].abs().sum() > 0
+        assert touched == (e in used)
+
+
+def router_case(rows, **kwargs):
+    """A block whose router logits equal x (d_model = n_experts, identity router)."""
+    block = MoE(d_model=len(rows[0]), d_ff=4, n_experts=len(rows[0]), **kwargs).double().train()
+    with torch.no_grad():
+        block.router.weight.copy_(torch.eye(len(rows[0])))
+        block.w_in.normal_()  # outputs of order 1, so that a missing or extra term shows
+        block.w_out.normal_()
+    return block, torch.tensor([rows], dtype=torch.float64)
+
+
+def test_switch_and_z_loss_by_hand():
+    ln3 = math.log(3)
+    block, x = router_case([[ln3, 0], [ln3, 0], [0, ln3]], top_k=1, aux_loss_coef=1.0, z_loss_coef=1.0)
+    state = BlockState()
+    block(x, state)
+    # probabilities (3/4, 1/4), (3/4, 1/4), (1/4, 3/4): f = (2/3, 1/3), P = (7/12, 5/12)
+    assert state.aux_losses["moe_balance"].item() == pytest.approx(2 * (2 / 3 * 7 / 12 + 1 / 3 * 5 / 12))
+    assert state.aux_losses["moe_z"].item() == pytest.approx(math.log(4) ** 2)  # logsumexp(ln 3, 0) = ln 4
+    assert state.stats["moe/max_load"] == pytest.approx(4 / 3)
+    assert state.stats["moe/dropped"] == 0
+
+
+def test_switch_loss_is_one_for_uniform_routing():
+    ln3 = math.log(3)
+    block, x = router_case([[ln3, 0], [0, ln3]], top_k=1, aux_loss_coef=1.0)
+    state = BlockState()
+    block(x, state)
+    assert state.aux_losses["moe_balance"].item() == pytest.approx(1.0)
+    block, x = router_case([[0.0] * 4] * 3, top_k=2, aux_loss_coef=1.0, router="sigmoid")
+    state = BlockState()
+    block(x, state)
+    assert state.aux_losses["moe_balance"].item() == pytest.approx(1.0)
+
+
+def test_losses_only_in_training_and_when_asked():
+    block, x = router_case([[1.0, 0], [0, 1.0]], top_k=1)
+    state = BlockState()
+    block.eval()(x, state)
+    assert state.aux_losses == {} and "moe/max_load" in state.stats
+    state = BlockState()
+    block.train()
+    block.balance = "bias"
+    block(x, state)
+    assert set(state.aux_losses) == {"moe_z"}
+    block.z_loss_coef = 0.0
+    state = BlockState()
+    block(x, state)
+    assert state.aux_losses == {}
+
+
+def test_capacity_drops_and_counts():
+    # 4 tokens, all to expert 0, capacity ceil(1.0 * 4 * 1 / 2) = 2: the last two tokens are dropped
+    block, x = router_case([[2.0, 0]] * 4, top_k=1, capacity_factor=1.0)
+    state = BlockState()
+    y = block(x, state)
+    assert state.stats["moe/dropped"] == pytest.approx(0.5)
+    assert state.stats["moe/max_load"] == pytest.approx(2.0)
+    assert y[0, :2].abs().sum() > 0 and y[0, 2:].abs().sum() == 0
+    full = MoE(d_model=2, d_ff=4, n_experts=2, top_k=1).double()
+    full.load_state_dict(block.state_dict())
+    torch.testing.assert_close(y[0, :2], full(x, None)[0, :2], rtol=1e-10, atol=1e-12)
+
+
+def test_capacity_serves_first_choices_first():
+    # top-2 over 2 experts, 3 tokens: expert 0 gets 3 first choices + 0 second, capacity ceil(3*2/2) = 3
+    block, x = router_case([[2.0, 0], [2.0, 0], [0, 2.0]], top_k=2, capacity_factor=1.0)
+    state = BlockState()
+    block(x, state)
+    assert state.stats["moe/dropped"] == 0
+    block, x = router_case([[2.0, 0], [2.0, 0], [0, 2.0]], top_k=2, capacity_factor=0.5)  # capacity 2
+    state = BlockState()
+    y = block(x, state)
+    # expert 0 queue: t0, t1 (first choices), t2 (second) -> t2 dropped;
+    # expert 1 queue: t2 (first choice), t0, t1 (second) -> t1 dropped
+    assert state.stats["moe/dropped"] == pytest.approx(2 / 6)
+    p = x[0].softmax(-1)  # top-2 of 2 experts: the renormalised gates are the probabilities
+    e0 = naive_expert(x[0], block.w_in[0], block.w_out[0], "swiglu", 4)
+    e1 = naive_expert(x[0], block.w_in[1], block.w_out[1], "swiglu", 4)
+    expected = torch.stack([p[0, 0] * e0[0] + p[0, 1] * e1[0], p[1, 0] * e0[1], p[2, 1] * e1[2]])
+    torch.testing.assert_close(y[0], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_stats_keep_the_worst_layer():
+    state = BlockState()
+    block, x = router_case([[2.0, 0]] * 4, top_k=1, capacity_factor=1.0)
+    block(x, state)
+    balanced, x2 = router_case([[2.0, 0], [0, 2.0]], top_k=1)
+    balanced(x2, state)
+    assert state.stats == {"moe/max_load": pytest.approx(2.0), "moe/dropped": pytest.approx(0.5)}
+
+
+def test_bias_balancing_moves_load_off_the_busy_expert():
+    block, x = router_case([[2.0, 0, 0]] * 4 + [[0, 1.0, 0]], top_k=1, balance="bias", bias_update_rate=0.1)
+    block(x, None)
+    assert block.expert_bias.tolist() == pytest.approx([-0.1, 0.1, 0.1])  # loads (4, 1, 0), mean 5/3
+    block.eval()(x, None)
+    assert block.expert_bias.tolist() == pytest.approx([-0.1, 0.1, 0.1])  # no updates outside training
+    # the bias picks the expert, the gate stays the unbiased probability
+    with torch.no_grad():
+        block.expert_bias.copy_(torch.tensor([-1.0, 1.0, 0.0]))
+    _, scores, chosen, gates = block.route(x[0])
+    assert chosen[:, 0].tolist() == [1, 1, 1, 1, 1]
+    torch.testing.assert_close(gates[:, 0], scores[:, 1])
+
+
+def test_records_and_last_load():
+    seen = {}
+    block = make(n_experts=4, top_k=2)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    block(x, BlockState(recorder=lambda name, t: seen.setdefault(name, tuple(t.shape))))
+    assert seen["router_logits"] == (6, 4) and seen["expert_load"] == (4,)
+    first_used = int(block.last_load.nonzero()[0])
+    assert seen["expert_in"] == (int(block.last_load[first_used]), 8)
+    assert int(block.last_load.sum()) == 12
+
+
+def test_init_weights_scale():
+    block = MoE(d_model=64, d_ff=256, n_experts=8, n_layers=8)
+    assert block.w_in.std().item() == pytest.approx(0.02, rel=0.05)
+    assert block.w_out.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=9), "top_k"),
+    (dict(top_k=0), "top_k"),
+    (dict(router="topk"), "router"),
+    (dict(expert="relu"), "expert"),
+    (dict(balance="loss"), "balance"),
+    (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(n_shared_experts=-1), "n_shared_experts"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoE(d_model=8, **kwargs)
+    with pytest.raises(MicroArchError, match=message):
+        build_block("moe", Dims(d_model=8), **kwargs)
+
+
+def test_builds_from_registry_with_model_dims():
+    block = build_block("moe", Dims(d_model=16, d_ff=32, n_layers=4, dropout=0.0), n_experts=4, top_k=1)
+    assert isinstance(block, MoE) and block.hidden == 32 and block.n_layers == 4
+    assert block(torch.randn(1, 3, 16), BlockState()).shape == (1, 3, 16)

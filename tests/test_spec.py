@@ -1,0 +1,203 @@
+"""The block-string language: parsing, role resolution, and the errors a user sees (in Python and on the CLI)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from micro_arch.errors import MicroArchError
+from micro_arch.spec import ADD, BlockCall, parse_chain, resolve_chain, resolve_layer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = {"Norm": "rmsnorm", "Attn": "attention", "MLP": "swiglu"}
+
+
+def names(steps):
+    return [s if s == ADD else s.name for s in steps]
+
+
+# --- parsing and resolving -----------------------------------------------------------------------
+
+
+def test_chain_of_blocks_and_adds():
+    steps = parse_chain("Norm->Attn->+->Norm->MLP->+")
+    assert names(steps) == ["Norm", "Attn", ADD, "Norm", "MLP", ADD]
+    assert all(isinstance(s, BlockCall) for s in steps if s != ADD)
+    assert [s.position for s in steps if s != ADD] == [0, 6, 15, 21]
+
+
+def test_whitespace_around_tokens_is_ignored():
+    assert names(parse_chain("  Norm -> Attn ->+ -> MLP  ")) == ["Norm", "Attn", ADD, "MLP"]
+
+
+def test_roles_resolve_through_defaults_case_insensitively():
+    steps = resolve_chain("norm->ATTN->+->NoRm->mlp->+", DEFAULTS)
+    assert names(steps) == ["rmsnorm", "attention", ADD, "rmsnorm", "swiglu", ADD]
+    other = resolve_chain("Norm->MLP->+", {"Norm": "LayerNorm", "MLP": "GELU_MLP"})
+    assert names(other) == ["layernorm", "gelu_mlp", ADD]
+
+
+def test_concrete_names_work_directly_in_any_case():
+    assert names(resolve_chain("RMSNorm->Attention->+->LayerNorm->SwiGLU->+", {})) == [
+        "rmsnorm", "attention", ADD, "layernorm", "swiglu", ADD]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Attn(window=64)", {"window": 64}),
+    ("Attn(rope_theta=0.5)", {"rope_theta": 0.5}),
+    ("Attn(rope_theta=1e6)", {"rope_theta": 1e6}),  # YAML 1.1 would read 1e6 as a string
+    ("Attn(qk_norm=true, bias=False)", {"qk_norm": True, "bias": False}),
+    ("Attn(positions=none)", {"positions": "none"}),
+    ("Attn(positions='rope')", {"positions": "rope"}),
+    ("Attn( n_kv_heads = 1 ,window=8 )", {"n_kv_heads": 1, "window": 8}),
+    ("Attn(window=null)", {"window": None}),
+])
+def test_inline_argument_values_are_yaml_scalars(text, expected):
+    (call,) = parse_chain(text)
+    assert call.kwargs == expected
+    for key, value in expected.items():
+        assert type(call.kwargs[key]) is type(value), key
+    (resolved,) = resolve_chain(text, DEFAULTS)  # and the block accepts them
+    assert resolved.kwargs == expected
+
+
+def test_quoted_exponent_stays_a_string():
+    (call,) = parse_chain("Attn(positions='1e3')")
+    assert call.kwargs == {"positions": "1e3"}
+
+
+def test_norm_eps_in_exponent_notation():
+    (call,) = resolve_chain("Norm(eps=1e-6)", DEFAULTS)
+    assert call.kwargs == {"eps": 1e-6}
+
+
+def test_role_defaults_with_arguments_merge_and_inline_wins():
+    defaults = {**DEFAULTS, "Attn": "attention(qk_norm=true, window=8)"}
+    (call,) = resolve_chain("Attn(window=4, bias=true)", defaults)
+    assert call.name == "attention"
+    assert call.kwargs == {"qk_norm": True, "window": 4, "bias": True}
+    (plain,) = resolve_chain("Attn", defaults)
+    assert plain.kwargs == {"qk_norm": True, "window": 8}
+
+
+def test_parallel_branches_resolve_each():
+    branches = resolve_layer(["Norm->Attn->+", "Norm->MLP->+"], DEFAULTS)
+    assert [names(b) for b in branches] == [["rmsnorm", "attention", ADD], ["rmsnorm", "swiglu", ADD]]
+    assert [names(b) for b in resolve_layer("Norm->MLP->+", DEFAULTS)] == [["rmsnorm", "swiglu", ADD]]
+    with pytest.raises(MicroArchError, match="empty"):
+        resolve_layer([], DEFAULTS)
+
+
+def test_role_that_maps_to_another_role_is_an_error():
+    with pytest.raises(MicroArchError, match="role 'Norm' must map to a registered block, not 'Attn'"):
+        resolve_chain("Norm->Attn", {**DEFAULTS, "Norm": "Attn"})
+
+
+def test_role_that_maps_to_a_chain_is_an_error():
+    with pytest.raises(MicroArchError, match="role 'Norm' maps to 'rmsnorm->rmsnorm'"):
+        resolve_chain("Norm->Attn", {**DEFAULTS, "Norm": "rmsnorm->rmsnorm"})
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+BAD = [
+    # text, words the first line must contain, caret column (None: no caret line)
+    ("", ["empty"], None),
+    ("   ", ["empty"], None),
+    ("Norm->", ["missing block"], 6),
+    ("->Norm", ["missing block"], 0),
+    ("Norm->->Attn", ["missing block"], 6),
+    ("Norm->Atn->+", ["unknown block 'Atn'", "did you mean", "Attn"], 6),
+    ("Norm->Attn(windw=3)->+", ["no argument 'windw'", "did you mean: window", "it takes: window", "qk_norm"], 6),
+    ("Attn(window=abc)", ["window='abc'", "should be int"], 0),
+    ("Norm(eps=small)", ["eps='small'", "should be float"], 0),
+    ("Norm->Attn(window=3->+", ["'(' is never closed"], 10),
+    ("Norm->Attn(window=3))->+", ["')' without a matching '('"], 20),
+    ("Norm)->Attn", ["')' without a matching '('"], 4),
+    ("+->Norm->Attn", ["'+' must follow a block"], 0),
+    ("Norm->Attn->+->+", ["'+' must follow a block"], 15),
+    ("Norm->Attn(3)->+", ["needs a name", "key=value"], 11),
+    ("Norm->At tn->+", ["not a block name"], 6),
+    ("Norm->Attn(window=[1, 2])", ["value '[1' of window is not a YAML scalar"], 11),
+    ("Norm->Attn(window=[1])", ["value of window must be a scalar, not a list"], 11),
+]
+
+
+@pytest.mark.parametrize("text,words,column", BAD, ids=[repr(b[0]) for b in BAD])
+def test_bad_block_strings(text, words, column):
+    with pytest.raises(MicroArchError) as info:
+        resolve_chain(text, DEFAULTS)
+    message = str(info.value)
+    first = message.splitlines()[0]
+    assert "Traceback" not in message
+    for word in words:
+        assert word in first, (word, first)
+    if column is not None:
+        lines = message.splitlines()
+        assert lines[1] == "    " + text  # the string itself, then the caret under the culprit
+        assert lines[2].rstrip() == "    " + " " * column + "^"
+
+
+def test_unknown_block_suggests_the_closest_registered_names():
+    with pytest.raises(MicroArchError) as info:
+        resolve_chain("Norm->rmsnrom", DEFAULTS)
+    assert "did you mean: rmsnorm" in str(info.value).splitlines()[0]
+
+
+def test_non_string_spec():
+    with pytest.raises(MicroArchError, match="must be text"):
+        parse_chain(42)
+
+
+# --- the same errors through the command line ------------------------------------------------------
+
+CLI_CASES = {
+    "bad_spec": ("model:\n  layers: [{spec: 'Norm->Atn->+->Norm->MLP->+'}]\n",
+                 ["unknown block 'Atn'", "did you mean"]),
+    "repeat_zero": ("model:\n  layers: [{spec: 'Norm->Attn->+', repeat: 0}]\n",
+                    ["repeat", "at least 1"]),
+    "unknown_key": ("model:\n  d_modle: 64\n", ["unknown key 'd_modle'", "did you mean: d_model"]),
+    "wrong_type": ("model:\n  d_model: wide\n", ["model.d_model", "'wide' should be int"]),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory):
+    """Run every CLI case at once (each is a fresh Python with torch to import)."""
+    root = tmp_path_factory.mktemp("spec_cli")
+    procs = {}
+    for name, (config, _) in CLI_CASES.items():
+        folder = root / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(textwrap.dedent(config))
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "micro_arch", "trace", str(folder), "--set", "model.vocab_size=50",
+             "--batch", "1", "--seq-len", "8"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        results[name] = (proc.returncode, out, err)
+    return results
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_reports_config_errors_briefly(cli_results, case):
+    code, out, err = cli_results[case]
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    assert err.startswith("error: ")
+    assert len(err.splitlines()) <= 4, err
+    for word in CLI_CASES[case][1]:
+        assert word in err, (word, err)
+
+
+def test_cli_spec_error_keeps_the_caret_under_the_name(cli_results):
+    _, _, err = cli_results["bad_spec"]
+    lines = err.splitlines()
+    assert lines[1].strip() == "Norm->Atn->+->Norm->MLP->+"
+    assert lines[2].index("^") == lines[1].index("Atn")

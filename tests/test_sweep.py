@@ -1,0 +1,107 @@
+"""Sweeps: memory pruning before training, resuming a stopped study, clear errors, the report."""
+
+import json
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from micro_arch.errors import MicroArchError
+from micro_arch.experiment import load_experiment, with_vocab
+from micro_arch.memory import estimate_memory
+from micro_arch.sweep import load_sweep, open_study, run_sweep
+
+TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" + ("\n" if i % 20 == 19 else "")
+               for i in range(400))  # 20 documents, split at blank lines
+SETTINGS = ["train.batch_size=4", "train.seq_len=16", "train.max_steps=6", "train.eval_every=3",
+            "train.eval_batches=1", "train.log_every=3", "train.warmup_steps=1", "train.sample.max_new_tokens=4",
+            "train.device=cpu", "model.n_heads=2"]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tmp experiment on a tmp text file, and a sweep over d_model 16 or 64 whose memory budget lies
+    between their two estimates: every d_model=64 trial must be pruned before it trains."""
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    exp = tmp_path / "tinyexp"
+    exp.mkdir()
+    (exp / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"d_model": 16, "n_heads": 2, "max_seq_len": 16, "layers": [{"spec": "Norm->Attn->+->Norm->MLP->+"}]},
+        "data": {"source": str(tmp_path / "corpus.txt"), "tokenizer": "char"}}))
+    small, big = (estimate_memory(with_vocab(load_experiment(exp, SETTINGS + [f"model.d_model={d}"])),
+                                  torch.device("cpu")).peak_mb for d in (16, 64))
+    assert small < big
+    sweep = {"experiment": str(exp), "n_trials": 2, "trial_steps": 6, "sampler": "random", "seed": 3,
+             "pruner": "median", "memory_budget_mb": (small + big) / 2, "top_k": 0, "set": SETTINGS,
+             "search_space": {"model.d_model": {"type": "categorical", "choices": [16, 64]},
+                              "train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path, tmp_path / "runs"
+
+
+def test_prunes_over_budget_resumes_and_reports(tiny):
+    path, runs = tiny
+    run_sweep(path, runs_root=runs)  # 2 trials
+    folder = runs / "sweeps" / "tiny"
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'study.db'}")
+    assert len(study.trials) == 2
+    # a sweep killed mid-trial leaves a RUNNING trial behind: it is closed and not counted
+    open_study(load_sweep(path), runs).ask()
+    run_sweep(path, overrides=["top_k=1", "full_steps=3"], n_trials=5, runs_root=runs)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'study.db'}")
+    trials = study.trials
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert len(interrupted) == 1 and interrupted[0].state == optuna.trial.TrialState.FAIL
+    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 5, [t.state for t in trials]  # grew to the target: 2 + 3, not restarted
+    pruned = [t for t in counted if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in counted if t.state == optuna.trial.TrialState.COMPLETE]
+    assert pruned and complete
+    for t in pruned:
+        if t.params["model.d_model"] == 64:  # over budget: stopped before any training step
+            assert t.user_attrs["memory_estimate_mb"] > t.user_attrs["memory_budget_mb"]
+            assert not (folder / "trials" / f"{t.number:04d}").exists()
+    for t in complete:
+        assert t.params["model.d_model"] == 16
+        assert t.user_attrs["memory_estimate_mb"] <= t.user_attrs["memory_budget_mb"]
+        summary = json.loads((folder / "trials" / f"{t.number:04d}" / "tinyexp").glob("*/summary.json")
+                             .__next__().read_text())
+        assert summary["final_val_loss"] == pytest.approx(t.value)
+        assert summary["steps"] == 6
+    assert any(t.params["model.d_model"] == 64 for t in pruned)
+    for name in ("study.db", "trials.csv", "trials.md", "history.png", "importances.json"):
+        assert (folder / name).is_file(), name
+    assert "memory_estimate_mb" in (folder / "trials.csv").read_text()
+    # the best trial trained in full, in its own run directory under runs/<experiment>/
+    finals = json.loads((folder / "full_runs.json").read_text())
+    assert [f["trial"] for f in finals] == [study.best_trial.number]
+    full = json.loads((runs / "tinyexp").glob("*/summary.json").__next__().read_text())
+    assert full["steps"] == 3 and full["status"] == "completed"
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"model.d_modl": {"type": "int", "low": 16, "high": 32}}, "search_space.model.d_modl: unknown config key 'd_modl'"),
+    ({"model.d_modl": {"type": "int", "low": 16, "high": 32}}, "did you mean: d_model"),
+    ({"model.layers.3.repeat": {"type": "int", "low": 1, "high": 2}}, "search_space.model.layers.3.repeat"),
+    ({"model.d_model": {"type": "int", "low": 64, "high": 16}}, "search_space.model.d_model: low=64.0 is above high=16.0"),
+    ({"model.d_model": {"type": "integer", "low": 16, "high": 32}}, "search_space.model.d_model.type"),
+    ({"model.d_model": {"type": "int", "low": 16, "hihg": 32}}, "unknown key 'hihg'"),
+    ({"train.lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}, "search_space.train.lr: a log range"),
+    ({"model.positions": {"type": "categorical", "choices": ["rope", "alibi"]}}, "search_space.model.positions: value 'alibi'"),
+    ({"train.lr": {"type": "categorical", "choices": []}}, "search_space.train.lr: a categorical range needs"),
+])
+def test_malformed_search_space_names_the_key(tiny, space, message):
+    path, _ = tiny
+    sweep = yaml.safe_load(path.read_text())
+    sweep["search_space"] = space
+    path.write_text(yaml.safe_dump(sweep))
+    with pytest.raises(MicroArchError) as err:
+        load_sweep(path)
+    assert message in str(err.value)
+
+
+def test_repository_sweep_files_are_valid():
+    for name in ("sweeps/tiny.yaml", "sweeps/shakespeare-width.yaml"):
+        assert load_sweep(name).search_space
