@@ -43,14 +43,6 @@ class MemoryEstimate:
 _SHORT = {"parameters": "params", "gradients": "grads"}
 
 
-class _TrainingState(BlockState):
-    """A training forward starts at position 0; saying so avoids reading a (fake) tensor back."""
-
-    @property
-    def offset(self) -> int:
-        return 0
-
-
 def training_steps(model: nn.Module, optimizer, cfg: ExperimentConfig, device: torch.device, steps: int = 2):
     """What Trainer.train_step does to memory, on random tokens: grad_accum micro-batches of
     forward + backward, gradient clipping, optimizer step, zero_grad(set_to_none=True)."""
@@ -61,7 +53,7 @@ def training_steps(model: nn.Module, optimizer, cfg: ExperimentConfig, device: t
             x = torch.randint(0, vocab, (t.batch_size, t.seq_len), device=device)
             y = torch.randint(0, vocab, (t.batch_size, t.seq_len), device=device)
             with autocast(device, t.precision):
-                out = model(x, y, state=_TrainingState())
+                out = model(x, y, state=BlockState())
             (out.loss / t.grad_accum).backward()
             loss_sum += out.ce_loss.detach()
             del out, x, y

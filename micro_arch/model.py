@@ -128,11 +128,12 @@ class Model(nn.Module):
                 state: BlockState | None = None, last_only: bool = False) -> ModelOutput:
         B, T = idx.shape
         state = state if state is not None else BlockState()
-        offset = state.offset if state.positions is not None else 0
+        offset = 0 if state.positions is None else int(state.positions[0])  # the one read per forward
         if offset + T > self.cfg.max_seq_len:
             raise MicroArchError(f"sequence of {offset + T} tokens is longer than model.max_seq_len="
                                  f"{self.cfg.max_seq_len}; shorten it or raise model.max_seq_len")
         state.positions = torch.arange(offset, offset + T, device=idx.device)
+        state.start = offset
         x = self.embed(idx)
         if self.pos_embed is not None:
             x = x + self.pos_embed(state.positions)

@@ -21,6 +21,7 @@ class BlockState:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # summed into the training loss
     stats: dict[str, float] = field(default_factory=dict)  # logged, never differentiated
     recorder: Callable[[str, torch.Tensor], None] | None = None
+    start: int | None = None  # positions[0] as a Python int, set by Model.forward: blocks never read a tensor back
 
     def add_aux_loss(self, name: str, value: torch.Tensor) -> None:
         self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
@@ -33,4 +34,6 @@ class BlockState:
     @property
     def offset(self) -> int:
         """Position of the first current token (non-zero while decoding with a cache)."""
+        if self.start is not None:
+            return self.start
         return 0 if self.positions is None else int(self.positions[0])
