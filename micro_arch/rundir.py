@@ -12,6 +12,8 @@ import yaml
 from micro_arch.config import ExperimentConfig, from_dict, to_dict
 from micro_arch.errors import MicroArchError
 
+SUMMARY_FORMAT_VERSION = 1  # of summary.json; bump when its keys change meaning, so compare can tell old runs
+
 
 def new_run_dir(runs_root: str | Path, experiment: str) -> Path:
     """runs/<experiment>/<time>-<random>: a new run never reuses an old run's directory."""

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import optuna
 
-
-def markdown_table(df) -> str:
-    """A pandas DataFrame as a GitHub markdown table (without needing `tabulate`)."""
-    def cell(v):
-        if isinstance(v, float):
-            return "" if math.isnan(v) else f"{v:.4g}"
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+from micro_arch.tables import markdown_table
 
 
 def importances(study: optuna.Study) -> dict[str, float] | str:

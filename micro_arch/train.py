@@ -21,7 +21,7 @@ from micro_arch.experiment import load_experiment
 from micro_arch.metrics import MetricsLog
 from micro_arch.model import Model
 from micro_arch.optim import build_optimizer, lr_factor, set_lr
-from micro_arch.rundir import new_run_dir, read_run_config, write_config, write_json
+from micro_arch.rundir import SUMMARY_FORMAT_VERSION, new_run_dir, read_run_config, write_config, write_json
 
 console = Console()
 
@@ -204,7 +204,8 @@ class Trainer:
             return
         cfg, model = self.cfg, self.model
         write_json(self.run_dir / "summary.json", {
-            "format_version": 1, "experiment": cfg.name, "run_id": self.run_dir.name, "status": status,
+            "format_version": SUMMARY_FORMAT_VERSION, "experiment": cfg.name, "run_id": self.run_dir.name,
+            "status": status,
             "params_total": model.num_params(), "params_non_embedding": model.num_params(non_embedding=True),
             "flops_per_token": model.flops_per_token(cfg.train.seq_len), "steps": self.step,
             "tokens_seen": self.tokens, "wall_time_s": round(self.elapsed, 2),

@@ -51,6 +51,30 @@ def test_rmsnorm_low_precision_input_is_computed_in_float32_and_cast_back():
     torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_gradients_equal_autograd_through_the_formula(dtype):
+    norm = randomise(build_block("rmsnorm", Dims(d_model=D), eps=1e-3))
+    x = rand_x(2, 7, D).to(dtype).requires_grad_()
+    dy = rand_x(2, 7, D, seed=5).to(dtype)
+    got = torch.autograd.grad(norm(x, None), (x, norm.weight), dy)
+    xf = x.detach().float().requires_grad_()
+    w = norm.weight.detach().clone().requires_grad_()
+    naive = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-3) * w
+    want = torch.autograd.grad(naive, (xf, w), dy.float())
+    assert got[0].dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(got[0].float(), want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+
+
+def test_rmsnorm_backward_passes_gradcheck_in_float64():
+    from blocks.norms import rms_norm
+
+    x = rand_x(3, 5, 6).double().requires_grad_()
+    w = rand_x(6, seed=3).double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-4).double(), (x, w))
+
+
 def test_rmsnorm_output_has_unit_rms_with_unit_weight():
     norm = build_block("rmsnorm", Dims(d_model=D))
     y = norm(rand_x(4, D, scale=50.0), None)

@@ -1,0 +1,63 @@
+"""Loss curves of several runs on shared axes, against tokens, wall time and training FLOPs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# (file, column of the curves, axis label, caption)
+AXES = [
+    ("loss_vs_tokens.png", "tokens", "tokens seen", "against tokens seen"),
+    ("loss_vs_time.png", "elapsed_s", "wall time (s)", "against wall time"),
+    ("loss_vs_flops.png", "flops", "training FLOPs (tokens x FLOPs per token)", "against training FLOPs"),
+]
+
+
+def plot_curves(curves: dict, folder: Path, unit: str) -> list[tuple[str, str]]:
+    """One PNG per x axis, held-out and training loss side by side, one line per run; [(file, caption)].
+
+    curves: by run label, a DataFrame with columns tokens, elapsed_s, flops, train_loss, val_loss
+    (missing values where a step logged only one of them), already in `unit`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, x, xlabel, caption in AXES:
+        fig, (held, train) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
+        for i, (label, df) in enumerate(curves.items()):
+            color = f"C{i % 10}"
+            val = df.dropna(subset=[x, "val_loss"])
+            held.plot(val[x], val["val_loss"], "o-", color=color, markersize=3, label=label)
+            tr = df.dropna(subset=[x, "train_loss"])
+            train.plot(tr[x], tr["train_loss"], "-", color=color, linewidth=1.2, label=label)
+        for ax, title in ((held, "held-out loss"), (train, "training loss")):
+            ax.set_title(title)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        held.set_ylim(*_interesting_range(curves))
+        held.set_ylabel(unit)
+        held.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append((name, f"Held-out and training loss ({unit}) {caption}"))
+    return written
+
+
+def _interesting_range(curves: dict) -> tuple[float, float]:
+    """Loss limits that leave out the first tenth of training, whose steep drop would flatten the rest."""
+    import numpy as np
+
+    values = []
+    for df in curves.values():
+        values.append(df["val_loss"].dropna().to_numpy())
+        values.append(df["train_loss"].iloc[len(df) // 10:].dropna().to_numpy())
+    values = np.concatenate(values) if values else np.array([])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return 0.0, 1.0
+    low, high = float(values.min()), float(values.max())
+    pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.1
+    return low - pad, high + pad

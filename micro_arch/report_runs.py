@@ -1,0 +1,149 @@
+"""Reading run directories for a report: checks, summary, curves, held-out metrics and samples.
+
+Held-out metrics come from evaluate_run over the whole held-out split and are kept in the run's eval.json,
+stamped with the checkpoint and settings they were computed from, so that a second compare reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from micro_arch.checkpoint import latest_checkpoint
+from micro_arch.errors import MicroArchError
+from micro_arch.rundir import SUMMARY_FORMAT_VERSION, read_run_config, write_json
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict
+    held_out: dict  # eval.json
+    reused_eval: bool
+    curves: object  # metrics.csv as a DataFrame, None when absent
+    samples: list[dict]  # [{"prompt": ..., "text": ...}]
+    corpus_key: str | None  # the held-out text's identity, independent of the tokenizer
+    settings: dict  # the resolved config.yaml, flattened to dotted keys
+    notes: list[str] = field(default_factory=list)
+    label: str = ""
+
+
+def read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MicroArchError(f"{path}: not valid JSON ({err}); the file is damaged, "
+                             "rerun what wrote it") from None
+
+
+def check_run_dir(path: Path) -> dict:
+    """The run's summary.json, once the directory is a completed run of the current format."""
+    if not path.exists():
+        raise MicroArchError(f"{path}: no such run directory; pass folders such as "
+                             "runs/<experiment>/<run-id>")
+    if not path.is_dir():
+        raise MicroArchError(f"{path}: not a directory; pass run folders such as runs/<experiment>/<run-id>")
+    if not (path / "summary.json").is_file():
+        raise MicroArchError(f"{path}: incomplete run: no summary.json (a run writes it when training "
+                             "starts); pass a run directory that `micro-arch run` has trained, or leave "
+                             "this one out")
+    summary = read_json(path / "summary.json")
+    version = summary.get("format_version")
+    if version != SUMMARY_FORMAT_VERSION:
+        age = ("an older" if isinstance(version, int) and version < SUMMARY_FORMAT_VERSION else
+               "a newer" if isinstance(version, int) else "an unknown")
+        raise MicroArchError(f"{path}: run from {age} format (summary.json format_version {version}, this "
+                             f"micro-arch reads {SUMMARY_FORMAT_VERSION}); train it again with this version "
+                             "to compare it")
+    if summary.get("status") != "completed":
+        raise MicroArchError(f"{path}: incomplete run (status {summary.get('status')!r} after step "
+                             f"{summary.get('steps')}); finish it with `micro-arch run experiments/"
+                             f"{summary.get('experiment')} --resume {path}` or leave it out")
+    if not latest_checkpoint(path).is_file():
+        raise MicroArchError(f"{path}: incomplete run: no checkpoint ({latest_checkpoint(path)} is missing), "
+                             "which the report needs to evaluate it; restore it or leave the run out")
+    return summary
+
+
+def read_curves(path: Path):
+    """metrics.csv as a DataFrame, or None when the run has none."""
+    import pandas as pd
+
+    csv = path / "metrics.csv"
+    if not csv.is_file() or csv.stat().st_size == 0:
+        return None
+    return pd.read_csv(csv)
+
+
+def held_out_metrics(path: Path, batch_size: int, max_batches: int | None, device: str) -> tuple[dict, bool]:
+    """(eval.json's metrics, whether they were reused) for the run's latest checkpoint."""
+    from micro_arch.evaluate import evaluate_run
+
+    stat = latest_checkpoint(path).stat()
+    wanted = {"checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
+              "batch_size": batch_size, "max_batches": max_batches}
+    cached = path / "eval.json"
+    if cached.is_file():
+        try:
+            found = read_json(cached)
+        except MicroArchError:
+            found = {}
+        if isinstance(found, dict) and found.get("evaluated") == wanted:
+            return found, True
+    result = evaluate_run(path, batch_size=batch_size, max_batches=max_batches, device=device)
+    # evaluate_run names the checkpoint file, not which state of it, nor how much of the split it covered
+    result["evaluated"] = wanted
+    write_json(cached, result)
+    return result, False
+
+
+def held_out_text_key(path: Path) -> str | None:
+    """The held-out text's identity without the tokenizer (data_fingerprint includes the tokenizer)."""
+    from micro_arch.data.prepare import Corpus
+    from micro_arch.data.shards import cache_root
+
+    try:
+        data = read_run_config(path).data
+        return Corpus(data, cache_root(data.cache_dir)).key
+    except MicroArchError:
+        return None  # e.g. the source files are gone: only data_fingerprint can tell then
+
+
+def flat_settings(path: Path) -> dict:
+    """config.yaml as {"model.defaults.Norm": "rmsnorm", ...}; lists stay whole values."""
+    import yaml
+
+    def flatten(value, prefix):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: value}
+
+    config = path / "config.yaml"
+    return flatten(yaml.safe_load(config.read_text()) or {}, "") if config.is_file() else {}
+
+
+def collect_run(path: Path, batch_size: int = 32, max_batches: int | None = None, device: str = "auto",
+                prompts: list[str] | None = None, status=lambda text: None) -> Run:
+    """Everything a report needs from one run directory; MicroArchError when it cannot be compared."""
+    summary = check_run_dir(path)
+    status(f"evaluating {path}")
+    held_out, reused = held_out_metrics(path, batch_size, max_batches, device)
+    notes = []
+    if summary.get("data_fingerprint") != held_out.get("data_fingerprint"):
+        notes.append(f"{path}: the held-out data changed since training (data_fingerprint "
+                     f"{summary.get('data_fingerprint')} then, {held_out.get('data_fingerprint')} now); its "
+                     "full-split numbers are on the new data, its curves on the old")
+    if prompts:
+        from micro_arch.generate import sample_from_run
+
+        status(f"sampling from {path}")
+        texts = sample_from_run(path, prompts, seed=0, device=device)
+        samples = [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]
+    else:
+        samples = read_json(path / "samples.json") if (path / "samples.json").is_file() else []
+    curves = read_curves(path)
+    if curves is None:
+        notes.append(f"{path}: no metrics.csv, so no loss curves for this run")
+    return Run(path, summary, held_out, reused, curves, samples, held_out_text_key(path), flat_settings(path),
+               notes)

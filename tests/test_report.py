@@ -1,0 +1,267 @@
+"""`micro-arch compare`: the report's numbers, its fairness rules and run directories it cannot compare."""
+
+import csv
+import html
+import json
+import math
+import os
+import shutil
+import textwrap
+
+import pytest
+import torch
+from helpers import run_cli
+
+from micro_arch.data.corpus import read_works
+from micro_arch.errors import MicroArchError
+from micro_arch.report import compare
+from micro_arch.report_fairness import assess, rank, standard_error
+from micro_arch.train import run_experiment
+
+TINY = """
+model:
+  d_model: 32
+  n_heads: 2
+  max_seq_len: 32
+  layers: [{{spec: "Norm->Attn->+->Norm->MLP->+", repeat: 2}}]
+data: {{source: {corpus}, tokenizer: {tokenizer}, vocab_size: 400}}
+train:
+  batch_size: 8
+  seq_len: 32
+  max_steps: {steps}
+  warmup_steps: 4
+  lr: 3.0e-3
+  min_lr: 3.0e-4
+  eval_every: 10
+  eval_batches: 2
+  log_every: 5
+  checkpoint_every: 40
+  sample: {{prompts: ["ROMEO:"], max_new_tokens: 8}}
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny trained runs on a small Shakespeare corpus: 'base', 'short' (a fifth of the steps), 'bpe'."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("report")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(text for _, text in read_works()[:2])[:60_000])
+    found = {}
+    for name, tokenizer, steps in (("base", "char", 30), ("short", "char", 6), ("bpe", "bpe", 30)):
+        folder = root / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(textwrap.dedent(TINY.format(corpus=corpus, tokenizer=tokenizer,
+                                                                         steps=steps)))
+        found[name] = run_experiment(folder, runs_root=root / "runs")
+    yield found
+    torch.set_num_threads(threads)
+
+
+def copy_run(run_dir, to, **summary_changes):
+    shutil.copytree(run_dir, to)
+    summary = json.loads((to / "summary.json").read_text())
+    (to / "summary.json").write_text(json.dumps(summary | summary_changes))
+    return to
+
+
+def read_report(folder):
+    return (folder / "report.md").read_text(), (folder / "report.html").read_text()
+
+
+def report_rows(folder):
+    with open(folder / "report.csv") as f:
+        return {row["run"]: row for row in csv.DictReader(f)}
+
+
+def line_of(text, start):
+    (line,) = [line for line in text.splitlines() if line.startswith(start)]
+    return line
+
+
+# --- the report from trained runs ---------------------------------------------------------------
+
+
+def test_report_holds_every_run_with_the_numbers_of_its_summary_and_eval(runs, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    compare([runs["base"], runs["short"]], out)
+    md, page = read_report(out)
+    for name in ("loss_vs_tokens.png", "loss_vs_time.png", "loss_vs_flops.png"):
+        assert (out / name).stat().st_size > 10_000 and f"({name})" in md and f"src='{name}'" in page
+    rows = report_rows(out)
+    assert set(rows) == {"base", "short"}
+    for name in ("base", "short"):
+        summary = json.loads((runs[name] / "summary.json").read_text())
+        held_out = json.loads((runs[name] / "eval.json").read_text())
+        row = rows[name]
+        for key in ("params_total", "params_non_embedding", "flops_per_token", "tokens_seen", "wall_time_s",
+                    "best_val_loss", "final_val_loss", "tokens_per_sec", "peak_memory_mb"):
+            assert float(row[key]) == pytest.approx(summary[key], rel=1e-12), key
+        for key, eval_key in (("eval_loss", "val_loss"), ("perplexity", "perplexity"),
+                              ("bits_per_byte", "bits_per_byte"), ("top1", "top1"), ("top5", "top5")):
+            assert float(row[key]) == pytest.approx(held_out[eval_key], rel=1e-12), key
+        se = float(row["eval_loss_se"])
+        losses = held_out["batch_losses"]
+        mean = sum(losses) / len(losses)
+        variance = sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)
+        assert se == pytest.approx(math.sqrt(variance / len(losses)))
+        for text in (f"{summary['params_total']:,}", f"{summary['tokens_seen']:,}",
+                     f"{held_out['val_loss']:.4f}", f"{held_out['bits_per_byte']:.4f}",
+                     f"{held_out['top5']:.2%}", summary["layers"][0]["spec"]):
+            assert text in md and html.escape(text) in page, text
+        (sample,) = json.loads((runs[name] / "samples.json").read_text())
+        assert html.escape(sample["prompt"] + sample["text"]).replace("\n", "<br>") in md
+    assert line_of(md, "| settings that differ |").endswith("| train.max_steps=30 | train.max_steps=6 |")
+    # 30 steps against 6: a gap far beyond the noise, so the longer run wins, in bold
+    assert "Overall, on held-out loss (all runs use the char tokenizer): base is best." in md
+    assert line_of(md, "- held-out loss:").startswith("- held-out loss: best is base (")
+    assert line_of(md, "- bits per byte:").startswith("- bits per byte: best is base (")
+    assert line_of(md, "| held-out loss (full split) |").split(" | ")[1].startswith("**")
+
+    # a second compare reuses eval.json; a changed checkpoint is evaluated again
+    import micro_arch.evaluate
+
+    calls = []
+    real = micro_arch.evaluate.evaluate_run
+    monkeypatch.setattr(micro_arch.evaluate, "evaluate_run",
+                        lambda path, **kw: calls.append(path) or real(path, **kw))
+    compare([runs["base"], runs["short"]], tmp_path / "again")
+    assert calls == [] and report_rows(tmp_path / "again")["base"]["eval_loss"] == rows["base"]["eval_loss"]
+    latest = runs["short"] / "checkpoints" / "latest.pt"
+    os.utime(latest, ns=(latest.stat().st_atime_ns, latest.stat().st_mtime_ns + 1_000_000))
+    compare([runs["base"], runs["short"]], tmp_path / "third")
+    assert calls == [runs["short"]]
+
+
+def test_runs_that_cannot_be_compared_get_a_line_and_the_report_is_still_written(runs, tmp_path):
+    base = runs["base"]
+    no_summary = copy_run(base, tmp_path / "no-summary")
+    (no_summary / "summary.json").unlink()
+    running = copy_run(base, tmp_path / "running", status="running", steps=12)
+    no_checkpoint = copy_run(base, tmp_path / "no-checkpoint")
+    (no_checkpoint / "checkpoints" / "latest.pt").unlink()
+    older = copy_run(base, tmp_path / "older", format_version=0)
+    missing = tmp_path / "missing"
+    out = tmp_path / "report"
+    compare([base, missing, no_summary, running, no_checkpoint, older], out)
+    md, page = read_report(out)
+    left_out = md.split("## Runs left out")[1].split("##")[0]
+    for path, why in ((missing, "no such run directory"), (no_summary, "no summary.json"),
+                      (running, "incomplete run (status 'running' after step 12)"),
+                      (no_checkpoint, "no checkpoint"),
+                      (older, "older format (summary.json format_version 0")):
+        assert f"- {path}: " in left_out and why in line_of(left_out, f"- {path}: "), path
+        assert html.escape(f"{path}: ") in page
+    assert "--resume" in line_of(left_out, f"- {running}: ")
+    assert set(report_rows(out)) == {"base"} and "1 run(s) compared, 5 left out" in md
+
+
+def test_the_command_line_prints_the_table_and_fails_when_nothing_can_be_compared(runs, tmp_path):
+    result = run_cli("compare", runs["base"], runs["short"], tmp_path / "missing",
+                     "--out", tmp_path / "report")
+    assert result.returncode == 0, result.stderr
+    assert "perplexity" in result.stdout and "top-5 accuracy" in result.stdout and "short" in result.stdout
+    assert "left out" in result.stdout and "no such run directory" in result.stdout.replace("\n", " ")
+    assert (tmp_path / "report" / "report.html").is_file()
+
+    with pytest.raises(MicroArchError, match="none of the 1 run directories could be compared"):
+        compare([tmp_path / "missing"], tmp_path / "empty")
+    assert "no such run directory" in (tmp_path / "empty" / "report.md").read_text()
+
+
+def test_different_tokenizers_are_ranked_on_bits_per_byte(runs, tmp_path):
+    out = tmp_path / "report"
+    compare([runs["base"], runs["bpe"]], out)
+    md, _ = read_report(out)
+    assert "Overall, on bits per byte (the runs use different tokenizers)" in md
+    assert "The runs use different tokenizers (bpe-400, char)" in md
+    for row in ("held-out loss (full split) †", "perplexity †", "top-1 accuracy †",
+                "final held-out loss (training) †"):
+        assert f"| {row} |" in md
+    assert "| bits per byte |" in md
+    assert line_of(md, "- held-out loss:").endswith("not comparable across tokenizers; compare bits per byte")
+    bpb = {k: float(v["bits_per_byte"]) for k, v in report_rows(out).items()}
+    assert bpb["base"] != bpb["bpe"] and line_of(md, "- bits per byte:").startswith("- bits per byte: ")
+    assert "Different held-out data" not in md  # the same text; data_fingerprint includes the tokenizer
+
+
+def test_different_held_out_data_is_flagged_and_not_ranked(runs, tmp_path):
+    other = copy_run(runs["base"], tmp_path / "other-data", data_fingerprint="0123456789abcdef0123")
+    out = tmp_path / "report"
+    compare([runs["base"], other], out)
+    md, page = read_report(out)
+    assert "Different held-out data" in md and "0123456789abcdef0123" in md
+    assert "Different held-out data" in page
+    assert "| bits per byte ‡ |" in md
+    assert line_of(md, "- bits per byte:").endswith("evaluated on different held-out data")
+    assert "**" not in line_of(md, "| held-out loss (full split) ‡ |")
+
+
+def test_two_copies_of_one_run_are_within_noise(runs, tmp_path):
+    copy = copy_run(runs["base"], tmp_path / "copy")
+    out = tmp_path / "report"
+    compare([runs["base"], copy], out)
+    md, _ = read_report(out)
+    assert line_of(md, "- held-out loss:").startswith("- held-out loss: within noise between base/")
+    assert "no winner" in line_of(md, "- bits per byte:")
+    assert "**" not in line_of(md, "| held-out loss (full split) |")
+
+
+def test_fresh_samples_use_the_same_prompt_and_seed_for_every_run(runs, tmp_path):
+    from micro_arch.generate import sample_from_run
+
+    out = tmp_path / "report"
+    compare([runs["base"], runs["short"]], out, prompts=["KING:"])
+    md, _ = read_report(out)
+    assert "### Prompt `'KING:'`" in md and "'ROMEO:'" not in md
+    cells = line_of(md.split("### Prompt `'KING:'`")[1].split("\n", 3)[3], "| ").split(" | ")
+    for cell, name in zip(cells, ("base", "short")):
+        (text,) = sample_from_run(runs[name], ["KING:"], seed=0, device="cpu")
+        assert cell.strip("| ") == html.escape("KING:" + text).replace("\n", "<br>").strip()
+
+
+# --- the rules, on synthetic numbers ------------------------------------------------------------
+
+
+def test_standard_error_of_batch_losses():
+    assert standard_error([1.0, 2.0, 3.0]) == pytest.approx(1 / math.sqrt(3))
+    assert standard_error([2.0]) is None
+
+
+def test_rank_names_the_lower_or_higher_value_only_beyond_the_noise():
+    se = {"a": 0.01, "b": 0.01, "c": 0.01}
+    assert rank("loss", {"a": 1.0, "b": 1.5, "c": 1.2}, se).best == "a"
+    assert rank("loss", {"a": 1.5, "b": 1.0}, se).best == "b"
+    assert rank("accuracy", {"a": 0.5, "b": 0.6}, se, lower_is_better=False).best == "b"
+    # noise of the difference: 2 * sqrt(0.01^2 + 0.01^2) = 0.0283
+    close = rank("loss", {"a": 1.0, "b": 1.02, "c": 1.2}, se)
+    assert close.best is None and close.tied == ["a", "b"] and "within noise" in close.text
+    assert rank("loss", {"a": 1.0, "b": 1.03}, se).best == "a"
+    assert rank("loss", {"a": 1.0, "b": 1.0}, {"a": 0.0, "b": 0.0}).best is None  # equal, even without noise
+
+
+def test_rank_without_a_noise_estimate():
+    assert rank("memory", {"a": 10.0, "b": 10.5}, None).best == "a"
+    equal = rank("memory", {"a": 10.0, "b": 10.0}, None)
+    assert equal.best is None and "equal" in equal.text
+    unknown = rank("loss", {"a": 1.0, "b": 1.001}, {"a": None, "b": 0.1})
+    assert unknown.best == "a" and "noise unknown" in unknown.text
+    assert rank("loss", {"a": 1.0, "b": None}, None).best is None
+
+
+def test_assess_compares_tokenizers_held_out_data_and_hardware():
+    run = {"tokenizer": "char", "data_fingerprint": "f1", "corpus_key": "k", "device": "cpu", "world_size": 1}
+    same = assess({"a": run, "b": dict(run)})
+    assert same.one_tokenizer and same.same_held_out and same.one_hardware and same.headline == "eval_loss"
+    assert not same.notes
+    bpe = assess({"a": run, "b": run | {"tokenizer": "bpe-320", "data_fingerprint": "f2"}})
+    assert not bpe.one_tokenizer and bpe.same_held_out and bpe.headline == "bits_per_byte"
+    other_text = assess({"a": run, "b": run | {"tokenizer": "bpe-320", "data_fingerprint": "f2",
+                                               "corpus_key": "j"}})
+    assert not other_text.same_held_out
+    other_data = assess({"a": run, "b": run | {"data_fingerprint": "f2"}, "c": dict(run)})
+    assert other_data.held_out_groups == [["a", "c"], ["b"]]
+    assert "not comparable" in other_data.notes[0]
+    gpu = assess({"a": run, "b": run | {"device": "cuda:0"}})
+    assert not gpu.one_hardware and gpu.same_held_out
