@@ -1,0 +1,102 @@
+"""The default experiment's bar, end to end: wall time and held-out loss at step 2000 of
+`micro-arch run experiments/shakespeare-char` against a plain PyTorch GPT of the same sizes.
+
+The reference is nanoGPT's CPU "baby GPT" as one would write it by hand (bench/train_throughput.py's
+PlainGPT: LayerNorm, GELU, learned positions, tied head), trained with the same schedule (2000 steps,
+lr 1e-3 -> 1e-4 cosine after 100 warmup, AdamW betas 0.9/0.99, clip 1.0) and evaluated the same way
+(every 250 steps on 20 fixed held-out batches of the built-in split). Wall time includes evaluation.
+micro-arch runs as a subprocess through its command line, exactly as the README runs it.
+
+    python bench/default_run.py [--steps 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import PlainGPT  # noqa: E402
+
+
+def plain_run(steps: int) -> tuple[float, float]:
+    """(seconds, final held-out loss) of the hand-written loop."""
+    from micro_arch.config import DataConfig
+    from micro_arch.data import eval_batches, prepare_data
+
+    data = prepare_data(DataConfig())
+    train, vocab = np.asarray(data.train), data.tokenizer.vocab_size
+    batch, seq, warmup, lr, min_lr = 12, 64, 100, 1e-3, 1e-4
+    val = eval_batches(data.val, batch, seq, 20)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model = PlainGPT(vocab, block_size=seq)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.99))
+
+    def lr_at(it):
+        if it < warmup:
+            return lr * (it + 1) / warmup
+        return min_lr + 0.5 * (1 + math.cos(math.pi * (it - warmup) / (steps - warmup))) * (lr - min_lr)
+
+    @torch.no_grad()
+    def held_out():
+        model.eval()
+        loss = sum(model(x, y).item() for x, y in val) / len(val)
+        model.train()
+        return loss
+
+    loss = float("nan")
+    for it in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it)
+        ix = torch.randint(len(train) - seq - 1, (batch,))
+        x = torch.stack([torch.from_numpy(train[i:i + seq].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(train[i + 1:i + 1 + seq].astype(np.int64)) for i in ix])
+        model(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (it + 1) % 250 == 0 or it + 1 == steps:
+            loss = held_out()
+    return time.perf_counter() - start, loss
+
+
+def micro_arch_run(steps: int) -> tuple[float, float, float]:
+    """(command wall seconds, trainer's own seconds, final held-out loss) of `micro-arch run`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "micro_arch", "run", "experiments/shakespeare-char",
+                        "--runs-dir", tmp, "--set", f"train.max_steps={steps}"], check=True,
+                       stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        summary = json.loads(next(Path(tmp).glob("*/*/summary.json")).read_text())
+    return wall, summary["wall_time_s"], summary["final_val_loss"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2000)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps")
+    plain_s, plain_loss = plain_run(args.steps)
+    print(f"plain PyTorch GPT      {plain_s:7.1f} s   held-out loss {plain_loss:.4f}")
+    wall, trained, loss = micro_arch_run(args.steps)
+    print(f"micro-arch run         {wall:7.1f} s   held-out loss {loss:.4f}   "
+          f"(training and evaluation {trained:.1f} s; the rest is start-up, checkpoints and the sample)")
+    print(f"time ratio micro-arch / plain: {wall / plain_s:.2f} (command), {trained / plain_s:.2f} (training loop)")
+
+
+if __name__ == "__main__":
+    main()
