@@ -279,7 +279,9 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
                                  f"{tok_vocab}; remove model.vocab_size to take the tokenizer's")
         if dry_run:
             if dist.main:
-                print_plan(cfg, Model(cfg.model), dist.world_size, device)
+                with torch.device("meta"):  # sizes only: a 7B model must not allocate its weights
+                    model = Model(cfg.model)
+                print_plan(cfg, model, dist.world_size, device)
             return None
         payload, run_dir = None, None
         if resume:

@@ -140,6 +140,24 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_dry_run_of_a_billion_parameter_model_allocates_no_weights(tmp_path):
+    """d_model 2048 x 24 layers is 1.2B parameters, 4.8 GB in fp32: the plan must not build them."""
+    import subprocess
+    import sys
+
+    exp = make_experiment(tmp_path)
+    code = ("import resource, sys; from micro_arch.cli import main; sys.argv = ['micro-arch'] + sys.argv[1:]\n"
+            "try:\n    main()\nfinally:\n"
+            "    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    result = subprocess.run(
+        [sys.executable, "-c", code, "run", str(exp), "--dry-run", "--set", "model.d_model=2048", "model.n_heads=16",
+         "model.layers.0.repeat=24", "train.batch_size=1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "1,2" in result.stdout.split("parameters")[1][:20]  # 1.2B parameters reported
+    maxrss_mb = int(result.stdout.rsplit("maxrss_kb", 1)[1]) / 1024
+    assert maxrss_mb < 2000, f"dry run used {maxrss_mb:.0f} MB"
+
+
 @pytest.mark.parametrize("override, message", [
     (["data.source=/no/such/file.txt"], "/no/such/file.txt"),
     (["train.seq_len=64"], "max_seq_len"),
