@@ -75,9 +75,20 @@ def evaluate(model, tokens, seq_len: int, batch_size: int, device, max_batches: 
     }
 
 
+def evaluation_stamp(run_dir, checkpoint=None, batch_size: int = 32, max_batches: int | None = None) -> dict:
+    """What an evaluation was computed from: which state of the checkpoint file, and how much of the split.
+    Equal stamps mean eval.json can be reused as it is."""
+    from micro_arch.checkpoint import latest_checkpoint
+
+    stat = (Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)).stat()
+    return {"checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
+            "batch_size": batch_size, "max_batches": max_batches}
+
+
 def evaluate_run(run_dir, checkpoint=None, batch_size: int = 32, max_batches: int | None = None,
                  device: str = "auto") -> dict:
-    """Evaluate a run's checkpoint on its held-out split and write eval.json into the run directory."""
+    """Evaluate a run's checkpoint on its held-out split and write eval.json (stamped with
+    evaluation_stamp) into the run directory."""
     from micro_arch.data import prepare_data
     from micro_arch.device import resolve_device
     from micro_arch.rundir import load_run, write_json
@@ -90,7 +101,8 @@ def evaluate_run(run_dir, checkpoint=None, batch_size: int = 32, max_batches: in
     result = evaluate(model, data.val, seq_len, batch_size, device, max_batches=max_batches,
                       tokenizer=tokenizer)
     result |= {"data_fingerprint": data.fingerprint, "tokenizer": tokenizer.name,
-               "checkpoint": str(checkpoint) if checkpoint else "checkpoints/latest.pt", "seq_len": seq_len}
+               "checkpoint": str(checkpoint) if checkpoint else "checkpoints/latest.pt", "seq_len": seq_len,
+               "evaluated": evaluation_stamp(run_dir, checkpoint, batch_size, max_batches)}
     write_json(run_dir / "eval.json", result)
     return result
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from micro_arch.checkpoint import latest_checkpoint
 from micro_arch.errors import MicroArchError
-from micro_arch.rundir import SUMMARY_FORMAT_VERSION, read_run_config, write_json
+from micro_arch.rundir import SUMMARY_FORMAT_VERSION, read_run_config
 
 
 @dataclass
@@ -78,24 +78,17 @@ def read_curves(path: Path):
 
 def held_out_metrics(path: Path, batch_size: int, max_batches: int | None, device: str) -> tuple[dict, bool]:
     """(eval.json's metrics, whether they were reused) for the run's latest checkpoint."""
-    from micro_arch.evaluate import evaluate_run
+    from micro_arch.evaluate import evaluate_run, evaluation_stamp
 
-    stat = latest_checkpoint(path).stat()
-    wanted = {"checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
-              "batch_size": batch_size, "max_batches": max_batches}
     cached = path / "eval.json"
     if cached.is_file():
         try:
             found = read_json(cached)
         except MicroArchError:
             found = {}
-        if isinstance(found, dict) and found.get("evaluated") == wanted:
+        if isinstance(found, dict) and found.get("evaluated") == evaluation_stamp(path, None, batch_size, max_batches):
             return found, True
-    result = evaluate_run(path, batch_size=batch_size, max_batches=max_batches, device=device)
-    # evaluate_run names the checkpoint file, not which state of it, nor how much of the split it covered
-    result["evaluated"] = wanted
-    write_json(cached, result)
-    return result, False
+    return evaluate_run(path, batch_size=batch_size, max_batches=max_batches, device=device), False
 
 
 def held_out_text_key(path: Path) -> str | None:

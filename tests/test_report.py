@@ -132,6 +132,10 @@ def test_report_holds_every_run_with_the_numbers_of_its_summary_and_eval(runs, t
     os.utime(latest, ns=(latest.stat().st_atime_ns, latest.stat().st_mtime_ns + 1_000_000))
     compare([runs["base"], runs["short"]], tmp_path / "third")
     assert calls == [runs["short"]]
+    # eval.json written by evaluate_run itself (as `micro-arch eval` does) is reused as well
+    real(runs["short"])
+    compare([runs["base"], runs["short"]], tmp_path / "fourth")
+    assert calls == [runs["short"]]
 
 
 def test_runs_that_cannot_be_compared_get_a_line_and_the_report_is_still_written(runs, tmp_path):
