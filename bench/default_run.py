@@ -2,7 +2,7 @@
 `micro-arch run experiments/shakespeare-char` against a plain PyTorch GPT of the same sizes.
 
 The reference is nanoGPT's CPU "baby GPT" as one would write it by hand (bench/train_throughput.py's
-PlainGPT: LayerNorm, GELU, learned positions, tied head), trained with the same schedule (2000 steps,
+plain_setup: LayerNorm, GELU, learned positions, tied head), trained with the same schedule (2000 steps,
 lr 1e-3 -> 1e-4 cosine after 100 warmup, AdamW betas 0.9/0.99, clip 1.0) and evaluated the same way
 (every 250 steps on 20 fixed held-out batches of the built-in split). Wall time includes evaluation.
 micro-arch runs as a subprocess through its command line, exactly as the README runs it.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import PlainGPT  # noqa: E402
+from train_throughput import plain_setup  # noqa: E402
 
 
 def plain_run(steps: int) -> tuple[float, float]:
@@ -37,13 +37,8 @@ def plain_run(steps: int) -> tuple[float, float]:
     train, vocab = np.asarray(data.train), data.tokenizer.vocab_size
     batch, seq, warmup, lr, min_lr = 12, 64, 100, 1e-3, 1e-4
     val = eval_batches(data.val, batch, seq, 20)
-    torch.manual_seed(0)
     start = time.perf_counter()
-    model = PlainGPT(vocab, block_size=seq)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.99))
+    model, opt, get_batch = plain_setup(train, vocab, batch, seq, lr)
 
     def lr_at(it):
         if it < warmup:
@@ -61,9 +56,7 @@ def plain_run(steps: int) -> tuple[float, float]:
     for it in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(it)
-        ix = torch.randint(len(train) - seq - 1, (batch,))
-        x = torch.stack([torch.from_numpy(train[i:i + seq].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(train[i + 1:i + 1 + seq].astype(np.int64)) for i in ix])
+        x, y = get_batch()
         model(x, y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -69,20 +69,27 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def plain_loop(train: np.ndarray, vocab: int, steps: int, batch: int, seq: int) -> float:
-    """Tokens per second of the hand-written loop."""
+def plain_setup(train: np.ndarray, vocab: int, batch: int, seq: int, lr: float = 1e-3):
+    """The hand-written reference: (model, AdamW with decay on matrices only, get_batch)."""
     torch.manual_seed(0)
     model = PlainGPT(vocab, block_size=seq)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.99))
+                            lr=lr, betas=(0.9, 0.99))
 
     def get_batch():
         ix = torch.randint(len(train) - seq - 1, (batch,))
         x = torch.stack([torch.from_numpy(train[i:i + seq].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(train[i + 1:i + 1 + seq].astype(np.int64)) for i in ix])
         return x, y
+
+    return model, opt, get_batch
+
+
+def plain_loop(train: np.ndarray, vocab: int, steps: int, batch: int, seq: int) -> float:
+    """Tokens per second of the hand-written loop."""
+    model, opt, get_batch = plain_setup(train, vocab, batch, seq)
 
     def step():
         x, y = get_batch()
