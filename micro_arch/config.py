@@ -49,6 +49,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    init_from: str | None = None  # a run directory or local Hugging Face folder to start from (micro_arch.hf)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from micro_arch.device import autocast, peak_memory_mb, resolve_device, set_thre
 from micro_arch.distributed import Dist, init_distributed, launch, shutdown
 from micro_arch.errors import MicroArchError
 from micro_arch.experiment import load_experiment
+from micro_arch.hf.init import load_initial_weights
 from micro_arch.metrics import MetricsLog
 from micro_arch.model import Model
 from micro_arch.optim import build_optimizer, lr_factor, set_lr
@@ -73,6 +74,7 @@ class Trainer:
         t = cfg.train
         torch.manual_seed(t.seed + dist.rank)
         self.model = Model(cfg.model).to(device)
+        self.parent = None if resume_payload else load_initial_weights(self.model, cfg.model, dist.main and run_dir)
         self.optimizer = build_optimizer(self.model, t, device)
         self.total_steps = planned_steps(cfg, dist.world_size)
         self.step, self.tokens, self.elapsed, self.best_val = 0, 0, 0.0, float("inf")
