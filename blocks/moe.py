@@ -13,11 +13,17 @@ bias to the scores used to *select* experts only (never to the gates), nudged af
 forward by bias_update_rate * sign(mean load - load) (DeepSeek-V3's auxiliary-loss-free balancing).
 The router z-loss is independent of both. With capacity_factor set, each expert takes at most
 ceil(capacity_factor * tokens * top_k / n_experts) assignments; first choices of all tokens come
-before second choices, then token order; the rest are dropped (they contribute nothing).
+before second choices, then token order; the rest are dropped (they contribute nothing: they keep
+their row, with gate 0, so that every shape is static).
+
+Execution: assignments are sorted by expert on the device (`moe_dispatch`), and each expert projection
+is one grouped matmul over all experts (`grouped_mm`: torch's grouped GEMM, or a loop over experts
+where that cannot run; `kernel` forces one). No host reads: the block traces under FakeTensorMode and
+compiles to one graph.
 
 Statistics (`moe/max_load`: busiest expert's share of assignments over the ideal 1/n_experts,
-before capacity; `moe/dropped`: fraction of assignments dropped): with several MoE layers the
-logged value is the maximum over layers, i.e. the worst layer.
+before capacity; `moe/dropped`: fraction of assignments dropped) are 0-d tensors, read by the
+trainer at log time only; with several MoE layers the value is the maximum over layers (the worst).
 """
 
 import math
@@ -26,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blocks.grouped_mm import KERNELS, grouped_mm
+from blocks.moe_dispatch import capacity_for, dispatch
 from micro_arch.registry import register_block
 
 EXPERTS = ("swiglu", "gelu")
@@ -41,15 +49,24 @@ def expert_width(d_model: int, expert: str) -> int:
     return 32 * math.ceil(int(8 * d_model / 3) / 32)
 
 
-def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, expert: str) -> torch.Tensor:
-    """One expert on rows x: SwiGLU (w_in = [W_gate | W_up], fused) or GELU."""
-    h = x @ w_in
+def activation(h: torch.Tensor, expert: str) -> torch.Tensor:
+    """The expert's nonlinearity on its input projection: SwiGLU (h = [x W_gate | x W_up]) or GELU."""
     if expert == "swiglu":
         gate, up = h.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-    else:
-        h = F.gelu(h)
-    return h @ w_out
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
+def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, expert: str) -> torch.Tensor:
+    """One expert on rows x: SwiGLU (w_in = [W_gate | W_up], fused) or GELU."""
+    return activation(x @ w_in, expert) @ w_out
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's where it is on (as nn.Linear would), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class SharedExperts(nn.Module):
@@ -74,10 +91,10 @@ class MoE(nn.Module):
                  n_shared_experts: int = 0, expert: str = "swiglu", router: str = "softmax",
                  aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001, balance: str = "aux_loss",
                  bias_update_rate: float = 0.001, capacity_factor: float | None = None,
-                 dropout: float = 0.0, n_layers: int = 1):
+                 dropout: float = 0.0, n_layers: int = 1, kernel: str = "auto"):
         super().__init__()
         for arg, value, allowed in (("expert", expert, EXPERTS), ("router", router, ROUTERS),
-                                    ("balance", balance, BALANCES)):
+                                    ("balance", balance, BALANCES), ("kernel", kernel, KERNELS)):
             if value not in allowed:
                 raise ValueError(f"{arg}={value!r} is not one of {', '.join(allowed)}")
         if n_experts < 1 or not 1 <= top_k <= n_experts:
@@ -94,7 +111,7 @@ class MoE(nn.Module):
         self.n_experts, self.top_k, self.expert, self.router_kind = n_experts, top_k, expert, router
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.balance, self.bias_update_rate, self.capacity_factor = balance, bias_update_rate, capacity_factor
-        self.n_layers = n_layers
+        self.n_layers, self.kernel = n_layers, kernel
         self.hidden = d_ff or expert_width(d_model, expert)
         n_in = self.hidden * (2 if expert == "swiglu" else 1)
         self.router = nn.Linear(d_model, n_experts, bias=False)
@@ -125,42 +142,40 @@ class MoE(nn.Module):
     def forward(self, x, state=None):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        n_tokens, n_assign = flat.shape[0], flat.shape[0] * self.top_k
+        n_tokens = flat.shape[0]
+        n_assign = n_tokens * self.top_k
         logits, scores, chosen, gates = self.route(flat)
+        plan = dispatch(chosen, self.n_experts, capacity_for(self.capacity_factor, n_assign, self.n_experts))
+        gates = gates.t()  # (top_k, tokens), slot-major like the plan
+        if plan.kept is not None:
+            gates = gates * plan.kept  # dropped assignments still run, with gate 0 (static shapes)
 
-        # Assignments slot-major (every token's first choice, then second ...), so a stable sort by
-        # expert gives each expert its tokens in capacity priority order.
-        expert_ids = chosen.t().reshape(-1)
-        token_ids = torch.arange(n_tokens, device=x.device).repeat(self.top_k)
-        gate_ids = gates.t().reshape(-1)
-        order = expert_ids.argsort(stable=True)
-        counts = torch.bincount(expert_ids, minlength=self.n_experts)
-        kept = counts
-        if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * n_assign / self.n_experts)
-            starts = counts.cumsum(0) - counts
-            rank = torch.arange(n_assign, device=x.device) - starts[expert_ids[order]]
-            order = order[rank < capacity]
-            kept = counts.clamp(max=capacity)
-
-        tokens = token_ids[order]
-        chunks = flat[tokens].split(kept.tolist())
-        outputs = [expert_mlp(chunk, self.w_in[e], self.w_out[e], self.expert)
-                   for e, chunk in enumerate(chunks) if len(chunk)]
-        out = torch.zeros_like(flat)
-        if outputs:
-            routed = torch.cat(outputs) * gate_ids[order].unsqueeze(-1)
-            out.index_add_(0, tokens, routed.to(out.dtype))
+        dtype = compute_dtype(flat)
+        rows = flat.index_select(0, plan.tokens).to(dtype)
+        h = grouped_mm(rows, self.w_in.to(dtype), plan.offsets, self.kernel)
+        h = activation(h, self.expert)
+        routed = grouped_mm(h, self.w_out.to(dtype), plan.offsets, self.kernel)
+        routed = routed.index_select(0, plan.inverse).view(self.top_k, n_tokens, -1)
+        out = (routed * gates.unsqueeze(-1)).sum(0).to(flat.dtype)
         if self.shared is not None:
             out = out + self.shared(flat)
 
-        self.last_load = counts.detach()
+        self.last_load = plan.counts.detach()
         if self.training and self.balance == "bias" and torch.is_grad_enabled():
-            self._update_bias(counts)
+            self._update_bias(plan.counts)
         if state is not None:
-            busy = next((c for c in chunks if len(c)), chunks[0])  # expert 0 may get no tokens at all
-            self._report(state, logits, scores, counts, kept, busy, n_assign)
+            self._report(state, logits, scores, plan, rows, n_assign)
         return self.dropout(out.view(shape))
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token, 2 per multiply-add with a weight: the router (d_model x n_experts),
+        top_k experts' w_in and w_out, and the shared experts. Assignments that capacity drops still
+        run (their gate is 0), so they count. Elementwise work (activation, gates, sorting) does not
+        count, as for every other block. `seq_len` plays no part."""
+        _, d_model, n_in = self.w_in.shape
+        per_expert = d_model * n_in + self.hidden * d_model
+        shared = sum(p.numel() for p in self.shared.parameters()) if self.shared is not None else 0
+        return 2.0 * (self.router.weight.numel() + self.top_k * per_expert + shared)
 
     @torch.no_grad()
     def _update_bias(self, counts: torch.Tensor) -> None:
@@ -169,20 +184,22 @@ class MoE(nn.Module):
             torch.distributed.all_reduce(load)  # every rank must move its copy of the bias the same way
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
-    def _report(self, state, logits, scores, counts, kept, first_expert_in, n_assign) -> None:
-        """Trace records (expert_in: the input of the first expert that got tokens), losses, stats."""
+    def _report(self, state, logits, scores, plan, rows, n_assign) -> None:
+        """Trace records, losses, and the statistics as tensors (read by the trainer at log time only)."""
         state.record("router_logits", logits)
-        state.record("expert_load", counts)
-        state.record("expert_in", first_expert_in)
+        state.record("expert_load", plan.counts)
+        state.record("expert_in", rows)  # every assignment's row, sorted by expert
         if self.training:
             if self.aux_loss_coef > 0 and self.balance == "aux_loss":
-                state.add_aux_loss("moe_balance", self.aux_loss_coef * switch_loss(scores, counts, n_assign))
+                state.add_aux_loss("moe_balance", self.aux_loss_coef * switch_loss(scores, plan.counts, n_assign))
             if self.z_loss_coef > 0:
                 state.add_aux_loss("moe_z", self.z_loss_coef * torch.logsumexp(logits, -1).pow(2).mean())
-        max_load = float(counts.max()) * self.n_experts / n_assign
-        dropped = float((counts - kept).sum()) / n_assign
-        for name, value in (("moe/max_load", max_load), ("moe/dropped", dropped)):
-            state.stats[name] = max(value, state.stats.get(name, value))
+        with torch.no_grad():
+            max_load = plan.counts.max() * (self.n_experts / n_assign)
+            dropped = (1.0 - plan.kept.float().mean()) if plan.kept is not None else torch.zeros_like(max_load,
+                                                                                                    dtype=torch.float32)
+        for name, value in (("moe/max_load", max_load.float()), ("moe/dropped", dropped)):
+            state.stats[name] = torch.maximum(state.stats[name], value) if name in state.stats else value
 
 
 def switch_loss(scores: torch.Tensor, counts: torch.Tensor, n_assign: int) -> torch.Tensor:

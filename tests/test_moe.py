@@ -194,11 +194,15 @@ def test_records_and_last_load():
     seen = {}
     block = make(n_experts=4, top_k=2)
     x = torch.randn(2, 3, 8, dtype=torch.float64)
-    block(x, BlockState(recorder=lambda name, t: seen.setdefault(name, tuple(t.shape))))
-    assert seen["router_logits"] == (6, 4) and seen["expert_load"] == (4,)
-    first_used = int(block.last_load.nonzero()[0])
-    assert seen["expert_in"] == (int(block.last_load[first_used]), 8)
+    block(x, BlockState(recorder=lambda name, t: seen.setdefault(name, t.detach().clone())))
+    assert seen["router_logits"].shape == (6, 4) and seen["expert_load"].tolist() == block.last_load.tolist()
+    # expert_in: every assignment's row grouped by expert, each expert's first choices before its second ones
+    flat = x.reshape(6, 8)
+    chosen = block.route(flat)[2]
+    expected = [flat[t] for e in range(4) for slot in range(2) for t in range(6) if chosen[t, slot] == e]
+    torch.testing.assert_close(seen["expert_in"], torch.stack(expected))
     assert int(block.last_load.sum()) == 12
+    assert block.last_load.tolist() == [int((chosen == e).sum()) for e in range(4)]
 
 
 def test_init_weights_scale():
@@ -227,3 +231,123 @@ def test_builds_from_registry_with_model_dims():
     block = build_block("moe", Dims(d_model=16, d_ff=32, n_layers=4, dropout=0.0), n_experts=4, top_k=1)
     assert isinstance(block, MoE) and block.hidden == 32 and block.n_layers == 4
     assert block(torch.randn(1, 3, 16), BlockState()).shape == (1, 3, 16)
+
+
+# --- static dispatch, grouped matmul, fake tensors, compile, FLOPs ---------------------------------------
+
+def dense_reference(block, x):
+    """Every expert on every token, weighted by a dense (tokens, n_experts) gate matrix built from the
+    routing by a Python loop that applies the capacity in priority order (first choices, then token order)."""
+    flat = x.reshape(-1, x.shape[-1])
+    logits = flat @ block.router.weight.t()
+    scores = logits.softmax(-1) if block.router_kind == "softmax" else logits.sigmoid()
+    top = (scores + block.expert_bias if block.balance == "bias" else scores).topk(block.top_k, -1).indices
+    gates = scores.gather(-1, top)
+    if block.top_k > 1:
+        gates = gates / gates.sum(-1, keepdim=True)
+    n_tokens = flat.shape[0]
+    keep = torch.ones(n_tokens, block.top_k, dtype=torch.bool)
+    if block.capacity_factor is not None:
+        capacity = math.ceil(block.capacity_factor * n_tokens * block.top_k / block.n_experts)
+        used = [0] * block.n_experts
+        for slot in range(block.top_k):
+            for t in range(n_tokens):
+                e = int(top[t, slot])
+                keep[t, slot] = used[e] < capacity
+                used[e] += 1
+    dense_gates = torch.zeros_like(scores).scatter_add(1, top, gates * keep)
+    out = sum(dense_gates[:, e:e + 1] * naive_expert(flat, block.w_in[e], block.w_out[e], block.expert, block.hidden)
+              for e in range(block.n_experts))
+    return out.view(x.shape).to(x.dtype), 1 - keep.double().mean()
+
+
+def grads(block, x, y):
+    return torch.autograd.grad(y.pow(2).sum(), [x, block.router.weight, block.w_in, block.w_out])
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+@pytest.mark.parametrize("kernel, dtype", [("loop", torch.float64), ("loop", torch.float32),
+                                           ("grouped_mm", torch.float32)])
+def test_kernels_match_dense_reference_outputs_and_gradients(kernel, dtype, capacity_factor):
+    torch.manual_seed(0)
+    block = MoE(d_model=16, d_ff=16, n_experts=4, top_k=2, capacity_factor=capacity_factor, kernel=kernel).to(dtype)
+    torch.nn.init.normal_(block.router.weight, 0.0, 1.0)
+    x = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
+    state = BlockState()
+    y = block(x, state)
+    ref, dropped = dense_reference(block, x)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, ref, **tol)
+    for got, want in zip(grads(block, x, y), grads(block, x, ref)):
+        torch.testing.assert_close(got, want, **tol)
+    assert float(state.stats["moe/dropped"]) == pytest.approx(float(dropped))
+    assert (float(dropped) > 0) == (capacity_factor is not None)
+
+
+def test_grouped_kernel_is_what_auto_picks_for_fp32_and_bf16():
+    from blocks.grouped_mm import kernel_for
+
+    x, w = torch.randn(10, 16), torch.randn(4, 16, 32)
+    assert kernel_for(x, w) == "grouped_mm" and kernel_for(x.bfloat16(), w.bfloat16()) == "grouped_mm"
+    assert kernel_for(x.double(), w.double()) == "loop"
+    assert kernel_for(torch.randn(10, 6).bfloat16(), torch.randn(4, 6, 32).bfloat16()) == "loop"  # 12-byte rows
+
+
+def test_bf16_autocast_grouped_matches_loop_and_fp32():
+    torch.manual_seed(0)
+    blocks = {k: MoE(d_model=16, d_ff=16, n_experts=4, top_k=2, kernel=k) for k in ("grouped_mm", "loop")}
+    blocks["loop"].load_state_dict(blocks["grouped_mm"].state_dict())
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        y32 = blocks["loop"](x)
+    results = {}
+    for kernel, block in blocks.items():
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block(xg, BlockState())
+        assert y.dtype == torch.float32  # the block's output keeps its input's dtype
+        results[kernel] = (y, *grads(block, xg, y))
+        assert all(torch.isfinite(g).all() for g in results[kernel][1:])
+        assert block.w_in.grad is None and results[kernel][3].dtype == torch.float32
+    for a, b in zip(results["grouped_mm"], results["loop"]):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)  # same bf16 products, summed in another order
+    torch.testing.assert_close(results["grouped_mm"][0], y32, rtol=0.05, atol=0.01)  # bf16 rounding of ~2^-8
+
+
+def test_stats_are_tensors_and_nothing_is_read_back(monkeypatch):
+    block = MoE(d_model=16, d_ff=16, n_experts=4, top_k=2, capacity_factor=1.0, balance="bias").train()
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name: pytest.fail(f"host read: Tensor.{_n}"))
+    state = BlockState()
+    block(torch.randn(2, 5, 16), state).sum().backward()  # the grouped kernel: the loop fallback reads offsets
+    monkeypatch.undo()
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in state.stats.values())
+
+
+def moe_model(**moe_args):
+    from micro_arch.config import LayerGroup, ModelConfig
+    from micro_arch.model import Model
+
+    spec = "moe(" + ", ".join(f"{k}={v}" for k, v in moe_args.items()) + ")"
+    cfg = ModelConfig(d_model=32, n_heads=2, vocab_size=40, max_seq_len=16,
+                      defaults={"Norm": "layernorm", "Attn": "attention", "MLP": "swiglu", "MoE": spec},
+                      layers=[LayerGroup(["Norm->Attn->+->Norm->MLP->+", "Norm->MoE->+"], 1),
+                              LayerGroup("Norm->MoE->+", 1)])
+    return Model(cfg)
+
+
+@pytest.mark.parametrize("moe_args", [dict(n_experts=4, top_k=2),
+                                      dict(n_experts=4, top_k=2, capacity_factor=0.5, n_shared_experts=1),
+                                      dict(n_experts=3, top_k=1, balance="bias", router="sigmoid")])
+def test_model_trains_under_fake_tensors(moe_args):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        model = moe_model(**moe_args).train()
+        idx = torch.randint(0, 40, (2, 16))
+        for precision in (None, torch.bfloat16):
+            with torch.autocast("cpu", dtype=precision or torch.float32, enabled=precision is not None):
+                out = model(idx, idx, state=BlockState())
+            out.loss.backward()
+        assert all(isinstance(p.grad, FakeTensor) for p in model.parameters())
+        assert set(out.stats) == {"moe/max_load", "moe/dropped"}
