@@ -6,6 +6,7 @@ scanned either chunk-parallel ("chunked", the default) or as a Blelloch parallel
 exponent is dt * A <= 0 and the fast scans only multiply decays <= 1, so nothing can overflow.
 """
 
+import contextlib
 import functools
 import math
 
@@ -18,9 +19,28 @@ from micro_arch.registry import register_block
 SCANS = ("chunked", "parallel", "sequential")
 
 
+def _autocast_off(device: torch.device):
+    """A context with the caller's autocast disabled on `device` (a no-op where autocast does not exist, e.g.
+    meta): the scan multiplies up to hundreds of decays and sums d_state products per output, which bf16's
+    8-bit mantissa cannot hold, and its hand-written backward expects fp32 everywhere."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _fp32_scan(scan):
+    """Run `scan` in fp32 whatever the caller's autocast; it returns (y, h) in fp32 as documented."""
+    @functools.wraps(scan)
+    def wrapper(x, *args, **kwargs):
+        with _autocast_off(x.device):
+            return scan(x, *args, **kwargs)
+    return wrapper
+
+
+@_fp32_scan
 def selective_scan_sequential(x, dt, A, B, C, h0=None):
     """Reference scan, one time step at a time. x, dt: (b, l, d); A: (d, n); B, C: (b, l, n);
-    h0: (b, d, n) or None. Returns y (b, l, d) and the final state (b, d, n), in float32."""
+    h0: (b, d, n) or None. Returns y (b, l, d) and the final state (b, d, n), in float32 (autocast off)."""
     x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
     h = x.new_zeros(x.shape[0], x.shape[2], A.shape[1]) if h0 is None else h0.float()
     ys = []
@@ -122,6 +142,12 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gh):
+        x = ctx.saved_tensors[0]
+        with _autocast_off(x.device):  # the engine may replay the forward's autocast state here
+            return _SelectiveScan._backward(ctx, gy.float(), None if gh is None else gh.float())
+
+    @staticmethod
+    def _backward(ctx, gy, gh):
         x, dt, A, B, C, h0, *starts = ctx.saved_tensors
         kernel, clobbers, block = ctx.setup
         starts = [h0, *starts]
@@ -164,12 +190,14 @@ def _prepare(x, dt, A, B, C, h0):
     return [None if t is None else t.float().contiguous() for t in (x, dt, A, B, C, h0)]
 
 
+@_fp32_scan
 def selective_scan_parallel(x, dt, A, B, C, h0=None, block: int = 64):
     """Same contract as selective_scan_sequential, as a Blelloch parallel scan over the sequence: O(log l)
     tensor ops on (b, l, d, n) tensors, any length, with a hand-written backward (see _SelectiveScan)."""
     return _SelectiveScan.apply(*_prepare(x, dt, A, B, C, h0), _scan_blelloch_, True, block)
 
 
+@_fp32_scan
 def selective_scan_chunked(x, dt, A, B, C, h0=None, chunk_size: int = 8, block: int = 64):
     """Same contract as selective_scan_sequential, chunk-parallel (see _scan_chunked_): about
     chunk_size + l / chunk_size tensor ops, with a hand-written backward (see _SelectiveScan)."""
@@ -293,8 +321,9 @@ class Mamba(nn.Module):
         dt, B, C = self._ssm_params(xc)
         dt, B, C, xf = dt.float(), B.float(), C.float(), xc.float()
         A = -torch.exp(self.A_log.float())
-        h = torch.exp(dt[:, :, None] * A) * h + (dt * xf)[:, :, None] * B[:, None, :]
-        y = torch.einsum("bdn,bn->bd", h, C) + xf * self.D.float()
+        with _autocast_off(x.device):  # one step of the fp32 scan: the state stays fp32 across steps
+            h = torch.exp(dt[:, :, None] * A) * h.float() + (dt * xf)[:, :, None] * B[:, None, :]
+            y = torch.einsum("bdn,bn->bd", h, C) + xf * self.D.float()
         y = y.to(x.dtype) * F.silu(z)
         state.cache[self] = (window[:, :, 1:], h)
         if state.recorder is not None:
