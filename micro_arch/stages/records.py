@@ -1,0 +1,58 @@
+"""JSON-lines records for the later stages (conversations, preference pairs), read with `datasets`.
+
+Files are read one at a time so that an error can name the file and the line of the bad record (one JSON
+object per line: record i is line i + 1). A source is anything the data section accepts as local files:
+a .jsonl/.json/.parquet file, a glob, or a folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from micro_arch.errors import MicroArchError
+
+
+def read_records(source: str, cache_dir: Path, what: str) -> list[tuple[str, dict]]:
+    """[(where, record), ...] in file order, `where` like 'chat.jsonl line 12'."""
+    import datasets
+
+    from micro_arch.data.sources import file_format, local_files
+
+    files = local_files(source)
+    bad = [f for f in files if file_format(f) not in ("json", "parquet")]
+    if bad:
+        raise MicroArchError(f"{source}: {what} are read from JSON lines (.jsonl) or .parquet files, not "
+                             f"{os.path.basename(bad[0])}")
+    records = []
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        for path in files:
+            try:
+                table = datasets.load_dataset(file_format(path), data_files=[path], split="train",
+                                              cache_dir=str(cache_dir / "hf-datasets"))
+            except Exception as err:  # datasets wraps parse errors in several types; all mean "cannot read"
+                first = str(err).splitlines()[0] if str(err) else ""
+                raise MicroArchError(f"{path}: cannot read {what} as JSON lines ({type(err).__name__}: {first})"
+                                     ) from None
+            name = os.path.basename(path)
+            records += [(f"{name} line {i + 1}", row) for i, row in enumerate(table.to_list())]
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+    if not records:
+        raise MicroArchError(f"{source}: no {what} in it")
+    return records
+
+
+def split_records(records: list, val_source_records: list | None, val_fraction: float, source: str
+                  ) -> tuple[list, list]:
+    """(training, held-out): the held-out file when one is given, else the last val_fraction of the records."""
+    if val_source_records is not None:
+        return records, val_source_records
+    n_val = max(1, round(len(records) * val_fraction))
+    if n_val >= len(records):
+        raise MicroArchError(f"{source}: only {len(records)} record(s), too few to hold some out and still "
+                             "train; add records, lower data.val_fraction, or set data.val_source")
+    return records[:-n_val], records[-n_val:]

@@ -1,0 +1,244 @@
+"""The stages after pretraining: chat template, SFT masking, DPO loss, their data and their errors."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from micro_arch.config import LayerGroup, ModelConfig
+from micro_arch.data import CharTokenizer
+from micro_arch.errors import MicroArchError
+from micro_arch.model import Model
+from micro_arch.stages.chat_template import (
+    ChatTokenizer,
+    inputs_and_targets,
+    load_chat_tokenizer,
+    parse,
+    render,
+)
+from micro_arch.stages.dpo_data import encode_pairs
+from micro_arch.stages.losses import dpo_objective, sequence_logprobs, sft_loss
+from micro_arch.stages.records import read_records
+from micro_arch.stages.sft_data import ConversationBatches, conversation_messages, encode_conversations
+
+TEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'-<>|\n"
+CONVERSATION = [
+    {"role": "system", "content": "PERSONS: VIOLA, CAPTAIN."},
+    {"role": "user", "content": "What country, friends, is this?"},
+    {"role": "assistant", "content": "This is Illyria, lady."},
+    {"role": "user", "content": "And what should I do in Illyria?"},
+    {"role": "assistant", "content": "Perchance he is not drown'd."},
+]
+
+
+@pytest.fixture
+def tok():
+    return ChatTokenizer(CharTokenizer(TEXT))
+
+
+def tiny_model(vocab_size, seed=0, seq=256):
+    torch.manual_seed(seed)
+    return Model(ModelConfig(d_model=32, n_heads=2, max_seq_len=seq, vocab_size=vocab_size,
+                             layers=[LayerGroup("Norm->Attn->+->Norm->MLP->+", 1)]))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# --- the template ---------------------------------------------------------------------------------
+
+
+def test_template_round_trip_and_special_ids(tok, tmp_path):
+    ids, trainable = render(tok, CONVERSATION)
+    assert parse(tok, ids) == CONVERSATION
+    assert tok.vocab_size == len(set(TEXT)) + 4 and ids.max() < tok.vocab_size
+    text = tok.decode(ids)
+    assert text.startswith("<|system|>PERSONS: VIOLA, CAPTAIN.<|end|><|user|>What country")
+    assert text.endswith("<|assistant|>Perchance he is not drown'd.<|end|>")
+    # content that spells a special token stays plain characters
+    literal = [{"role": "user", "content": "<|end|>"}, {"role": "assistant", "content": "ok"}]
+    lit_ids, _ = render(tok, [{"role": "user", "content": "<|end|>"}, {"role": "assistant", "content": "ok"}])
+    assert (lit_ids == tok.end_id).sum() == 2 and parse(tok, lit_ids) == literal
+    # saved beside the base tokenizer and loaded back from a run directory
+    tok.save(tmp_path)
+    again = load_chat_tokenizer(tmp_path)
+    assert again.vocab_size == tok.vocab_size and parse(again, ids) == CONVERSATION
+
+
+def test_trainable_positions_are_exactly_the_assistant_answers(tok):
+    ids, trainable = render(tok, CONVERSATION)
+    learned = tok.decode(ids[trainable])
+    assert learned == "This is Illyria, lady.<|end|>Perchance he is not drown'd.<|end|>"
+    x, y = inputs_and_targets(ids, trainable, seq_len=len(ids) + 10)
+    assert (x[: len(ids) - 1] == ids[:-1]).all() and (x[len(ids) - 1:] == 0).all()
+    assert tok.decode(y[y >= 0]) == learned and (y[len(ids) - 1:] == -1).all()
+
+
+def test_bpe_tokenizer_gets_the_template_too(tmp_path):
+    from micro_arch.data import SentencePieceTokenizer
+    from micro_arch.data.corpus import shakespeare_documents
+    from micro_arch.data.tokenizers import train_bpe
+
+    text = shakespeare_documents()[0][0][:60000]
+    base = SentencePieceTokenizer(train_bpe([text], 400), "bpe-400")
+    tok = ChatTokenizer(base)
+    ids, _ = render(tok, CONVERSATION)
+    assert parse(tok, ids) == CONVERSATION and tok.vocab_size == 404
+    assert min(tok.ids.values()) == 400
+
+
+# --- SFT: masking, padding, normalisation ---------------------------------------------------------
+
+
+def test_sft_loss_counts_only_assistant_tokens(tok):
+    """The gradient of the loss reaches only the logits that predict assistant tokens: a user or system
+    token leaking into the loss would give its position a gradient."""
+    model = tiny_model(tok.vocab_size)
+    ids, trainable = render(tok, CONVERSATION)
+    x, y = inputs_and_targets(ids, trainable, seq_len=len(ids) + 5)
+    x, y = torch.from_numpy(x)[None], torch.from_numpy(y)[None]
+    kept = {}
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cfg = model.cfg
+
+        def forward(self, idx):
+            out = model(idx)
+            out.logits.retain_grad()
+            kept["logits"] = out.logits
+            return out
+
+    result = sft_loss(Spy(), x, y, n_targets=int((y >= 0).sum()))
+    result.loss.backward()
+    grad_rows = kept["logits"].grad[0].abs().sum(-1) > 0
+    predicts_assistant = torch.from_numpy(trainable[1:])
+    predicts_assistant = F.pad(predicts_assistant, (0, x.size(1) - len(predicts_assistant)))
+    assert torch.equal(grad_rows, predicts_assistant)
+    # and the value is the mean negative log-likelihood of those tokens, computed naively
+    logp = torch.log_softmax(kept["logits"][0].detach().float(), -1)
+    positions = [t for t in range(len(ids) - 1) if trainable[t + 1]]
+    expected = -sum(logp[t, ids[t + 1]] for t in positions) / len(positions)
+    assert float(result.ce_loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_padding_after_the_end_changes_no_logit(tok):
+    model = tiny_model(tok.vocab_size).eval()
+    ids, trainable = render(tok, CONVERSATION)
+    x, _ = inputs_and_targets(ids, trainable, seq_len=len(ids) + 20)
+    padded = model(torch.from_numpy(x)[None]).logits[0, : len(ids) - 1]
+    alone = model(torch.from_numpy(ids[:-1])[None]).logits[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_loss_on_shards_of_the_global_batch_sums_to_the_whole(tok):
+    """DDP averages gradients over ranks: rank losses normalised by the global token count then give
+    exactly the gradient of one process holding the whole batch."""
+    convs = [("c", [{"role": "user", "content": "ab" * i}, {"role": "assistant", "content": "xyz" * (i + 1)}])
+             for i in range(1, 5)]
+    ex = encode_conversations(tok, convs, seq_len=40, split="training")
+    model = tiny_model(tok.vocab_size)
+    one = ConversationBatches(ex, batch_size=4, seed=3)
+    x, y, n = one.batch(7)
+    sft_loss(model, x, y, n).loss.backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for rank in range(2):
+        x, y, n2 = ConversationBatches(ex, batch_size=2, seed=3, rank=rank, world_size=2).batch(7)
+        assert n2 == n
+        (sft_loss(model, x, y, n2, world_size=2).loss / 2).backward()
+    for a, b in zip(whole, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_unencodable_and_too_long_conversations_are_counted(tok):
+    convs = [("a", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]),
+             ("b", [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "yes"}]),
+             ("c", [{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "yes"}])]
+    ex = encode_conversations(tok, convs, seq_len=20, split="training")
+    assert len(ex) == 1
+    assert ex.skipped == {"characters the tokenizer cannot encode": 1, "no assistant token within seq_len": 1}
+    assert "1 skipped: characters the tokenizer cannot encode" in ex.report("training")
+    with pytest.raises(MicroArchError, match="no usable held-out conversation"):
+        encode_conversations(tok, convs[1:], seq_len=20, split="held-out")
+
+
+# --- DPO --------------------------------------------------------------------------------------------
+
+
+def test_dpo_loss_matches_a_hand_computed_value():
+    pc, pr = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0])
+    rc, rr = torch.tensor([-1.5, -2.0]), torch.tensor([-1.5, -2.0])
+    beta = 0.5
+    # pair 1: 0.5 * ((-1 + 1.5) - (-2 + 1.5)) = 0.5; pair 2: 0.5 * ((-3 + 2) - (-1 + 2)) = -1
+    expected = (math.log1p(math.exp(-0.5)) + math.log1p(math.exp(1.0))) / 2
+    loss, m = dpo_objective(pc, pr, rc, rr, beta)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(m["reward_margin"]) == pytest.approx(-0.25)
+    assert float(m["preference_accuracy"]) == 0.5
+    assert float(m["reward_chosen"]) == pytest.approx((0.25 - 0.5) / 2)
+
+
+def test_sequence_logprobs_sum_the_answer_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    y = torch.tensor([[-1, 3, 4, -1, -1], [-1, -1, 6, 0, 2]])
+    logp = torch.log_softmax(logits, -1)
+    expected = torch.stack([logp[0, 1, 3] + logp[0, 2, 4], logp[1, 2, 6] + logp[1, 3, 0] + logp[1, 4, 2]])
+    torch.testing.assert_close(sequence_logprobs(logits, y), expected)
+
+
+def test_pairs_share_the_prompt_and_learn_only_the_answers(tok):
+    records = [("p line 1", {"prompt": "Who goes there?", "chosen": "Nay, answer me.", "rejected": "Good night."}),
+               ("p line 2", {"chosen": CONVERSATION, "rejected": CONVERSATION[:-1] + [
+                   {"role": "assistant", "content": "A ship, a ship."}]})]
+    pairs = encode_pairs(tok, records, seq_len=160, split="training")
+    assert len(pairs) == 2
+    x, y = pairs.rows(torch.tensor([0]))
+    assert tok.decode(y[0][y[0] >= 0]) == "Nay, answer me.<|end|>"
+    assert tok.decode(y[1][y[1] >= 0]) == "Good night.<|end|>"
+    assert tok.decode(x[0][:17]) == "<|user|>Who goes there?<|end|><|assistant|>"[: len(tok.decode(x[0][:17]))]
+    first_answer = int((y[0] >= 0).nonzero()[0])
+    assert torch.equal(x[0][:first_answer + 1], x[1][:first_answer + 1])
+
+
+# --- bad input: one clear line each -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"text": "no messages here"}, "line 2: no 'messages' list"),
+    ({"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+     "line 2: message 0 has unknown role 'bot'; roles are system, user, assistant"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+     "line 2: message 1 is an empty assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "line 2: no assistant turn"),
+])
+def test_bad_conversations_name_the_line(tmp_path, row, message):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [good, row])
+    with pytest.raises(MicroArchError, match="chat.jsonl " + message.replace("?", r"\?")) as err:
+        conversation_messages(read_records(path, tmp_path, "conversations"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Who?", "chosen": "Me.", "rejected": "Me."}, "'chosen' equals 'rejected'"),
+    ({"prompt": "Who?", "chosen": "Me."}, "a preference pair needs 'chosen' and 'rejected'"),
+    ({"chosen": "Me.", "rejected": "You."}, "'chosen' and 'rejected' are strings, so the pair needs a 'prompt'"),
+])
+def test_bad_pairs_name_the_line(tmp_path, tok, row, message):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [row])
+    with pytest.raises(MicroArchError, match=f"pairs.jsonl line 1: {message}"):
+        encode_pairs(tok, read_records(path, tmp_path, "preference pairs"), 64, "training")
+
+
+def test_unreadable_file_is_one_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"messages": [\n')
+    with pytest.raises(MicroArchError, match="broken.jsonl: cannot read conversations"):
+        read_records(str(path), tmp_path, "conversations")
