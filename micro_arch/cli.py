@@ -68,7 +68,7 @@ def cmd_run(args) -> None:
     from micro_arch.train import run_experiment
 
     run_experiment(args.experiment, overrides=args.set, resume=args.resume, dry_run=args.dry_run,
-                   runs_root=args.runs_dir, nproc=args.nproc)
+                   runs_root=args.runs_dir, nproc=args.nproc, checkpoint=args.checkpoint)
 
 
 def cmd_generate(args) -> None:
@@ -106,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_set(sub.add_parser("run", help="train an experiment; resumable"))
     p.add_argument("experiment", help="experiment folder, e.g. experiments/shakespeare-char")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest intact checkpoint")
+    p.add_argument("--checkpoint", metavar="FILE", default=None,
+                   help="with --resume: resume from this checkpoint (a name in RUN_DIR/checkpoints such as "
+                        "step_0001000.pt, or a path) instead of the latest")
     p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and memory, then exit")
     p.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
     p.add_argument("--nproc", type=int, default=1, help="processes to train with (DDP through torchrun)")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
+import shutil
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -18,7 +21,7 @@ from micro_arch.device import autocast, peak_memory_mb, resolve_device, set_thre
 from micro_arch.distributed import Dist, init_distributed, launch, shutdown
 from micro_arch.errors import MicroArchError
 from micro_arch.experiment import load_experiment
-from micro_arch.hf.init import load_initial_weights
+from micro_arch.hf.init import PARENT_FILE, load_initial_weights
 from micro_arch.metrics import MetricsLog
 from micro_arch.model import Model
 from micro_arch.optim import build_optimizer, lr_factor, set_lr
@@ -66,15 +69,18 @@ def held_out_loss(model, batches, device, precision) -> tuple[float, list[float]
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, data, run_dir: Path, dist: Dist, device: torch.device,
+    def __init__(self, cfg: ExperimentConfig, data, dist: Dist, device: torch.device,
                  resume_payload: dict | None = None, on_eval=None):
         from micro_arch.data import eval_batches
+        from micro_arch.data.batches import check_length
 
-        self.cfg, self.data, self.run_dir, self.dist, self.device = cfg, data, run_dir, dist, device
+        self.cfg, self.data, self.run_dir, self.dist, self.device = cfg, data, None, dist, device
+        self.resumed = resume_payload is not None
         t = cfg.train
+        check_length(len(data.train), t.seq_len, "training split")
         torch.manual_seed(t.seed + dist.rank)
         self.model = Model(cfg.model).to(device)
-        self.parent = None if resume_payload else load_initial_weights(self.model, cfg.model, dist.main and run_dir)
+        self.parent = None if resume_payload else load_initial_weights(self.model, cfg.model)
         self.optimizer = build_optimizer(self.model, t, device)
         self.total_steps = planned_steps(cfg, dist.world_size)
         self.step, self.tokens, self.elapsed, self.best_val = 0, 0, 0.0, float("inf")
@@ -100,8 +106,7 @@ class Trainer:
         rows = slice(dist.rank * t.batch_size, (dist.rank + 1) * t.batch_size)
         self.val_batches = [(x[rows], y[rows]) for x, y in
                             eval_batches(data.val, t.batch_size * dist.world_size, t.seq_len, t.eval_batches)]
-        self.metrics = MetricsLog(run_dir / "metrics.csv", resume_step=self.step if resume_payload else None)
-        self.last_val = None
+        self.last_val = resume_payload.get("last_val_loss") if resume_payload else None
         self.on_eval = on_eval  # on_eval(step, val_loss) after each evaluation (main rank); may raise to stop
 
     # --- one optimizer step ------------------------------------------------------------------
@@ -133,6 +138,13 @@ class Trainer:
         return loss_sum / t.grad_accum, aux, stats
 
     # --- the loop --------------------------------------------------------------------------------
+
+    def attach(self, run_dir: Path) -> None:
+        """Write into `run_dir` from now on (created only once everything has been checked)."""
+        self.run_dir = run_dir
+        self.metrics = MetricsLog(run_dir / "metrics.csv", resume_step=self.step if self.resumed else None)
+        if self.parent is not None and self.dist.main:
+            write_json(run_dir / PARENT_FILE, self.parent)
 
     def train(self) -> None:
         t, dist = self.cfg.train, self.dist
@@ -195,10 +207,10 @@ class Trainer:
         payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed,
                    "best_val_loss": self.best_val, "data_step": self.step * self.cfg.train.grad_accum,
-                   "rng": ckpt.rng_state(), "config": to_dict(self.cfg)}
+                   "rng": ckpt.rng_state(), "config": to_dict(self.cfg), "total_steps": self.total_steps,
+                   "last_val_loss": self.last_val}
         directory = self.run_dir / "checkpoints"
-        ckpt.save_checkpoint(directory / f"step_{self.step:07d}.pt", payload)
-        ckpt.save_checkpoint(directory / "latest.pt", payload)
+        ckpt.save_checkpoint(directory / f"step_{self.step:07d}.pt", payload, also=ckpt.latest_checkpoint(self.run_dir))
         self._write_summary("running")
 
     def _write_summary(self, status: str) -> None:
@@ -225,6 +237,8 @@ class Trainer:
 
 
 def print_plan(cfg: ExperimentConfig, model: Model, world_size: int, device: torch.device) -> None:
+    from rich.markup import escape
+
     from micro_arch.memory import estimate_memory
 
     steps = planned_steps(cfg, world_size)
@@ -239,25 +253,29 @@ def print_plan(cfg: ExperimentConfig, model: Model, world_size: int, device: tor
                   f"{tokens:,} tokens ({tokens / n_ne:.1f} tokens per non-embedding parameter), "
                   f"{flops * tokens:.3g} FLOPs", soft_wrap=True)
     console.print(f"  peak memory       {est.summary()}", soft_wrap=True)
+    if est.warning:  # the fake-tensor trace failed: say so, never fall back silently
+        console.print(f"  [bold yellow]warning[/]: {escape(est.warning)}", soft_wrap=True)
 
 
-def _cli_args(target, overrides, resume, runs_root) -> list[str]:
+def _cli_args(target, overrides, resume, runs_root, checkpoint=None) -> list[str]:
     args = ["run", str(target), "--runs-dir", str(runs_root)]
     if overrides:
         args += ["--set", *overrides]
     if resume:
         args += ["--resume", str(resume)]
+    if checkpoint:
+        args += ["--checkpoint", str(checkpoint)]
     return args
 
 
 def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root="runs", nproc=1,
-                   on_eval=None) -> Path | None:
+                   on_eval=None, checkpoint=None) -> Path | None:
     """Train `target` (an experiment folder); returns the run directory (None on non-main ranks).
     `on_eval(step, val_loss)` is called after each held-out evaluation (single process only; sweeps
     use it to prune); an exception it raises stops training and propagates."""
     overrides = list(overrides or [])
     if nproc > 1 and "RANK" not in os.environ and not dry_run:
-        code = launch(nproc, _cli_args(target, overrides, resume, runs_root))
+        code = launch(nproc, _cli_args(target, overrides, resume, runs_root, checkpoint))
         if code:
             raise MicroArchError(f"distributed training with {nproc} processes failed (exit code {code})")
         return None
@@ -285,27 +303,83 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
                     model = Model(cfg.model)
                 print_plan(cfg, model, dist.world_size, device)
             return None
-        payload, run_dir = None, None
+        payload = None
         if resume:
-            run_dir = Path(resume)
-            check_resumable(run_dir, cfg)
-            payload = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir), map_location=device)
-        elif dist.main:
-            run_dir = new_run_dir(runs_root, cfg.name)
+            payload = _load_resume_state(Path(resume), cfg, checkpoint, dist, device)
+            if payload["step"] >= planned_steps(cfg, dist.world_size):
+                if dist.main:
+                    _say_complete(Path(resume), target, overrides, payload, cfg, dist.world_size)
+                return Path(resume) if dist.main else None
+        elif checkpoint:
+            raise MicroArchError(f"--checkpoint {checkpoint} picks the checkpoint of a run to resume; "
+                                 "add --resume RUN_DIR")
+        # Everything that can fail on bad input (model, optimizer, data lengths, a forward pass for the
+        # trace) runs before a new run directory exists, so a failed start leaves nothing behind.
+        trainer = Trainer(cfg, data, dist, device, payload, on_eval=on_eval)
+        trace = _trace(trainer.model, cfg, device) if dist.main and not resume else None
+        run_dir = Path(resume) if resume else (new_run_dir(runs_root, cfg.name) if dist.main else None)
         run_dir = Path(dist.broadcast(str(run_dir)))
-        trainer = Trainer(cfg, data, run_dir, dist, device, payload, on_eval=on_eval)
-        if dist.main:
-            _announce(cfg, trainer, run_dir, resume)
-            if not resume:
-                write_config(run_dir, cfg)
-                data.tokenizer.save(run_dir)
-                _write_trace(trainer.model, cfg, run_dir, device)
-        trainer.train()
+        with _removed_on_failure(run_dir, fresh=not resume and dist.main, trainer=trainer):
+            trainer.attach(run_dir)
+            if dist.main:
+                _announce(cfg, trainer, run_dir, resume)
+                if not resume:
+                    write_config(run_dir, cfg)
+                    data.tokenizer.save(run_dir)
+                    (run_dir / "trace.txt").write_text(trace)
+            trainer.train()
         if dist.main:
             _finish(cfg, trainer, run_dir, data.tokenizer)
         return run_dir if dist.main else None
     finally:
         shutdown()
+
+
+def _load_resume_state(run_dir: Path, cfg: ExperimentConfig, checkpoint, dist: Dist, device) -> dict:
+    """The checkpoint to resume from, after removing half-written files and warning about damaged ones."""
+    check_resumable(run_dir, cfg)
+    if dist.main:
+        for path in ckpt.remove_partial_saves(run_dir):
+            warn(f"removed {path}, left by a process stopped in the middle of a save")
+    dist.barrier()
+    payload, path, skipped = ckpt.load_for_resume(run_dir, checkpoint, map_location=device)
+    if skipped and dist.main:
+        warn(f"{run_dir}: skipped {', '.join(skipped)}; resuming from {path.name} (step {payload['step']}), "
+             "the newest intact checkpoint")
+    return payload
+
+
+def _say_complete(run_dir: Path, target, overrides, payload, cfg, world_size) -> None:
+    steps = planned_steps(cfg, world_size)
+    more = shlex.join(["micro-arch", "run", str(target), "--resume", str(run_dir), "--set",
+                       *[o for o in overrides if not o.startswith("train.max_steps=")],
+                       f"train.max_steps={2 * max(payload['step'], 1)}"])
+    console.print(f"{run_dir}: this run is complete ({payload['step']:,} of {steps:,} steps); nothing to do, "
+                  f"nothing changed. To train it further, resume with a larger train.max_steps, e.g.\n  {more}",
+                  soft_wrap=True, highlight=False)
+
+
+@contextmanager
+def _removed_on_failure(run_dir: Path, fresh: bool, trainer):
+    """A new run directory that fails before its first step or checkpoint is removed again; one that holds
+    checkpoints is never removed (it can be resumed)."""
+    try:
+        yield
+    except BaseException:
+        if fresh and trainer.step == 0 and not ckpt.has_checkpoints(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _trace(model, cfg, device) -> str:
+    from micro_arch.trace import render, trace_model, trace_text
+
+    idx = torch.zeros(1, cfg.train.seq_len, dtype=torch.long, device=device)
+    return trace_text(render(trace_model(model, idx)))
 
 
 def _announce(cfg, trainer, run_dir, resume) -> None:
@@ -314,13 +388,6 @@ def _announce(cfg, trainer, run_dir, resume) -> None:
     console.print(f"[bold]{cfg.name}[/]: {verb} {m.num_params():,} parameters "
                   f"({m.num_params(non_embedding=True):,} without embeddings) for {trainer.total_steps:,} steps "
                   f"on {trainer.device} x{trainer.dist.world_size} -> {run_dir}")
-
-
-def _write_trace(model, cfg, run_dir: Path, device) -> None:
-    from micro_arch.trace import render, trace_model, trace_text
-
-    idx = torch.zeros(1, cfg.train.seq_len, dtype=torch.long, device=device)
-    (run_dir / "trace.txt").write_text(trace_text(render(trace_model(model, idx))))
 
 
 def _finish(cfg, trainer, run_dir: Path, tokenizer) -> None:

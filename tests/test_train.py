@@ -176,9 +176,11 @@ def test_resume_refuses_corrupt_checkpoints_and_other_configs(tmp_path):
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=4"])
     with pytest.raises(MicroArchError, match="model.d_model"):
         run_experiment(exp, runs_root=tmp_path / "runs", overrides=["model.d_model=64"], resume=run_dir)
-    latest = run_dir / "checkpoints/latest.pt"
-    latest.write_bytes(latest.read_bytes()[:1000])
+    for name in ("latest.pt", "step_0000004.pt"):  # with one intact, resume would fall back to it
+        path = run_dir / "checkpoints" / name
+        path.write_bytes(path.read_bytes()[:1000])
     before = sorted(p.name for p in run_dir.rglob("*"))
     result = run_cli("run", exp, "--resume", run_dir, "--runs-dir", tmp_path / "runs", "--set", "train.max_steps=8")
     assert result.returncode == 2 and "corrupt or truncated" in result.stderr and "latest.pt" in result.stderr
+    assert "no intact checkpoint" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in run_dir.rglob("*")) == before

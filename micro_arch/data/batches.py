@@ -51,7 +51,7 @@ def _windows(starts: torch.Tensor, width: int) -> torch.Tensor:
     return starts[:, None] + torch.arange(width)
 
 
-def _check_length(n_tokens: int, seq_len: int, what: str) -> None:
+def check_length(n_tokens: int, seq_len: int, what: str) -> None:
     if n_tokens <= seq_len:
         raise MicroArchError(f"train.seq_len={seq_len} is longer than the {what} ({n_tokens} tokens); lower "
                              "train.seq_len or use more text (or a larger data.val_fraction)")
@@ -64,7 +64,7 @@ def sample_batch(tokens, batch_size: int, seq_len: int, seed: int, step: int, ra
     The global batch has batch_size * world_size windows and rank r takes rows [r*batch_size, (r+1)*batch_size).
     """
     view, mask = token_view(tokens)
-    _check_length(len(view), seq_len, "training split")
+    check_length(len(view), seq_len, "training split")
     generator = torch.Generator().manual_seed((seed * 0x9E3779B1 + step) % 2**63)
     starts = torch.randint(len(view) - seq_len, (batch_size * world_size,), generator=generator)
     windows = _gather(view, mask, _windows(starts[rank * batch_size:(rank + 1) * batch_size], seq_len + 1))
@@ -74,7 +74,7 @@ def sample_batch(tokens, batch_size: int, seq_len: int, seed: int, step: int, ra
 def eval_batches(tokens, batch_size: int, seq_len: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """n_batches fixed (x, y) batches of windows spread evenly over the held-out split."""
     view, mask = token_view(tokens)
-    _check_length(len(view), seq_len, "held-out split")
+    check_length(len(view), seq_len, "held-out split")
     starts = torch.linspace(0, len(view) - seq_len - 1, batch_size * n_batches).round().long()
     windows = _gather(view, mask, _windows(starts, seq_len + 1))
     return [(w[:, :-1].contiguous(), w[:, 1:].contiguous()) for w in windows.split(batch_size)]
