@@ -242,3 +242,67 @@ def test_unreadable_file_is_one_line(tmp_path):
     path.write_text('{"messages": [\n')
     with pytest.raises(MicroArchError, match="broken.jsonl: cannot read conversations"):
         read_records(str(path), tmp_path, "conversations")
+
+
+# --- the Shakespeare dialogue builder ------------------------------------------------------------------
+
+PLAY = """ACT I.
+
+SCENE I. A room.
+
+[Enter VIOLA and CAPTAIN.]
+
+VIOLA.
+What country, friends, is this?
+
+CAPTAIN.
+This is Illyria, lady.
+[Aside.]
+Be merry.
+
+VIOLA.
+And what should I do in Illyria?
+
+SCENE II. Another room.
+
+Ber.
+Who's there?
+"""
+
+
+def test_builder_turns_speeches_into_exchanges_within_scenes():
+    from micro_arch.stages.dialogues import exchanges, preference_pairs
+
+    items = exchanges([("play", PLAY)], max_user_chars=200, max_answer_chars=200)
+    assert [(e.speaker, e.replier) for e in items] == [("VIOLA", "CAPTAIN"), ("CAPTAIN", "VIOLA")]
+    assert items[0].messages() == [{"role": "system", "content": "CAPTAIN answers VIOLA."},
+                                   {"role": "user", "content": "What country, friends, is this?"},
+                                   {"role": "assistant", "content": "This is Illyria, lady.\nBe merry."}]
+    # clipping keeps whole lines: the end of the user's speech, the start of the reply
+    clipped = exchanges([("play", PLAY)], max_user_chars=200, max_answer_chars=25)
+    assert clipped[0].reply == "This is Illyria, lady."
+    other = exchanges([("other", PLAY.replace("lady", "sir").replace("Illyria?", "Athens?"))], 200, 200)
+    pairs = preference_pairs(items + other, seed=0)
+    assert len(pairs) == 4
+    for pair in pairs:
+        assert pair["chosen"][:2] == pair["rejected"][:2] and pair["chosen"][2] != pair["rejected"][2]
+
+
+def test_builder_script_writes_files_the_stages_read(tmp_path, tok):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    result = subprocess.run([sys.executable, ROOT / "scripts/make_shakespeare_dialogues.py", "--out", tmp_path],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    val = conversation_messages(read_records(str(tmp_path / "sft_val.jsonl"), tmp_path, "conversations"))
+    with open(tmp_path / "sft_train.jsonl") as f:
+        train_users = {json.loads(line)["messages"][1]["content"] for line in f}
+    assert len(val) > 1000 and len(train_users) > 10000
+    # held-out conversations come from held-out works: no long line of theirs appears in training
+    long_lines = [m[1]["content"] for _, m in val if len(m[1]["content"]) > 60]
+    assert len(long_lines) > 500 and not any(line in train_users for line in long_lines)
+    pairs = read_records(str(tmp_path / "dpo_val.jsonl"), tmp_path, "preference pairs")
+    assert len(pairs) == len(val)
