@@ -77,6 +77,12 @@ def cmd_generate(args) -> None:
     generate_command(args)
 
 
+def cmd_chat(args) -> None:
+    from micro_arch.chat import chat_command
+
+    chat_command(args)
+
+
 def cmd_eval(args) -> None:
     from micro_arch.evaluate import eval_command
 
@@ -93,6 +99,12 @@ def cmd_compare(args) -> None:
     from micro_arch.report import compare
 
     compare(args.runs, args.out, prompts=args.prompt or None, console=console)
+
+
+def cmd_export(args) -> None:
+    from micro_arch.hf.export import export_command
+
+    export_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("chat", help="multi-turn chat with an SFT or DPO run (Ctrl-D to leave)")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a user turn to answer without a terminal (repeatable: a multi-turn script)")
+    p.add_argument("--system", default=None, help="a system turn, e.g. 'ROMEO answers JULIET.'")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's latest)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_chat)
+
     p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte, top-k accuracy")
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", default=None)
@@ -159,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None, help="evaluate on at most this many batches")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder (logits checked)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="the folder to create (must not exist or be empty)")
+    p.add_argument("--checkpoint", default=None, help="e.g. step_0001000.pt (default: the run's latest)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors files are split above this size")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -306,3 +306,50 @@ def test_builder_script_writes_files_the_stages_read(tmp_path, tok):
     assert len(long_lines) > 500 and not any(line in train_users for line in long_lines)
     pairs = read_records(str(tmp_path / "dpo_val.jsonl"), tmp_path, "preference pairs")
     assert len(pairs) == len(val)
+
+
+# --- chat ----------------------------------------------------------------------------------------------
+
+
+def naive_greedy_reply(model, tok, messages, max_new_tokens):
+    """Greedy reply recomputed from the whole conversation at every token, no cache."""
+    ids = render(tok, messages, add_generation_prompt=True)[0].tolist()
+    new = []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids + new])).logits[0, -1]
+        role_tokens = list(tok.role_id.values())  # a reply may end with <|end|>, never open a turn
+        logits[role_tokens] = float("-inf")
+        token = int(logits.argmax())
+        if token == tok.end_id:
+            break
+        new.append(token)
+    return tok.base.decode(new)
+
+
+def test_chat_keeps_the_conversation_in_the_cache(tok):
+    from micro_arch.chat import ChatSession
+
+    model = tiny_model(tok.vocab_size, seq=512).eval()
+    session = ChatSession(model, tok, system="CAPTAIN answers VIOLA.", temperature=0, max_new_tokens=12)
+    for text in ("What country, friends, is this?", "And what should I do?"):
+        history = list(session.messages) + [{"role": "user", "content": text}]
+        assert session.reply(text) == naive_greedy_reply(model, tok, history, 12)
+    # the cache holds exactly the rendered conversation, every turn closed
+    assert session.fed == render(tok, session.messages)[0].tolist()
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_chat_drops_the_oldest_exchange_when_the_context_is_full(tok):
+    from micro_arch.chat import ChatSession
+
+    model = tiny_model(tok.vocab_size, seq=96).eval()
+    session = ChatSession(model, tok, system="sys", temperature=0, max_new_tokens=8)
+    for i in range(6):
+        session.reply(f"turn {'abc' * 5} {chr(97 + i)}")
+        assert len(session.fed) <= 96 and session.fed == render(tok, session.messages)[0].tolist()
+    assert session.messages[0]["role"] == "system" and session.messages[-1]["role"] == "assistant"
+    assert len(session.messages) < 13
+    with pytest.raises(MicroArchError, match="the message is too long"):
+        session.reply("x" * 200)
+    with pytest.raises(MicroArchError, match="cannot be encoded"):
+        session.reply("é")

@@ -1,0 +1,145 @@
+"""`micro-arch chat RUN_DIR`: multi-turn chat with an SFT or DPO run, through its chat template.
+
+The conversation stays in the model's KV cache between turns: each turn feeds only its new tokens (the user
+turn and <|assistant|>), then samples the reply a token at a time until <|end|>. When the conversation would
+outgrow model.max_seq_len, the oldest exchanges are dropped (the system turn is kept) and the cache is
+rebuilt from what remains.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from micro_arch.errors import MicroArchError
+from micro_arch.generate import _check_sampling, next_token
+from micro_arch.stages.chat_template import ChatTokenizer, render
+from micro_arch.state import BlockState
+
+
+class ChatSession:
+    def __init__(self, model, tok: ChatTokenizer, system: str | None = None, temperature: float = 0.8,
+                 top_k: int | None = 50, top_p: float | None = None, max_new_tokens: int = 200, seed: int = 0):
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if model.cfg.vocab_size < tok.vocab_size:
+            raise MicroArchError(f"the model's vocabulary ({model.cfg.vocab_size}) has no room for the chat "
+                                 f"template's tokens ({tok.vocab_size}); chat with an SFT or DPO run")
+        self.model, self.tok = model.eval(), tok
+        self.device = next(model.parameters()).device
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        self.max_new_tokens = max_new_tokens
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.state, self.fed = None, []  # the cache, and the token ids it holds
+        # a reply may use the base vocabulary and <|end|>; never a role token (nor the model's spare rows)
+        self.allowed = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=self.device)
+        self.allowed[: tok.base_vocab_size] = True
+        self.allowed[tok.end_id] = True
+
+    def _feed(self, ids: list[int]) -> torch.Tensor:
+        """Run `ids` through the model after what the cache holds; the last position's logits."""
+        if self.state is None:
+            self.state, self.fed = BlockState(cache={}), []
+        self.state.positions = torch.tensor([len(self.fed)], device=self.device)
+        self.state.aux_losses.clear()
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits = self.model(x, state=self.state, last_only=True).logits[0, -1]
+        self.fed += ids
+        return logits
+
+    def _prompt_ids(self) -> list[int]:
+        ids, _ = render(self.tok, self.messages, add_generation_prompt=True)
+        return ids.tolist()
+
+    def _fit(self) -> list[int]:
+        """The prompt ids, dropping the oldest exchanges until a reply has room; resets the cache if the
+        conversation no longer continues what it holds."""
+        limit = self.model.cfg.max_seq_len - self.max_new_tokens
+        ids = self._prompt_ids()
+        while len(ids) > limit:
+            first = next((i for i, m in enumerate(self.messages) if m["role"] != "system"), None)
+            later_user = [i for i, m in enumerate(self.messages) if m["role"] == "user" and i > (first or 0)]
+            if first is None or not later_user:
+                raise MicroArchError(f"the message is too long: {len(ids)} tokens, and model.max_seq_len="
+                                     f"{self.model.cfg.max_seq_len} leaves {limit} after room for a "
+                                     f"{self.max_new_tokens}-token reply; shorten it or lower --max-new-tokens")
+            del self.messages[first:later_user[0]]
+            ids = self._prompt_ids()
+            self.state = None
+        if self.state is not None and ids[: len(self.fed)] != self.fed:
+            self.state = None
+        return ids
+
+    @torch.no_grad()
+    def reply(self, text: str, on_text=None) -> str:
+        """Add a user turn, sample the assistant's reply (calling on_text(new_text) as it grows), keep both."""
+        try:
+            self.tok.encode(text)
+        except ValueError as err:
+            raise MicroArchError(f"the message cannot be encoded by the run's tokenizer ({err})") from None
+        self.messages.append({"role": "user", "content": text})
+        try:
+            ids = self._fit()
+        except MicroArchError:
+            self.messages.pop()
+            raise
+        logits = self._feed(ids[len(self.fed) if self.state is not None else 0:])
+        answer, shown = [], ""
+        for _ in range(self.max_new_tokens):
+            logits = logits.masked_fill(~self.allowed, float("-inf"))
+            token = int(next_token(logits[None], generator=self.generator, **self.sampling)[0, 0])
+            if token == self.tok.end_id:
+                break
+            answer.append(token)
+            text_now = self.tok.base.decode(answer)
+            if on_text is not None and text_now.startswith(shown):
+                on_text(text_now[len(shown):])
+                shown = text_now
+            logits = self._feed([token])
+        self._feed([self.tok.end_id])  # the closing token the template puts after every turn
+        content = self.tok.base.decode(answer)
+        self.messages.append({"role": "assistant", "content": content})
+        return content
+
+
+def chat_command(args) -> None:
+    from micro_arch.device import resolve_device
+    from micro_arch.rundir import load_run
+    from micro_arch.stages.chat_template import load_chat_tokenizer
+
+    device = resolve_device(args.device)
+    tok = load_chat_tokenizer(args.run_dir)
+    _, model, _ = load_run(args.run_dir, args.checkpoint, device)
+    session = ChatSession(model, tok, system=args.system, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+    def show(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if args.prompt:
+        if args.system:
+            print(f"system: {args.system}")
+        for text in args.prompt:
+            print(f"user: {text}")
+            show("assistant: ")
+            session.reply(text, on_text=show)
+            print()
+        return
+    print(f"chatting with {args.run_dir} (Ctrl-D to leave)" + (f"; system: {args.system}" if args.system else ""))
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print()
+            return
+        if not text.strip():
+            continue
+        show("model> ")
+        try:
+            session.reply(text, on_text=show)
+        except MicroArchError as err:
+            print(f"\n{err}")
+            continue
+        print()
