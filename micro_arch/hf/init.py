@@ -130,3 +130,9 @@ def offline() -> None:
     """No network from transformers or the hub client, whatever the environment says."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    except ImportError:
+        pass

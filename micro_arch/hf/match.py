@@ -47,7 +47,7 @@ def where(name: str, module: nn.Module | None = None) -> str:
     return f"{text} ({type(module).__name__})" if module is not None else text
 
 
-def _settings(module: nn.Module) -> dict:
+def settings(module: nn.Module) -> dict:
     if type(module).__module__.startswith("torch."):  # Linear, Embedding, Conv1d: their shapes say it all
         return {}
     return {k: v for k, v in vars(module).items()
@@ -73,7 +73,7 @@ def first_difference(source_cfg: ModelConfig, source: nn.Module, target_cfg: Mod
         other = src_modules[name]
         if type(other) is not type(module):
             return f"{where(name)} is {type(other).__name__} in the source, {type(module).__name__} here"
-        a, b = _settings(other), _settings(module)
+        a, b = settings(other), settings(module)
         for key in sorted(a.keys() | b.keys()):
             if a.get(key) != b.get(key):
                 return f"{where(name, module)}: {key} is {a.get(key)!r} in the source, {b.get(key)!r} here"

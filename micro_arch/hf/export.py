@@ -1,0 +1,131 @@
+"""`micro-arch export RUN_DIR --out DIR`: a folder that transformers loads with no custom code.
+
+Refusals (micro_arch.hf.layouts) come before anything is written. The folder is written under a temporary
+name next to DIR, loaded back with AutoModelForCausalLM and AutoTokenizer (local files only), compared
+(logits on a fixed batch, token ids on a check text), and renamed to DIR only when everything agrees.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from micro_arch.errors import MicroArchError
+from micro_arch.hf.init import offline
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LOGIT_TOLERANCE = 1e-4  # times max(1, largest |logit|): float32 sums in another order stay far below it
+CHECK_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. 1603 \t!"
+
+
+def build_hf_model(layout, state: dict | None = None):
+    """The transformers model of `layout`, with `state` (transformers names) loaded if given."""
+    import transformers
+
+    config = getattr(transformers, layout.config_class)(**layout.config)
+    model = getattr(transformers, layout.hf_class)(config)
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise MicroArchError(f"internal: the {layout.hf_class} weights do not line up (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]})")
+        if config.tie_word_embeddings:
+            model.tie_weights()
+    return model.eval()
+
+
+def check_batch(vocab_size: int, max_seq_len: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, min(max_seq_len, 48)), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def compare_logits(model, hf_model, idx: torch.Tensor) -> tuple[float, float]:
+    """(max |ours - theirs|, the tolerance it must stay under) on idx, both in float32."""
+    ours = model(idx).logits.float()
+    theirs = hf_model(input_ids=idx).logits.float()
+    return float((ours - theirs).abs().max()), LOGIT_TOLERANCE * max(1.0, float(ours.abs().max()))
+
+
+def _check_text(run_dir: Path, tokenizer) -> str:
+    text = CHECK_TEXT
+    samples = run_dir / "samples.json"
+    if samples.is_file():
+        text += "".join(s.get("prompt", "") + s.get("text", "") for s in json.loads(samples.read_text()))
+    if getattr(tokenizer, "name", None) == "char":  # only characters the vocabulary has
+        text = "".join(c for c in text if c in set(tokenizer.chars)) + tokenizer.chars
+    return text
+
+
+def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_size: str = "2GB") -> dict:
+    """Export `run_dir` (its latest checkpoint, or `checkpoint`) to the folder `out`; returns what was checked."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from micro_arch.checkpoint import latest_checkpoint, load_checkpoint
+    from micro_arch.hf.card import provenance, write_card
+    from micro_arch.hf.layouts import layout_of
+    from micro_arch.hf.tokenizer import check_tokenizer, hf_tokenizer
+    from micro_arch.hf.weights import to_hf
+    from micro_arch.rundir import load_run
+
+    offline()
+    if dtype not in DTYPES:
+        raise MicroArchError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MicroArchError(f"--out {out}: exists and is not an empty folder; choose a new folder or remove it")
+    ckpt_path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if checkpoint and not ckpt_path.is_file() and (run_dir / "checkpoints" / checkpoint).is_file():
+        ckpt_path = run_dir / "checkpoints" / checkpoint
+    cfg, model, tokenizer = load_run(run_dir, ckpt_path)
+    model.float()
+    layout = layout_of(model)  # a refusal leaves nothing behind
+    payload = load_checkpoint(ckpt_path)
+    info = provenance(run_dir, cfg, payload, ckpt_path)
+    hf_model = build_hf_model(layout, to_hf(layout, model.state_dict())).to(DTYPES[dtype])
+    hf_model.config.dtype = dtype
+    s = cfg.train.sample
+    hf_model.generation_config = GenerationConfig(do_sample=True, temperature=s.temperature, top_k=s.top_k,
+                                                  top_p=s.top_p, max_new_tokens=s.max_new_tokens)
+    reference = model
+    if dtype != "float32":  # compare against the weights as exported
+        reference = copy.deepcopy(model)
+        for p in reference.parameters():
+            p.data = p.data.to(DTYPES[dtype]).float()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        hf_model.save_pretrained(partial, max_shard_size=max_shard_size)
+        hf_tokenizer(tokenizer).save_pretrained(partial)
+        loaded = AutoModelForCausalLM.from_pretrained(partial, local_files_only=True, dtype=torch.float32).eval()
+        idx = check_batch(cfg.model.vocab_size, cfg.model.max_seq_len)
+        diff, tolerance = compare_logits(reference, loaded, idx)
+        if not diff <= tolerance:
+            raise MicroArchError(f"the exported {layout.hf_class} disagrees with the run: logits differ by {diff:.3g} "
+                                 f"(tolerance {tolerance:.3g}); nothing was exported")
+        check_tokenizer(partial, tokenizer, _check_text(run_dir, tokenizer))
+        check = {"hf_class": layout.hf_class, "max_abs_diff": diff, "tolerance": tolerance,
+                 "tokens": idx.numel(), "dtype": dtype}
+        write_card(partial, run_dir, info, layout, check)
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return {**check, "out": str(out), "files": sorted(p.name for p in out.iterdir())}
+
+
+def export_command(args) -> None:
+    from rich.console import Console
+
+    result = export_run(args.run_dir, args.out, args.checkpoint, args.dtype, args.max_shard_size)
+    Console().print(f"exported {result['hf_class']} to {result['out']} ({', '.join(result['files'])}); logits "
+                    f"checked: max |difference| {result['max_abs_diff']:.2e} (tolerance {result['tolerance']:.1e})",
+                    soft_wrap=True)

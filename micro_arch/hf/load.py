@@ -1,0 +1,126 @@
+"""A local Hugging Face folder -> the micro-arch model config that computes the same function, and weights.
+
+The inverse of micro_arch.hf.layouts: Llama, Qwen3, Mistral, Mixtral, GPT-2 and Mamba configs map; any
+setting micro-arch's blocks cannot reproduce exactly (a RoPE scaling, another activation, a layer-dependent
+window, ...) is refused with its name. Never touches the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from micro_arch.config import LayerGroup, ModelConfig
+from micro_arch.errors import MicroArchError
+from micro_arch.hf.layouts import HF_CLASSES, QK_NORM_EPS, Layout
+
+PRE_NORM = "Norm->Attn->+->Norm->MLP->+"
+
+
+def _call(name: str, **kwargs) -> str:
+    args = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in kwargs.items())
+    return f"{name}({args})" if args else name
+
+
+def _refuse(folder, what: str) -> MicroArchError:
+    return MicroArchError(f"{folder}: cannot import: {what}")
+
+
+def _need(folder, ok: bool, what: str) -> None:
+    if not ok:
+        raise _refuse(folder, what)
+
+
+def config_from_hf(folder, hf) -> tuple[Layout, ModelConfig]:
+    """(the layout, a micro-arch ModelConfig) for a transformers config object `hf`."""
+    kind = hf.model_type
+    families = {"llama", "qwen3", "mistral", "mixtral", "gpt2", "mamba"}
+    _need(folder, kind in families, f"model_type {kind!r} has no micro-arch layout; supported: {', '.join(sorted(families))}")
+    common = {"vocab_size": hf.vocab_size, "tie_embeddings": bool(getattr(hf, "tie_word_embeddings", True))}
+    if kind == "gpt2":
+        _need(folder, hf.activation_function == "gelu", f"activation_function={hf.activation_function!r}: "
+              "micro-arch's gelu_mlp is the exact GELU ('gelu'), not the tanh approximation")
+        _need(folder, hf.scale_attn_weights and not hf.scale_attn_by_inverse_layer_idx,
+              "attention scaled other than by 1/sqrt(head_dim)")
+        eps = hf.layer_norm_epsilon
+        cfg = ModelConfig(d_model=hf.n_embd, n_heads=hf.n_head, max_seq_len=hf.n_positions, positions="learned",
+                          d_ff=hf.n_inner or 4 * hf.n_embd, layers=[LayerGroup(PRE_NORM, hf.n_layer)], **common,
+                          defaults={"Norm": _call("layernorm", eps=eps), "Attn": _call("attention", bias=True),
+                                    "MLP": "gelu_mlp"})
+        dims = {"n_heads": hf.n_head, "n_kv_heads": hf.n_head, "head_dim": hf.n_embd // hf.n_head}
+        return Layout("gpt2", HF_CLASSES["gpt2"], {}, hf.n_layer, dims), cfg
+    if kind == "mamba":
+        _need(folder, hf.hidden_act == "silu", f"hidden_act={hf.hidden_act!r} (micro-arch's Mamba gates with silu)")
+        _need(folder, hf.intermediate_size == hf.expand * hf.hidden_size, "intermediate_size != expand * hidden_size")
+        mamba = _call("mamba", d_state=hf.state_size, d_conv=hf.conv_kernel, expand=hf.expand,
+                      dt_rank=hf.time_step_rank, conv_bias=hf.use_conv_bias, bias=hf.use_bias)
+        cfg = ModelConfig(d_model=hf.hidden_size, positions="none", layers=[LayerGroup("Norm->Mamba->+",
+                          hf.num_hidden_layers)], defaults={"Norm": _call("rmsnorm", eps=hf.layer_norm_epsilon),
+                                                            "Mamba": mamba}, **common)
+        return Layout("mamba", HF_CLASSES["mamba"], {}, hf.num_hidden_layers), cfg
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    _need(folder, rope.get("rope_type", "default") == "default",
+          f"rope_parameters rope_type={rope.get('rope_type')!r}: micro-arch's attention has plain RoPE only")
+    _need(folder, hf.hidden_act == "silu", f"hidden_act={hf.hidden_act!r}: micro-arch's swiglu uses silu")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    attn, mlp = {}, {}
+    if getattr(hf, "attention_bias", False):
+        attn["bias"] = True
+    if getattr(hf, "mlp_bias", False):
+        mlp["bias"] = True
+    if kind == "qwen3":
+        _need(folder, not hf.use_sliding_window, "use_sliding_window=true (layer-dependent windows are not mapped)")
+        _need(folder, hf.rms_norm_eps == QK_NORM_EPS, f"rms_norm_eps={hf.rms_norm_eps}: micro-arch's qk-norm "
+              f"uses eps {QK_NORM_EPS}")
+        attn["qk_norm"] = True
+    if kind in ("mistral", "mixtral") and hf.sliding_window is not None:
+        attn["window"] = hf.sliding_window
+    ffn_role, ffn = "MLP", _call("swiglu", **mlp)
+    dims = {"n_heads": hf.num_attention_heads, "n_kv_heads": hf.num_key_value_heads, "head_dim": head_dim}
+    if kind == "mixtral":
+        _need(folder, hf.num_experts_per_tok >= 2, "num_experts_per_tok=1: Mixtral renormalises the one gate to 1, "
+              "micro-arch's moe keeps the raw probability (Switch)")
+        ffn_role = "MoE"
+        ffn = _call("moe", n_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                    aux_loss_coef=hf.router_aux_loss_coef)
+        dims["n_experts"] = hf.num_local_experts
+    cfg = ModelConfig(d_model=hf.hidden_size, n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads,
+                      head_dim=head_dim, d_ff=hf.intermediate_size, max_seq_len=hf.max_position_embeddings,
+                      positions="rope", rope_theta=float(rope.get("rope_theta", 10000.0)),
+                      layers=[LayerGroup(PRE_NORM.replace("MLP", ffn_role), hf.num_hidden_layers)],
+                      defaults={"Norm": _call("rmsnorm", eps=hf.rms_norm_eps), "Attn": _call("attention", **attn),
+                                ffn_role: ffn}, **common)
+    return Layout(kind, HF_CLASSES[kind], {}, hf.num_hidden_layers, dims), cfg
+
+
+def read_hf_folder(folder) -> tuple[ModelConfig, dict, dict]:
+    """(micro-arch model config, state dict in micro-arch names, provenance) from a local transformers folder."""
+    from micro_arch.hf.init import offline
+
+    offline()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from micro_arch.hf.weights import from_hf
+
+    folder = Path(folder)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise MicroArchError(f"{folder}: not a readable Hugging Face model folder ({str(err).splitlines()[0]})") from None
+    layout, cfg = config_from_hf(folder, hf_config)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    state = from_hf(layout, hf_model.state_dict())
+    provenance = {"type": "huggingface", "path": str(folder.resolve()), "hf_class": type(hf_model).__name__,
+                  "model_type": hf_config.model_type}
+    return cfg, state, provenance
+
+
+def load_hf_model(folder):
+    """A micro-arch Model (eval mode, float32) with the weights of a local Hugging Face folder."""
+    from micro_arch.model import Model
+
+    cfg, state, _ = read_hf_folder(folder)
+    model = Model(cfg)
+    model.load_state_dict(state)
+    return model.eval()

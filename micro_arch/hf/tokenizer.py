@@ -1,0 +1,74 @@
+"""A run's tokenizer as a `tokenizers` model that transformers' AutoTokenizer loads, with the same ids.
+
+- char: a WordLevel vocabulary over single characters (every character its own pre-token), decoded by
+  joining; a character outside the vocabulary is an error, as in micro-arch.
+- SentencePiece BPE (what `tokenizer: bpe` trains: identity normalisation, no dummy prefix, byte fallback,
+  digits split, '\\n' a user-defined piece): a BPE model with SentencePiece's pieces and merges ordered by
+  score, spaces as '▁', byte fallback. `check_tokenizer` compares the ids with the run's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+from micro_arch.errors import MicroArchError
+
+
+def _char_tokenizer(chars: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+def _sentencepiece_tokenizer(sp):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    scores = {p: sp.get_score(i) for i, p in enumerate(pieces)}
+    vocab = {p: i for i, p in enumerate(pieces)}
+    # SentencePiece gives user-defined pieces the score +0.0 and learned ones -0.0, -1, -2, ...
+    special = [i for i in range(n) if sp.is_unknown(i) or sp.is_control(i) or sp.is_byte(i)]
+    user = [pieces[i] for i in range(n) if i not in special and scores[pieces[i]] == 0.0
+            and math.copysign(1.0, scores[pieces[i]]) > 0]
+    unk = pieces[sp.unk_id()] if sp.unk_id() >= 0 else None
+    tok = Tokenizer(models.BPE(vocab, generate_merges(vocab, scores), unk_token=unk, byte_fallback=True,
+                               fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in user])
+    return tok
+
+
+def hf_tokenizer(tokenizer):
+    """A transformers fast tokenizer for a micro-arch CharTokenizer or SentencePieceTokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    if getattr(tokenizer, "name", None) == "char":
+        tok = _char_tokenizer(tokenizer.chars)
+    elif hasattr(tokenizer, "sp"):
+        tok = _sentencepiece_tokenizer(tokenizer.sp)
+    else:
+        raise MicroArchError(f"cannot export tokenizer {type(tokenizer).__name__}: only char and SentencePiece map")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
+
+
+def check_tokenizer(folder, tokenizer, text: str) -> None:
+    """AutoTokenizer from `folder` must give the run's ids on `text` and decode them back to it."""
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ours = list(tokenizer.encode(text))
+    theirs = loaded(text, add_special_tokens=False)["input_ids"]
+    if ours != theirs:
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        raise MicroArchError(f"the exported tokenizer gives other ids than the run's from token {at} of the check "
+                             f"text on ({ours[at:at + 5]} vs {theirs[at:at + 5]}); nothing was exported")
+    if loaded.decode(theirs) != text:
+        raise MicroArchError("the exported tokenizer does not decode the check text back to itself; nothing was "
+                             "exported")
