@@ -27,6 +27,7 @@ trainer at log time only; with several MoE layers the value is the maximum over 
 """
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -62,11 +63,13 @@ def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, expert:
     return activation(x @ w_in, expert) @ w_out
 
 
+def autocasting(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the expert matmuls run in: autocast's where it is on (as nn.Linear would), else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return torch.get_autocast_dtype(x.device.type) if autocasting(x.device.type) else x.dtype
 
 
 class SharedExperts(nn.Module):
@@ -130,7 +133,9 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor):
         """Router logits (N, E), scores (N, E), chosen experts (N, k) and their gates (N, k)."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
+        no_autocast = torch.autocast(x.device.type, enabled=False) if autocasting(x.device.type) else nullcontext()
+        with no_autocast:  # autocast would run the router in bf16
+            logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
         scores = logits.softmax(-1) if self.router_kind == "softmax" else logits.sigmoid()
         select = scores + self.expert_bias if self.balance == "bias" else scores
         chosen = select.topk(self.top_k, dim=-1).indices
@@ -146,7 +151,7 @@ class MoE(nn.Module):
         n_assign = n_tokens * self.top_k
         logits, scores, chosen, gates = self.route(flat)
         plan = dispatch(chosen, self.n_experts, capacity_for(self.capacity_factor, n_assign, self.n_experts))
-        gates = gates.t()  # (top_k, tokens), slot-major like the plan
+        gates = gates.t().contiguous()  # (top_k, tokens), slot-major like the plan
         if plan.kept is not None:
             gates = gates * plan.kept  # dropped assignments still run, with gate 0 (static shapes)
 
@@ -155,7 +160,7 @@ class MoE(nn.Module):
         h = grouped_mm(rows, self.w_in.to(dtype), plan.offsets, self.kernel)
         h = activation(h, self.expert)
         routed = grouped_mm(h, self.w_out.to(dtype), plan.offsets, self.kernel)
-        routed = routed.index_select(0, plan.inverse).view(self.top_k, n_tokens, -1)
+        routed = routed.index_select(0, plan.inverse).reshape(self.top_k, n_tokens, -1)
         out = (routed * gates.unsqueeze(-1)).sum(0).to(flat.dtype)
         if self.shared is not None:
             out = out + self.shared(flat)

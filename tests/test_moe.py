@@ -1,6 +1,7 @@
 """The MoE block against naive references computed from its own weights."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 import micro_arch.registry  # noqa: F401  (before blocks.moe: the registry must exist first)
 from blocks.moe import MoE
 from micro_arch.errors import MicroArchError
+from micro_arch.model import Model
 from micro_arch.registry import Dims, build_block
 from micro_arch.state import BlockState
 
@@ -303,9 +305,11 @@ def test_bf16_autocast_grouped_matches_loop_and_fp32():
     results = {}
     for kernel, block in blocks.items():
         xg = x.clone().requires_grad_()
+        seen = {}
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = block(xg, BlockState())
+            y = block(xg, BlockState(recorder=lambda name, t, seen=seen: seen.setdefault(name, t.dtype)))
         assert y.dtype == torch.float32  # the block's output keeps its input's dtype
+        assert seen == {"router_logits": torch.float32, "expert_load": torch.long, "expert_in": torch.bfloat16}
         results[kernel] = (y, *grads(block, xg, y))
         assert all(torch.isfinite(g).all() for g in results[kernel][1:])
         assert block.w_in.grad is None and results[kernel][3].dtype == torch.float32
@@ -326,7 +330,6 @@ def test_stats_are_tensors_and_nothing_is_read_back(monkeypatch):
 
 def moe_model(**moe_args):
     from micro_arch.config import LayerGroup, ModelConfig
-    from micro_arch.model import Model
 
     spec = "moe(" + ", ".join(f"{k}={v}" for k, v in moe_args.items()) + ")"
     cfg = ModelConfig(d_model=32, n_heads=2, vocab_size=40, max_seq_len=16,
@@ -351,3 +354,89 @@ def test_model_trains_under_fake_tensors(moe_args):
             out.loss.backward()
         assert all(isinstance(p.grad, FakeTensor) for p in model.parameters())
         assert set(out.stats) == {"moe/max_load", "moe/dropped"}
+
+
+def test_compiles_to_one_graph_in_bf16_and_matches_eager():
+    """dynamo sees one graph; AOTAutograd (the part of torch.compile that traces the backward, here
+    without Inductor's slow CPU code generation) runs forward and backward as eager does."""
+    torch.manual_seed(0)
+    model = moe_model(n_experts=4, top_k=2, capacity_factor=1.0, balance="bias").train()
+    idx = torch.randint(0, 40, (2, 16))
+
+    def step(idx):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(idx, idx, state=BlockState())
+        return out.loss, out.stats
+
+    explained = torch._dynamo.explain(step)(idx)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    bias = [m.expert_bias.clone() for m in model.modules() if isinstance(m, MoE)]
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (compiled, step):
+        for m, b in zip((m for m in model.modules() if isinstance(m, MoE)), bias):
+            m.expert_bias.copy_(b)
+        model.zero_grad()
+        loss, stats = fn(idx)
+        loss.backward()
+        results.append((loss.detach(), stats, [p.grad.clone() for p in model.parameters()]))
+    (loss_c, stats_c, grads_c), (loss_e, stats_e, grads_e) = results
+    torch.testing.assert_close(loss_c, loss_e)
+    assert stats_c.keys() == stats_e.keys() and all(torch.equal(stats_c[k], stats_e[k]) for k in stats_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+
+
+def gathered_reference(block, x):
+    """The same active matmuls as the block, token by token: each token's top_k experts' weights are
+    gathered and applied with bmm, so FlopCounterMode counts them with torch's own bmm formula."""
+    flat = x.reshape(-1, x.shape[-1])
+    _, _, chosen, gates = block.route(flat)
+    rows = flat.repeat_interleave(block.top_k, 0).unsqueeze(1)  # (tokens * top_k, 1, d_model)
+    experts = chosen.reshape(-1)
+    h = torch.bmm(rows, block.w_in[experts])
+    h = torch.cat([F.silu(h[..., :block.hidden]) * h[..., block.hidden:]], -1) if block.expert == "swiglu" else F.gelu(h)
+    y = torch.bmm(h, block.w_out[experts]).view(flat.shape[0], block.top_k, -1)
+    out = (y * gates.unsqueeze(-1)).sum(1)
+    if block.shared is not None:
+        out = out + block.shared(flat)
+    return out.view(x.shape)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(top_k=1, expert="gelu"), dict(n_shared_experts=2, capacity_factor=0.5)])
+def test_flops_per_token_match_flop_counter(kwargs):
+    """FlopCounterMode counts matmuls only (2 per multiply-add), as forward_flops_per_token does, so the
+    counts agree exactly: on the real forward (the grouped op registers its own formula), on a bmm
+    reference that runs the same active matmuls, and 3x forward for forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    block = MoE(d_model=16, d_ff=24, n_experts=4, top_k=kwargs.pop("top_k", 2), **kwargs)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    per_token = block.forward_flops_per_token(seq_len=5)
+    counts, outputs = {}, {}
+    for name, fn in (("block", lambda: block(x, BlockState())), ("reference", lambda: gathered_reference(block, x))):
+        with FlopCounterMode(display=False) as counter:
+            outputs[name] = fn()
+        counts[name] = counter.get_total_flops() / 10
+        with FlopCounterMode(display=False) as counter:
+            fn().square().sum().backward()
+        counts[name + " fwd+bwd"] = counter.get_total_flops() / 10
+    if block.capacity_factor is None:  # the reference knows no capacity; it runs the same matmuls all the same
+        torch.testing.assert_close(outputs["block"], outputs["reference"], rtol=1e-5, atol=1e-6)
+    assert counts == {"block": per_token, "reference": per_token,
+                      "block fwd+bwd": 3 * per_token, "reference fwd+bwd": 3 * per_token}
+
+
+def test_moe_experiment_counts_fewer_flops_than_the_dense_default():
+    from micro_arch.experiment import load_experiment
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    flops = {}
+    for name in ("moe", "shakespeare-char"):
+        cfg = load_experiment(root / name, ["model.vocab_size=65"])
+        with torch.device("meta"):
+            flops[name] = Model(cfg.model).flops_per_token(cfg.train.seq_len)
+    assert flops["moe"] < flops["shakespeare-char"]
