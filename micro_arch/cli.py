@@ -96,6 +96,11 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_compare(args) -> None:
+    if args.data:
+        from micro_arch.eval_data import compare_on_data
+
+        compare_on_data(args.runs, args.data, args.out, console=console)
+        return
     from micro_arch.report import compare
 
     compare(args.runs, args.out, prompts=args.prompt or None, console=console)
@@ -149,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="report folder (default: runs/compare/<time>)")
     p.add_argument("--prompt", action="append", help="generate fresh samples for this prompt (repeatable)")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="instead: rank the runs in bits per byte on this text (a file, glob or 'shakespeare')")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="sample from a trained run with a KV cache")
@@ -184,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate on at most this many batches")
     p.add_argument("--device", default="auto")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="evaluate on this text instead of the held-out split: a .txt/.jsonl/.parquet file, a glob, "
+                        "a folder or 'shakespeare'; characters the tokenizer cannot encode are counted")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder (logits checked)")

@@ -110,22 +110,37 @@ def evaluate_run(run_dir, checkpoint=None, batch_size: int = 32, max_batches: in
 def eval_command(args) -> None:
     """`micro-arch eval RUN_DIR`: evaluate, write eval.json, print a table."""
     import json
-    import statistics
 
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     run_dir = Path(args.run_dir)
+    if getattr(args, "data", None):
+        from micro_arch.eval_data import evaluate_on_data, unencodable_line
+
+        result = evaluate_on_data(run_dir, args.data, args.checkpoint, args.batch_size, args.max_batches,
+                                  args.device)
+        console.print(_metrics_table(result, f"evaluation on {args.data}: {run_dir}"))
+        console.print(unencodable_line(result))
+        return
     result = evaluate_run(run_dir, args.checkpoint, args.batch_size, args.max_batches, args.device)
     summary = run_dir / "summary.json"
     trained_on = json.loads(summary.read_text()).get("data_fingerprint") if summary.is_file() else None
     if trained_on and trained_on != result["data_fingerprint"]:
         console.print("[yellow]warning: the held-out data differs from the data this run was trained "
                       "with (its fingerprint changed); the numbers are not comparable with its val_loss[/]")
+    console.print(_metrics_table(result, f"held-out evaluation: {run_dir}"))
+    console.print(f"written to {run_dir / 'eval.json'}")
+
+
+def _metrics_table(result: dict, title: str):
+    import statistics
+
+    from rich.table import Table
+
     losses = result["batch_losses"]
     spread = f" ± {statistics.stdev(losses) / math.sqrt(len(losses)):.4f}" if len(losses) > 1 else ""
-    table = Table(title=f"held-out evaluation: {run_dir}")
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("loss (nats/token)", f"{result['val_loss']:.4f}{spread}")
@@ -135,5 +150,4 @@ def eval_command(args) -> None:
     table.add_row("top-1 accuracy", f"{result['top1']:.2%}")
     table.add_row("top-5 accuracy", f"{result['top5']:.2%}")
     table.add_row("tokens", f"{result['n_tokens']:,} in {len(losses)} batches")
-    console.print(table)
-    console.print(f"written to {run_dir / 'eval.json'}")
+    return table

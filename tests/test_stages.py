@@ -353,3 +353,59 @@ def test_chat_drops_the_oldest_exchange_when_the_context_is_full(tok):
         session.reply("x" * 200)
     with pytest.raises(MicroArchError, match="cannot be encoded"):
         session.reply("é")
+
+
+# --- eval and compare on any text --------------------------------------------------------------------
+
+
+def make_run(folder, seed=0, chars=TEXT, extra=None):
+    """A run directory by hand: config, tokenizer and a checkpoint of a random tiny model."""
+    from micro_arch.checkpoint import save_checkpoint
+    from micro_arch.config import ExperimentConfig
+    from micro_arch.rundir import write_config
+
+    folder.mkdir(parents=True)
+    base = CharTokenizer(chars)
+    cfg = ExperimentConfig(name="tiny")
+    cfg.model = ModelConfig(d_model=32, n_heads=2, max_seq_len=64, vocab_size=base.vocab_size + (extra or 0),
+                            layers=[LayerGroup("Norm->Attn->+->Norm->MLP->+", 1)])
+    cfg.train.seq_len = 32
+    write_config(folder, cfg)
+    base.save(folder)
+    model = tiny_model(cfg.model.vocab_size, seed=seed, seq=64)
+    save_checkpoint(folder / "checkpoints/latest.pt", {"model": model.state_dict()})
+    return folder, model, base
+
+
+def test_eval_on_any_text_counts_what_the_tokenizer_cannot_encode(tmp_path):
+    from helpers import run_cli
+
+    from micro_arch.eval_data import evaluate_on_data
+    from micro_arch.evaluate import evaluate
+
+    run, model, base = make_run(tmp_path / "run")
+    text = "Où est la gare? Wie schön!\n\nNo accents here, friend."
+    (tmp_path / "other.txt").write_text(text)
+    result = evaluate_on_data(run, str(tmp_path / "other.txt"), device="cpu")
+    outside = [c for c in text if c not in TEXT]
+    assert result["unencodable"] == len(outside) == 2 and result["characters"] == len(text) - 2  # minus "\n\n"
+    assert sorted(c for c, _ in result["unencodable_top"]) == sorted(set(outside))
+    kept = "".join(c for c in text if c in TEXT)
+    expected = evaluate(model.eval(), base.encode_array(kept), 32, 32, "cpu", tokenizer=base)
+    assert result["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)
+    assert result["n_bytes"] == len(kept.encode()) - 1  # every byte but the first is predicted
+    out = run_cli("eval", run, "--data", tmp_path / "other.txt", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "2 of 50 characters (4.00%) cannot be encoded" in out.stdout.replace("\n", " ")
+
+
+def test_compare_on_data_ranks_runs_in_bits_per_byte(tmp_path):
+    from micro_arch.eval_data import compare_on_data, evaluate_on_data
+
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    runs = [str(make_run(tmp_path / f"run{i}", seed=i)[0]) for i in range(3)]
+    rows = compare_on_data(runs, str(tmp_path / "a.txt"), out=tmp_path / "report")
+    each = {r: evaluate_on_data(r, str(tmp_path / "a.txt"))["bits_per_byte"] for r in runs}
+    assert [r["run"] for r in rows] == sorted(runs, key=each.get)
+    assert [r["bits_per_byte"] for r in rows] == pytest.approx(sorted(each.values()))
+    assert (tmp_path / "report/data_ranking.md").read_text().count("| ") > 10
