@@ -21,6 +21,7 @@ from typing import Any, Literal
 import optuna
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from micro_arch.config import (
     ExperimentConfig,
@@ -265,6 +266,9 @@ class Objective:
         trial.set_user_attr("memory_estimate_mb", round(est.peak_mb, 1))
         trial.set_user_attr("memory_budget_mb", round(budget, 1))
         trial.set_user_attr("memory_method", est.method)
+        if est.warning:  # shown before the pruning decision that rests on it
+            trial.set_user_attr("memory_warning", est.warning)
+            console.print(f"  [bold yellow]warning[/]: {escape(est.warning)}")
         if est.peak_mb > budget:
             console.print(f"  [yellow]pruned before training[/]: needs {est.summary()}, budget {budget:,.1f} MiB")
             raise optuna.TrialPruned(f"estimated {est.peak_mb:.1f} MiB > budget {budget:.1f} MiB")
