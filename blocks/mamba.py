@@ -266,11 +266,13 @@ class Mamba(nn.Module):
                 f"scan={self.scan!r}")
 
     def forward_flops_per_token(self, seq_len: int) -> float:
-        """2 per weight of the projections, the depthwise conv, and the scan's ~7 operations per state element
-        (dt*A, exp, dt*x*B, decay*h, +input, C.h multiply-add); A_log and D are no matmul weights."""
+        """Matrix products only, 2 per multiply-add, as Model.flops_per_token counts every block: the four
+        projections, the depthwise conv (its padded output has seq_len + d_conv - 1 positions, all computed)
+        and the scan's read-out y_t = C_t . h_t. The recurrence itself (decays and updates, about 6 FLOPs per
+        state element) is elementwise work and, like norms and softmax elsewhere, not counted."""
         linears = (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
-        return 2 * sum(m.weight.numel() for m in linears) + 2 * self.conv1d.weight.numel() + \
-            7 * self.d_inner * self.d_state
+        conv = self.conv1d.weight.numel() * (seq_len + self.d_conv - 1) / seq_len
+        return 2 * sum(m.weight.numel() for m in linears) + 2 * conv + 2 * self.d_inner * self.d_state
 
     def _ssm_params(self, xc):
         """(dt, B, C) from the conv output: dt (..., d_inner) after softplus, B and C (..., d_state)."""

@@ -167,26 +167,41 @@ class Model(nn.Module):
         return total
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward): 2 per active weight for the
-        matmuls, the LM head included, plus attention's QK^T and AV over the context (PaLM's count).
-        Blocks whose cost differs from 2 * params (MoE: only top-k experts run) define
-        `forward_flops_per_token(seq_len)`."""
+        """Training FLOPs per token of a sequence of `seq_len` tokens: 3x the forward pass (the backward
+        multiplies by each weight twice: for the input's gradient and the weight's).
+
+        The forward counts matrix products only, 2 FLOPs per multiply-add, as FlopCounterMode and the
+        6N rule do: each weight matrix of the layers and the LM head (not the embedding lookups), and
+        attention's QK^T and AV over the (query, key) pairs its mask allows: on average (seq_len + 1) / 2
+        keys per query for causal attention, and for a window w, min(t + 1, w) keys at position t. That is
+        the work of a kernel that skips masked blocks (FlashAttention does for causal masks); charging the
+        full seq_len^2 square would make a sliding window cost as much as full attention. Elementwise work
+        (norms, activations, softmax, rotary, residual adds, a Mamba scan's decays and updates) is not
+        counted anywhere. Blocks whose products differ from 2 x their parameters (MoE: the router and the
+        top-k experts only; Mamba: its scan's read-out and a padded convolution) define
+        `forward_flops_per_token(seq_len)`. tests/test_flops.py checks all of it against FlopCounterMode."""
         forward = 2 * self.head.weight.numel()
         counted = set()
-        for module in self.modules():
-            if hasattr(module, "forward_flops_per_token"):
+        for module in self.modules():  # parents first: a block's own count covers its submodules
+            own = {id(p) for p in module.parameters()}
+            if hasattr(module, "forward_flops_per_token") and not own & counted:
                 forward += module.forward_flops_per_token(seq_len)
-                counted.update(id(p) for p in module.parameters())
+                counted |= own
         for p in self.parameters():
-            if id(p) in counted or p is self.embed.weight or p.dim() < 2:
+            if id(p) in counted or p is self.embed.weight or p is self.head.weight or p.dim() < 2:
                 continue
             if self.pos_embed is not None and p is self.pos_embed.weight:
-                continue
-            if p is self.head.weight:
                 continue
             forward += 2 * p.numel()
         for module in self.modules():
             if hasattr(module, "n_heads") and hasattr(module, "head_dim") and hasattr(module, "qkv_proj"):
-                context = min(seq_len, module.window or seq_len)
-                forward += 2 * 2 * module.n_heads * module.head_dim * context
+                keys = attended_keys_per_query(seq_len, getattr(module, "window", None))
+                forward += 2 * 2 * module.n_heads * module.head_dim * keys
         return 3.0 * forward
+
+
+def attended_keys_per_query(seq_len: int, window: int | None) -> float:
+    """Mean number of keys a query attends to in a causal sequence of seq_len tokens: t + 1 at
+    position t, at most `window`."""
+    w = seq_len if window is None else min(window, seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
