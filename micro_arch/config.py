@@ -67,6 +67,7 @@ class DataConfig:
     vocab_size: int = 4096  # for 'bpe'
     val_fraction: float = 0.1  # held-out share, taken as whole documents from the end
     cache_dir: str | None = None  # None: $MICRO_ARCH_CACHE or ~/.cache/micro-arch
+    val_source: str | None = None  # sft/dpo: held-out conversations or pairs (None: the last val_fraction)
 
 
 @dataclass
@@ -105,6 +106,11 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # pretrain: next tokens of text; sft: conversations (JSONL) with the loss on assistant tokens; dpo:
+    # preference pairs against the frozen model.init_from (micro_arch/stages); sft and dpo need init_from
+    stage: Literal["pretrain", "sft", "dpo"] = "pretrain"
+    dpo_beta: float = 0.1  # DPO's KL strength: the implicit reward is beta * log(pi / pi_ref)
+    dpo_precompute_reference: bool = False  # the reference's log-probs of every pair computed once at the start
 
 
 @dataclass
@@ -247,12 +253,14 @@ def _validate(obj, where: str) -> None:
                     "log_every", "checkpoint_every"):
             need(getattr(obj, key) >= 1, key, f"must be at least 1, got {getattr(obj, key)}")
         need(obj.lr > 0, "lr", f"must be positive, got {obj.lr}")
+        need(obj.dpo_beta > 0, "dpo_beta", f"must be positive, got {obj.dpo_beta}")
         need(len(obj.betas) == 2, "betas", f"needs two values, got {obj.betas}")
         need(obj.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(0.0 < obj.decay_fraction <= 1.0, "decay_fraction", "must be in (0, 1]")
     elif isinstance(obj, DataConfig):
         need(0.0 < obj.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {obj.val_fraction}")
         need(obj.vocab_size >= 2, "vocab_size", "must be at least 2")
+        need(obj.val_source is None or bool(obj.val_source), "val_source", "an empty string; leave it unset")
 
 
 def to_dict(obj) -> dict:

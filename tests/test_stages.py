@@ -114,8 +114,8 @@ def test_sft_loss_counts_only_assistant_tokens(tok):
             kept["logits"] = out.logits
             return out
 
-    result = sft_loss(Spy(), x, y, n_targets=int((y >= 0).sum()))
-    result.loss.backward()
+    loss, metrics = sft_loss(Spy(), (x, y, 1 / int((y >= 0).sum())))
+    loss.backward()
     grad_rows = kept["logits"].grad[0].abs().sum(-1) > 0
     predicts_assistant = torch.from_numpy(trainable[1:])
     predicts_assistant = F.pad(predicts_assistant, (0, x.size(1) - len(predicts_assistant)))
@@ -124,7 +124,7 @@ def test_sft_loss_counts_only_assistant_tokens(tok):
     logp = torch.log_softmax(kept["logits"][0].detach().float(), -1)
     positions = [t for t in range(len(ids) - 1) if trainable[t + 1]]
     expected = -sum(logp[t, ids[t + 1]] for t in positions) / len(positions)
-    assert float(result.ce_loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(metrics["train_loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_padding_after_the_end_changes_no_logit(tok):
@@ -144,14 +144,15 @@ def test_sft_loss_on_shards_of_the_global_batch_sums_to_the_whole(tok):
     ex = encode_conversations(tok, convs, seq_len=40, split="training")
     model = tiny_model(tok.vocab_size)
     one = ConversationBatches(ex, batch_size=4, seed=3)
-    x, y, n = one.batch(7)
-    sft_loss(model, x, y, n).loss.backward()
+    x, y, scale = one.batch(7)
+    assert scale == 1 / int((y >= 0).sum())
+    sft_loss(model, (x, y, scale))[0].backward()
     whole = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     for rank in range(2):
-        x, y, n2 = ConversationBatches(ex, batch_size=2, seed=3, rank=rank, world_size=2).batch(7)
-        assert n2 == n
-        (sft_loss(model, x, y, n2, world_size=2).loss / 2).backward()
+        batch = ConversationBatches(ex, batch_size=2, seed=3, rank=rank, world_size=2).batch(7)
+        assert batch[2] == 2 * scale
+        (sft_loss(model, batch)[0] / 2).backward()  # DDP's average over the two ranks
     for a, b in zip(whole, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
@@ -409,3 +410,70 @@ def test_compare_on_data_ranks_runs_in_bits_per_byte(tmp_path):
     assert [r["run"] for r in rows] == sorted(runs, key=each.get)
     assert [r["bits_per_byte"] for r in rows] == pytest.approx(sorted(each.values()))
     assert (tmp_path / "report/data_ranking.md").read_text().count("| ") > 10
+
+
+# --- the stages' wiring: reference model, precomputed log-probs ------------------------------------------
+
+
+def stage_config(tmp_path, stage, source, parent, **train):
+    from micro_arch.config import ExperimentConfig, from_dict
+
+    cfg = from_dict(ExperimentConfig, {
+        "model": {"d_model": 32, "n_heads": 2, "max_seq_len": 64, "vocab_size": len(set(TEXT)) + 4,
+                  "layers": [{"spec": "Norm->Attn->+->Norm->MLP->+", "repeat": 1}], "init_from": str(parent)},
+        "data": {"source": source, "val_source": source, "cache_dir": str(tmp_path / "cache")},
+        "train": {"stage": stage, "seq_len": 64, "batch_size": 2, "eval_batches": 1, **train}})
+    return cfg
+
+
+PAIRS = [{"prompt": "Who goes there?", "chosen": "Nay, answer me.", "rejected": "Good night."},
+         {"prompt": "What is the hour?", "chosen": "Twelve, my lord.", "rejected": "A ship, a ship."},
+         {"prompt": "Is it the king?", "chosen": "It is.", "rejected": "Go to, go to."}]
+
+
+def test_dpo_reference_stays_frozen_while_the_policy_trains(tmp_path):
+    from micro_arch.hf.init import load_initial_weights
+    from micro_arch.stages.setup import Stage, prepare_stage_data
+
+    parent, _, _ = make_run(tmp_path / "parent")
+    source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    cfg = stage_config(tmp_path, "dpo", source, parent, dpo_beta=0.5)
+    data = prepare_stage_data(cfg)
+    assert len(data.train) == 3 and data.tokenizer.vocab_size == cfg.model.vocab_size
+    stage = Stage(cfg, data, torch.device("cpu"))
+    policy = Model(cfg.model)
+    load_initial_weights(policy, cfg.model)
+    start = {k: v.clone() for k, v in stage.reference.state_dict().items()}
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    for step in range(4):
+        loss, metrics = stage.loss(policy, stage.source.batch(step))
+        if step == 0:  # the policy starts as the reference: every implicit reward is 0
+            assert float(loss.detach()) == pytest.approx(math.log(2), rel=1e-5)
+            assert float(metrics["dpo/reward_margin"]) == pytest.approx(0, abs=1e-5)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float(loss.detach()) < math.log(2)
+    assert not stage.reference.training and not any(p.requires_grad for p in stage.reference.parameters())
+    for k, v in stage.reference.state_dict().items():
+        assert torch.equal(v, start[k]), k
+    assert any(not torch.equal(v, start[k]) for k, v in policy.state_dict().items())
+    val_loss, extra = stage.held_out(policy)
+    assert val_loss < math.log(2) and extra["val/preference_accuracy"] > 0.5
+    # the reference's log-probabilities computed once give the same losses
+    cfg.train.dpo_precompute_reference = True
+    ahead = Stage(cfg, data, torch.device("cpu"))
+    for step in range(3):
+        batch = ahead.source.batch(step)
+        assert batch[2] is not None
+        torch.testing.assert_close(ahead.loss(policy, batch)[0], stage.loss(policy, stage.source.batch(step))[0])
+
+
+def test_stages_need_a_run_to_start_from(tmp_path):
+    from micro_arch.stages.setup import prepare_stage_data
+
+    source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    cfg = stage_config(tmp_path, "dpo", source, "x")
+    cfg.model.init_from = None
+    with pytest.raises(MicroArchError, match="train.stage=dpo needs model.init_from"):
+        prepare_stage_data(cfg)

@@ -8,18 +8,8 @@ same number of pairs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
-
-
-@dataclass
-class StageLoss:
-    loss: torch.Tensor  # what backward() differentiates: the stage's loss plus the model's auxiliary losses
-    ce_loss: torch.Tensor  # the number logged as train_loss (SFT: nats per assistant token; DPO: DPO loss)
-    aux_losses: dict = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)  # tensors, read at log time
 
 
 def token_nats(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -33,13 +23,23 @@ def sequence_logprobs(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -token_nats(logits, y).sum(1)
 
 
-def sft_loss(model, x: torch.Tensor, y: torch.Tensor, n_targets: int, world_size: int = 1) -> StageLoss:
-    """Mean cross-entropy over the assistant tokens of the global batch (targets of -1 are not learned)."""
+def _model_metrics(out) -> dict:
+    metrics = {f"aux/{k}": v.detach() for k, v in out.aux_losses.items()}
+    metrics.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.stats.items()})
+    return metrics
+
+
+def with_aux(loss: torch.Tensor, out) -> torch.Tensor:
+    return loss + sum(out.aux_losses.values()) if out.aux_losses else loss
+
+
+def sft_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """batch = (x, y, scale) with scale = world_size / (learned tokens in the global batch): the mean
+    cross-entropy over the assistant tokens of the global batch (targets of -1 are not learned)."""
+    x, y, scale = batch
     out = model(x)
-    nats = token_nats(out.logits, y).sum()
-    ce = nats * (world_size / max(n_targets, 1))
-    loss = ce + sum(out.aux_losses.values()) if out.aux_losses else ce
-    return StageLoss(loss, ce, out.aux_losses, out.stats)
+    ce = token_nats(out.logits, y).sum() * scale
+    return with_aux(ce, out), {"train_loss": ce.detach(), **_model_metrics(out)}
 
 
 def dpo_objective(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -63,11 +63,19 @@ def reference_logprobs(reference, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return sequence_logprobs(reference(x).logits, y)
 
 
-def dpo_loss(policy, x: torch.Tensor, y: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> StageLoss:
-    """x, y: the batch's chosen rows, then its rejected rows (Pairs.rows); ref_logps likewise."""
-    out = policy(x)
-    logps = sequence_logprobs(out.logits, y)
-    n = len(x) // 2
-    loss, metrics = dpo_objective(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta)
-    total = loss + sum(out.aux_losses.values()) if out.aux_losses else loss
-    return StageLoss(total, loss.detach(), out.aux_losses, {**out.stats, **{f"dpo/{k}": v for k, v in metrics.items()}})
+def dpo_loss_fn(reference, beta: float):
+    """The DPO stage's loss_fn(model, batch), batch = (x, y, ref_logps): the chosen rows then the rejected rows
+    (Pairs.rows), and the reference's log-probabilities of them, or None to compute them here."""
+
+    def dpo_loss(model, batch) -> tuple[torch.Tensor, dict]:
+        x, y, ref_logps = batch
+        if ref_logps is None:
+            ref_logps = reference_logprobs(reference, x, y)
+        out = model(x)
+        logps = sequence_logprobs(out.logits, y)
+        n = len(x) // 2
+        loss, metrics = dpo_objective(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta)
+        return with_aux(loss, out), {"train_loss": loss.detach(), **{f"dpo/{k}": v for k, v in metrics.items()},
+                                     **_model_metrics(out)}
+
+    return dpo_loss

@@ -76,19 +76,19 @@ def global_rows(n: int, global_batch: int, seed: int, step: int) -> torch.Tensor
 
 
 class ConversationBatches:
-    """Training batches of conversations: (x, y, n_targets) where n_targets counts the learned tokens of the
-    whole global batch (all ranks), which the SFT loss divides by."""
+    """The SFT batch source: batch(index) -> (x, y, scale), this rank's rows of the global batch, where
+    scale = world_size / (learned tokens in the whole global batch), which the SFT loss multiplies by."""
 
     def __init__(self, examples: Examples, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.targets_per_row = (examples.y >= 0).sum(1)
 
-    def batch(self, step: int):
-        rows = global_rows(len(self.examples), self.batch_size * self.world_size, self.seed, step)
+    def batch(self, index: int):
+        rows = global_rows(len(self.examples), self.batch_size * self.world_size, self.seed, index)
         n_targets = int(self.targets_per_row[rows].sum())
         mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return self.examples.x[mine], self.examples.y[mine], n_targets
+        return self.examples.x[mine], self.examples.y[mine], self.world_size / max(n_targets, 1)
 
 
 def held_out_batches(examples: Examples, batch_size: int, max_batches: int | None = None):

@@ -1,0 +1,167 @@
+"""What the trainer needs for `train.stage: sft | dpo`: the data, the batch source, the loss and the held-out
+measurement, built from the experiment config.
+
+    data = prepare_stage_data(cfg)               # .tokenizer (with the template), .train, .val, .fingerprint
+    stage = Stage(cfg, data, device, rank, world)  # DPO: builds the frozen reference
+    stage.source.batch(index)                      # a tuple of CPU tensors for one micro-step
+    stage.loss(model, batch)                       # (loss, metrics), the trainer's loss_fn contract
+    stage.held_out(model)                          # (val_loss, further metrics)
+
+Both stages start from model.init_from, a micro-arch run: its tokenizer is kept (the template's special tokens
+are appended after its vocabulary, and init_from's loader grows the embedding to match), and for DPO its
+weights are the frozen reference.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from micro_arch.config import ExperimentConfig
+from micro_arch.errors import MicroArchError
+
+from .chat_template import ChatTokenizer
+from .dpo_data import Pairs, encode_pairs
+from .heldout import assistant_loss, pair_logprobs, preference_metrics
+from .losses import dpo_loss_fn, sft_loss
+from .records import read_records, split_records
+from .sft_data import ConversationBatches, Examples, conversation_messages, encode_conversations, global_rows
+
+
+@dataclass
+class StageData:
+    tokenizer: ChatTokenizer
+    train: Examples | Pairs
+    val: Examples | Pairs
+    fingerprint: str
+    notes: list[str] = field(default_factory=list)  # what was skipped or cut, for the console
+
+
+def parent_run_dir(cfg: ExperimentConfig) -> Path:
+    """The run directory model.init_from names (sft and dpo continue a micro-arch run and keep its tokenizer)."""
+    stage = cfg.train.stage
+    if not cfg.model.init_from:
+        raise MicroArchError(f"train.stage={stage} needs model.init_from: the run to fine-tune (its weights and "
+                             "tokenizer), e.g. model.init_from: runs/shakespeare-char/<run-id>")
+    from micro_arch.hf.init import resolve_source
+
+    kind, path = resolve_source(cfg.model.init_from)
+    if kind == "huggingface":
+        raise MicroArchError(f"model.init_from {cfg.model.init_from!r}: train.stage={stage} starts from a micro-arch "
+                             "run directory (for its tokenizer); import the Hugging Face folder with a pretrain "
+                             "run first, then fine-tune that run")
+    return path.parent.parent if kind == "checkpoint" else path
+
+
+def _source_text(source) -> str:
+    if not isinstance(source, str):
+        raise MicroArchError("data.source: train.stage sft/dpo reads one JSONL source (a file, glob or folder), "
+                             "not a mixture")
+    return source
+
+
+def _describe(source: str) -> list:
+    from micro_arch.data.sources import local_files
+
+    return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in local_files(source)]
+
+
+def prepare_stage_data(cfg: ExperimentConfig) -> StageData:
+    from micro_arch.data import load_tokenizer
+    from micro_arch.data.shards import cache_root, digest
+
+    t, d = cfg.train, cfg.data
+    tok = ChatTokenizer(load_tokenizer(parent_run_dir(cfg)))
+    what = "conversations" if t.stage == "sft" else "preference pairs"
+    source = _source_text(d.source)
+    root = cache_root(d.cache_dir)
+    records = read_records(source, root, what)
+    val_records = read_records(d.val_source, root, what) if d.val_source else None
+    train_rec, val_rec = split_records(records, val_records, d.val_fraction, source)
+    if t.stage == "sft":
+        train = encode_conversations(tok, conversation_messages(train_rec), t.seq_len, "training")
+        val = encode_conversations(tok, conversation_messages(val_rec), t.seq_len, "held-out")
+    else:
+        train = encode_pairs(tok, train_rec, t.seq_len, "training")
+        val = encode_pairs(tok, val_rec, t.seq_len, "held-out")
+    fingerprint = digest("stage-v1", t.stage, _describe(source), d.val_source and _describe(d.val_source),
+                         None if d.val_source else d.val_fraction, tok.identity, t.seq_len)
+    return StageData(tok, train, val, fingerprint, [train.report("training"), val.report("held-out")])
+
+
+class PairBatches:
+    """The DPO batch source: batch(index) -> (x, y, ref_logps): this rank's pairs of the global batch, chosen
+    rows then rejected rows, with the reference's log-probabilities when they were computed ahead."""
+
+    def __init__(self, pairs: Pairs, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 reference_table: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
+        self.rank, self.world_size, self.reference_table = rank, world_size, reference_table
+
+    def batch(self, index: int):
+        rows = global_rows(len(self.pairs), self.batch_size * self.world_size, self.seed, index)
+        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        x, y = self.pairs.rows(mine)
+        ref = None
+        if self.reference_table is not None:
+            ref = torch.cat([self.reference_table[0][mine], self.reference_table[1][mine]])
+        return x, y, ref
+
+
+def build_reference(cfg: ExperimentConfig, device: torch.device):
+    """The frozen DPO reference: model.init_from's weights, in eval mode, without gradients."""
+    from micro_arch.hf.init import load_initial_weights
+    from micro_arch.model import Model
+
+    reference = Model(cfg.model)
+    load_initial_weights(reference, cfg.model)
+    reference.to(device).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+class Stage:
+    """The stage's pieces for one process: batch source, loss and held-out measurement."""
+
+    def __init__(self, cfg: ExperimentConfig, data: StageData, device: torch.device, rank: int = 0,
+                 world_size: int = 1):
+        t = cfg.train
+        self.cfg, self.data, self.device = cfg, data, device
+        self.eval_rows = t.eval_batches * t.batch_size * world_size  # the same on every rank and world size
+        self.eval_batch = t.batch_size * world_size
+        if t.stage == "sft":
+            self.source = ConversationBatches(data.train, t.batch_size, t.seed, rank, world_size)
+            self.loss = sft_loss
+            self.reference = None
+            return
+        self.reference = build_reference(cfg, device)
+        table = None
+        if t.dpo_precompute_reference:
+            table = pair_logprobs(self.reference, data.train, t.batch_size, device, t.precision)
+        self.source = PairBatches(data.train, t.batch_size, t.seed, rank, world_size, table)
+        self.loss = dpo_loss_fn(self.reference, t.dpo_beta)
+        self.val_pairs = _first(data.val, self.eval_rows)
+        self.val_reference = pair_logprobs(self.reference, self.val_pairs, self.eval_batch, device, t.precision)
+
+    def held_out(self, model) -> tuple[float, dict]:
+        """(the held-out loss the trainer logs as val_loss, further metrics for metrics.csv). Every rank
+        measures the same rows, so the numbers do not depend on the number of processes."""
+        t = self.cfg.train
+        if t.stage == "sft":
+            found = assistant_loss(model, _first(self.data.val, self.eval_rows), self.eval_batch, self.device,
+                                   t.precision)
+            return found["assistant_loss"], {}
+        m = preference_metrics(model, self.val_pairs, *self.val_reference, t.dpo_beta, self.eval_batch,
+                               self.device, t.precision)
+        extra = {f"val/{k}": m[k] for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy",
+                                            "logp_chosen", "logp_rejected")}
+        return m["dpo_loss"], extra
+
+
+def _first(items: Examples | Pairs, n: int):
+    if isinstance(items, Examples):
+        return Examples(items.x[:n], items.y[:n])
+    return Pairs(items.chosen_x[:n], items.chosen_y[:n], items.rejected_x[:n], items.rejected_y[:n])
