@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -108,21 +106,25 @@ def plain_loop(train: np.ndarray, vocab: int, steps: int, batch: int, seq: int) 
 
 
 def micro_arch_loop(experiment: str, data, steps: int) -> tuple[float, object]:
-    """Tokens per second of micro-arch's own Trainer.train_step on the experiment's config."""
+    """Tokens per second of micro-arch's own training step (batches, step, no bookkeeping) on the experiment."""
     from micro_arch.distributed import Dist
     from micro_arch.experiment import load_experiment
     from micro_arch.train import Trainer, tokens_per_step
 
     cfg = load_experiment(experiment)
     cfg.model.vocab_size = data.tokenizer.vocab_size
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, data, Path(tmp), Dist(), torch.device("cpu"))
-        for s in range(10):
-            trainer.train_step(s)
-        start = time.perf_counter()
-        for s in range(10, 10 + steps):
-            trainer.train_step(s)
-        elapsed = time.perf_counter() - start
+    trainer = Trainer(cfg, data, Dist(), torch.device("cpu"))
+
+    def step(s):
+        trainer.step_fn(s, trainer.batches.take(s))
+        trainer.batches.prepare(s + 1)
+
+    for s in range(10):
+        step(s)
+    start = time.perf_counter()
+    for s in range(10, 10 + steps):
+        step(s)
+    elapsed = time.perf_counter() - start
     return steps * tokens_per_step(cfg, 1) / elapsed, cfg
 
 

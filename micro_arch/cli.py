@@ -65,10 +65,14 @@ def cmd_trace(args) -> None:
 
 
 def cmd_run(args) -> None:
+    from micro_arch.stop import RunInterrupted
     from micro_arch.train import run_experiment
 
-    run_experiment(args.experiment, overrides=args.set, resume=args.resume, dry_run=args.dry_run,
-                   runs_root=args.runs_dir, nproc=args.nproc, checkpoint=args.checkpoint)
+    try:
+        run_experiment(args.experiment, overrides=args.set, resume=args.resume, dry_run=args.dry_run,
+                       runs_root=args.runs_dir, nproc=args.nproc, checkpoint=args.checkpoint)
+    except RunInterrupted as stop:  # saved and explained already; 130 for Ctrl-C, 143 for SIGTERM
+        sys.exit(stop.exit_code)
 
 
 def cmd_generate(args) -> None:

@@ -63,4 +63,9 @@ def launch(nproc: int, cli_args: list[str]) -> int:
     """Start `nproc` processes of `micro-arch <cli_args>` through torchrun; returns its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "micro_arch", *cli_args]
-    return subprocess.call(cmd)
+    process = subprocess.Popen(cmd)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them save and stop
+            continue
