@@ -8,10 +8,12 @@ from blocks.norms import rms_norm
 from micro_arch.registry import register_block
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
-    """Rotations e^(i * position * theta^(-2j/d)) of shape (max_seq_len, head_dim // 2), complex."""
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, scaling: float = 1.0) -> torch.Tensor:
+    """Rotations e^(i * position * theta^(-2j/d)) of shape (max_seq_len, head_dim // 2), complex.
+    scaling > 1 is position interpolation (Chen et al., 2023): position p turns as p / scaling did, so a
+    context `scaling` times longer spans the angles the model was trained on."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32) / scaling, inv_freq)
     return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -44,6 +46,7 @@ class Attention(nn.Module):
         max_seq_len: int = 1024,
         positions: str = "rope",
         rope_theta: float = 10000.0,
+        rope_scaling: float = 1.0,
         window: int | None = None,
         qk_norm: bool = False,
         bias: bool = False,
@@ -69,7 +72,7 @@ class Attention(nn.Module):
             self.k_norm = nn.Parameter(torch.ones(head_dim))
         if self.use_rope:
             # kept as real (cos, sin) pairs: Module.to(dtype) would drop the imaginary part of a complex buffer
-            rope = torch.view_as_real(rope_tables(head_dim, max_seq_len, rope_theta))
+            rope = torch.view_as_real(rope_tables(head_dim, max_seq_len, rope_theta, rope_scaling))
             self.register_buffer("rope", rope, persistent=False)
 
     def forward(self, x, state=None):

@@ -37,6 +37,7 @@ class ModelConfig:
     max_seq_len: int = 256
     positions: Literal["rope", "learned", "none"] = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: float = 1.0  # RoPE position interpolation for context extension: positions divided by this
     defaults: dict[str, str] = field(
         default_factory=lambda: {
             "Norm": "rmsnorm", "Attn": "attention", "MLP": "swiglu", "MoE": "moe", "Mamba": "mamba",
@@ -248,6 +249,7 @@ def _validate(obj, where: str) -> None:
                  f"n_heads={obj.n_heads} must be a multiple of n_kv_heads={obj.n_kv_heads}")
         need(len(obj.layers) > 0, "layers", "no layers; write e.g. layers: [{spec: 'Norm->Attn->+', repeat: 2}]")
         need(0.0 <= obj.dropout < 1.0, "dropout", f"must be in [0, 1), got {obj.dropout}")
+        need(obj.rope_scaling > 0, "rope_scaling", f"must be positive (1: none), got {obj.rope_scaling}")
     elif isinstance(obj, TrainConfig):
         for key in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches",
                     "log_every", "checkpoint_every"):

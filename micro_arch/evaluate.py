@@ -123,6 +123,13 @@ def eval_command(args) -> None:
         console.print(_metrics_table(result, f"evaluation on {args.data}: {run_dir}"))
         console.print(unencodable_line(result))
         return
+    from micro_arch.rundir import read_run_config
+
+    if read_run_config(run_dir).train.stage != "pretrain":
+        from micro_arch.stages.evaluate_stage import evaluate_stage_run, print_stage_eval
+
+        print_stage_eval(console, run_dir, evaluate_stage_run(run_dir, args.checkpoint, args.batch_size, args.device))
+        return
     result = evaluate_run(run_dir, args.checkpoint, args.batch_size, args.max_batches, args.device)
     summary = run_dir / "summary.json"
     trained_on = json.loads(summary.read_text()).get("data_fingerprint") if summary.is_file() else None
@@ -131,6 +138,19 @@ def eval_command(args) -> None:
                       "with (its fingerprint changed); the numbers are not comparable with its val_loss[/]")
     console.print(_metrics_table(result, f"held-out evaluation: {run_dir}"))
     console.print(f"written to {run_dir / 'eval.json'}")
+    from micro_arch.stages.context import extended_from
+
+    if extended_from(run_dir) is not None:  # a context-extension run: the loss at the parent's length too
+        from micro_arch.data import prepare_data
+        from micro_arch.device import resolve_device
+        from micro_arch.rundir import load_run
+        from micro_arch.stages.context import context_lines
+
+        device = resolve_device(args.device)
+        cfg, model, _ = load_run(run_dir, args.checkpoint, device)
+        for line in context_lines(run_dir, model, prepare_data(cfg.data).val, result["seq_len"], args.batch_size,
+                                  device, args.max_batches):
+            console.print(line)
 
 
 def _metrics_table(result: dict, title: str):

@@ -82,7 +82,7 @@ class Model(nn.Module):
         dims = lambda i: Dims(  # noqa: E731
             d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=head_dim,
             d_ff=cfg.d_ff, max_seq_len=cfg.max_seq_len, dropout=cfg.dropout, n_layers=n_layers,
-            layer_idx=i, positions=cfg.positions, rope_theta=cfg.rope_theta,
+            layer_idx=i, positions=cfg.positions, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
         )
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None

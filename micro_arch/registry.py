@@ -39,6 +39,7 @@ class Dims:
     layer_idx: int = 0
     positions: str = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: float = 1.0
 
 
 DIM_NAMES = tuple(f.name for f in fields(Dims))

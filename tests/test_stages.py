@@ -477,3 +477,35 @@ def test_stages_need_a_run_to_start_from(tmp_path):
     cfg.model.init_from = None
     with pytest.raises(MicroArchError, match="train.stage=dpo needs model.init_from"):
         prepare_stage_data(cfg)
+
+
+# --- context extension --------------------------------------------------------------------------------
+
+
+def test_position_interpolation_turns_position_p_as_p_over_the_factor():
+    from blocks.attention import rope_tables
+
+    plain, scaled = rope_tables(16, 64, 10000.0), rope_tables(16, 128, 10000.0, scaling=2.0)
+    torch.testing.assert_close(scaled[0::2], plain)
+    # every position, odd ones included, turns by half its plain angle: squared, the plain rotation
+    torch.testing.assert_close(scaled ** 2, rope_tables(16, 128, 10000.0), rtol=1e-4, atol=1e-4)
+
+
+def test_context_extension_from_a_run_reports_both_lengths(tmp_path):
+    from micro_arch.hf.init import load_initial_weights
+    from micro_arch.stages.context import context_lines, extended_from
+
+    parent, small, base = make_run(tmp_path / "parent")
+    cfg = ModelConfig(d_model=32, n_heads=2, max_seq_len=128, vocab_size=base.vocab_size, rope_scaling=2.0,
+                      layers=[LayerGroup("Norm->Attn->+->Norm->MLP->+", 1)], init_from=str(parent))
+    model = Model(cfg)
+    run = tmp_path / "extended"
+    run.mkdir()
+    provenance = load_initial_weights(model, cfg, run)
+    assert provenance["changed"]["max_seq_len"] == [64, 128] and extended_from(run) == 64
+    torch.testing.assert_close(model.state_dict()["embed.weight"], small.state_dict()["embed.weight"])
+    tokens = base.encode_array("the quick brown fox jumps over the lazy dog. " * 20)
+    lines = context_lines(run, model.eval(), tokens, 128, 8, "cpu")
+    assert len(lines) == 2 and "64-token windows (the parent's length)" in lines[0]
+    assert "128-token windows (this run's length)" in lines[1]
+    assert context_lines(tmp_path / "parent", small, tokens, 64, 8, "cpu") == []
