@@ -68,6 +68,46 @@ def check_kernels():
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
+def check_every_rows_per_program():
+    """Each tile height the autotuner may pick, forward and backward, fp32 and bf16: row counts that no
+    tile height divides, and backward programs (4 under the interpreter) whose row ranges end mid-tile."""
+    from blocks.rmsnorm_triton import CONFIG_SPACE, triton_bwd, triton_fwd
+
+    for rows in sorted({r for r, _ in CONFIG_SPACE}):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            for shape in ((37, 100), (3, 5, 257)):
+                x, w, dy = _inputs(shape, dtype, seed=rows)
+                y, rstd = triton_fwd(x, w, EPS, config=(rows, 4))
+                dx, dw = triton_bwd(dy, x, w, rstd, config=(rows, 4))
+                want = _grads(rms_norm, x, w, dy)
+                for name, a, b in zip(("y", "dx", "dw"), (y, dx, dw), want):
+                    assert a.dtype == b.dtype, (name, rows, dtype)
+                    torch.testing.assert_close(a, b, atol=tol, rtol=tol,
+                                               msg=lambda m, n=name, r=rows, s=shape: f"{n} rows={r} {s}: {m}")
+
+
+def check_autotune_caches_per_width():
+    """The autotuner picks one of the width's candidates the first time it meets a width, then reuses it:
+    a new batch shape of the same width times nothing again."""
+    import triton
+
+    from blocks.rmsnorm_triton import _fwd_tuned, configs_for, rms_norm_triton
+
+    timed = []  # one entry per candidate config the autotuner times
+    bench = _fwd_tuned.do_bench
+    _fwd_tuned.do_bench = lambda call, quantiles=None: timed.append(1) or bench(call, quantiles)
+    x, w, _ = _inputs((9, 200), torch.float32)
+    rms_norm_triton(x, w, EPS)
+    candidates = configs_for(triton.next_power_of_2(200))
+    assert len(timed) == len(candidates) > 1, (timed, candidates)
+    assert (200, "torch.float32", "torch.float32", "torch.float32", "torch.float32") in _fwd_tuned.cache
+    best = (_fwd_tuned.best_config.kwargs["ROWS"], _fwd_tuned.best_config.num_warps)
+    assert best in candidates
+    y = rms_norm_triton(*_inputs((4, 3, 200), torch.float32)[:2], EPS)
+    assert len(timed) == len(candidates)  # cached: no second round of timing
+    torch.testing.assert_close(y, rms_norm(*_inputs((4, 3, 200), torch.float32)[:2], EPS))
+
+
 def check_opcheck():
     from blocks.rmsnorm_triton import rmsnorm_bwd, rmsnorm_fwd
 
@@ -77,20 +117,42 @@ def check_opcheck():
     torch.library.opcheck(rmsnorm_bwd, (dy, x.detach(), w.detach(), rstd.detach()))
 
 
-def _run_interpreted(check):
+INTERPRETED_CHECKS = ("check_kernels", "check_opcheck", "check_every_rows_per_program",
+                      "check_autotune_caches_per_width")
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """All interpreter checks in one subprocess (importing torch and triton dominates its time)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__, check], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, __file__, *INTERPRETED_CHECKS], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    return proc.stdout + proc.stderr
 
 
-def test_kernels_match_rms_norm():
-    _run_interpreted("check_kernels")
+@pytest.mark.parametrize("check", INTERPRETED_CHECKS)
+def test_interpreted(interpreted, check):
+    assert f"{check}: ok" in interpreted, interpreted
 
 
-def test_opcheck():
-    _run_interpreted("check_opcheck")
+@pytest.mark.parametrize("width", [1, 33, 100, 1024, 2048, 3000, 4096, 8192, 65536])
+def test_autotune_candidates_suit_the_width(width):
+    triton = pytest.importorskip("triton")
+    from blocks.rmsnorm_triton import CONFIG_SPACE, MAX_TILE, _default_config, _prune, configs_for
+
+    block = triton.next_power_of_2(width)
+    candidates = configs_for(block)
+    assert candidates and _default_config(block) in candidates and set(candidates) <= set(CONFIG_SPACE)
+    for rows, warps in candidates:
+        assert rows * block <= max(MAX_TILE, block), (rows, warps)  # several rows only while the tile is small
+    if 1024 <= width <= 2048:
+        assert any(rows > 1 for rows, _ in candidates)  # narrow rows: several per program is tried
+    if width >= 8192:
+        assert all(rows == 1 for rows, _ in candidates)
+    configs = [triton.Config({"ROWS": r}, num_warps=w) for r, w in CONFIG_SPACE]
+    kept = _prune(configs, {}, BLOCK_SIZE=block)
+    assert [(c.kwargs["ROWS"], c.num_warps) for c in kept] == [c for c in CONFIG_SPACE if c in candidates]
 
 
 # --- checks in this process -----------------------------------------------------------------------
@@ -135,5 +197,15 @@ def test_registered_block():
 
 
 if __name__ == "__main__":
-    globals()[sys.argv[1]]()
-    print("ok")
+    import traceback
+
+    failed = False
+    for name in sys.argv[1:]:
+        try:
+            globals()[name]()
+            print(f"{name}: ok", flush=True)
+        except Exception:
+            failed = True
+            traceback.print_exc()
+            print(f"{name}: FAILED", flush=True)
+    sys.exit(1 if failed else 0)
