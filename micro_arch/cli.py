@@ -7,6 +7,14 @@ import sys
 
 from rich.console import Console
 
+from micro_arch.argtypes import (
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_int,
+    probability,
+)
 from micro_arch.errors import MicroArchError
 
 console = Console()
@@ -49,8 +57,11 @@ def cmd_trace(args) -> None:
 
     cfg = load_experiment(args.experiment, args.set)
     model = build_model(cfg)
-    batch = args.batch or cfg.train.batch_size
-    seq = args.seq_len or cfg.train.seq_len
+    batch = cfg.train.batch_size if args.batch is None else args.batch
+    seq = cfg.train.seq_len if args.seq_len is None else args.seq_len
+    if seq > cfg.model.max_seq_len:
+        raise MicroArchError(f"--seq-len {seq} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
+                             "pass a shorter --seq-len or raise model.max_seq_len (--set model.max_seq_len=...)")
     idx = torch.zeros(batch, seq, dtype=torch.long)
     tree = render(trace_model(model, idx), depth=args.depth)
     console.print(tree)
@@ -58,9 +69,7 @@ def cmd_trace(args) -> None:
                   f"({model.num_params(non_embedding=True):,} without embeddings), "
                   f"{model.flops_per_token(seq):,.0f} training FLOPs per token at seq_len {seq}")
     if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(trace_text(tree))
+        args.out.write_text(trace_text(tree))
         console.print(f"written to {args.out}")
 
 
@@ -116,8 +125,15 @@ def cmd_export(args) -> None:
     export_command(args)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other micro-arch error (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="micro-arch", description=__doc__)
+    parser = Parser(prog="micro-arch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_set(p):
@@ -133,15 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "step_0001000.pt, or a path) instead of the latest")
     p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and memory, then exit")
     p.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
-    p.add_argument("--nproc", type=int, default=1, help="processes to train with (DDP through torchrun)")
+    p.add_argument("--nproc", type=positive_int, default=1, help="processes to train with (DDP through torchrun)")
     p.set_defaults(func=cmd_run)
 
     p = with_set(sub.add_parser("trace", help="show how shapes flow through every module"))
     p.add_argument("experiment")
-    p.add_argument("--depth", type=int, default=None, help="how many levels of modules to show")
-    p.add_argument("--batch", type=int, default=None, help="batch size of the traced input (default: train.batch_size)")
-    p.add_argument("--seq-len", type=int, default=None, help="length of the traced input (default: train.seq_len)")
-    p.add_argument("--out", default=None, help="also write the tree as plain text to this file")
+    p.add_argument("--depth", type=non_negative_int, default=None,
+                   help="how many levels of modules to show (0: only the model's own line)")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="batch size of the traced input (default: train.batch_size)")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="length of the traced input (default: train.seq_len)")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="also write the tree as plain text to this file (its folder must exist)")
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("blocks", help="list the registered blocks")
@@ -151,12 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_set(sub.add_parser("sweep", help="run an Optuna study, then train the best configs in full"))
     p.add_argument("sweep", help="sweep file, e.g. sweeps/tiny.yaml")
-    p.add_argument("--trials", type=int, default=None, help="override the number of trials")
+    p.add_argument("--trials", type=positive_int, default=None, help="override the number of trials")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compare", help="write a report that compares runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", default=None, help="report folder (default: runs/compare/<time>)")
+    p.add_argument("--out", type=output_dir, default=None,
+                   help="report folder, created if missing; its parent must exist (default: runs/compare/<time>)")
     p.add_argument("--prompt", action="append", help="generate fresh samples for this prompt (repeatable)")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="instead: rank the runs in bits per byte on this text (a file, glob or 'shakespeare')")
@@ -165,11 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample from a trained run with a KV cache")
     p.add_argument("run_dir")
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=positive_int, default=200)
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--num-samples", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's latest)")
     p.add_argument("--device", default="auto")
@@ -192,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte, top-k accuracy")
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-batches", type=int, default=None, help="evaluate on at most this many batches")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate on at most this many batches")
     p.add_argument("--device", default="auto")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="evaluate on this text instead of the held-out split: a .txt/.jsonl/.parquet file, a glob, "
