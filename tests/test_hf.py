@@ -113,3 +113,236 @@ def test_a_run_started_from_a_parent_records_it_and_starts_from_its_weights(pare
     after = load_checkpoint(latest_checkpoint(child))["model"]
     for key in before:  # one step at lr 1e-9 moves nothing visibly: the child started from the parent
         torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0)
+
+
+# --- layouts: micro-arch -> transformers and back ------------------------------------------------------
+
+PRE_NORM = [{"spec": "Norm->Attn->+->Norm->MLP->+", "repeat": 2}]
+LAYOUTS = {  # name: (model config, the transformers class it must map to)
+    "llama-gqa-untied": ({"n_kv_heads": 2, "tie_embeddings": False, "rope_theta": 500.0}, "LlamaForCausalLM"),
+    "llama-mqa-biases": ({"n_kv_heads": 1, "defaults": {"Attn": "attention(bias=true)", "MLP": "swiglu(bias=true)"}},
+                         "LlamaForCausalLM"),
+    "qwen3-qk-norm": ({"n_kv_heads": 2, "head_dim": 16, "defaults": {"Norm": "rmsnorm(eps=1e-6)",
+                                                                     "Attn": "attention(qk_norm=true)"}},
+                      "Qwen3ForCausalLM"),
+    "mistral-window": ({"n_kv_heads": 2, "defaults": {"Attn": "attention(window=5)"}}, "MistralForCausalLM"),
+    "mixtral-top2": ({"n_kv_heads": 2, "defaults": {"MoE": "moe(n_experts=4, top_k=2, d_ff=48)"},
+                      "layers": [{"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 2}]}, "MixtralForCausalLM"),
+    "gpt2": ({"positions": "learned", "defaults": {"Norm": "layernorm", "Attn": "attention(bias=true)",
+                                                   "MLP": "gelu_mlp"}}, "GPT2LMHeadModel"),
+    "gpt2-no-biases-untied": ({"positions": "learned", "tie_embeddings": False,
+                               "defaults": {"Norm": "layernorm(bias=false)", "MLP": "gelu_mlp(bias=false)"}},
+                              "GPT2LMHeadModel"),
+    "mamba": ({"positions": "none", "defaults": {"Mamba": "mamba(d_state=8)"},
+               "layers": [{"spec": "Norm->Mamba->+", "repeat": 2}]}, "MambaForCausalLM"),
+}
+
+
+def random_model(settings: dict, seed: int = 0) -> Model:
+    """A small micro-arch model with every weight random (norm scales and biases too, so a mix-up shows)."""
+    torch.manual_seed(seed)
+    cfg = from_dict(ModelConfig, {"d_model": 32, "n_heads": 4, "vocab_size": 50, "max_seq_len": 64,
+                                  "layers": PRE_NORM, **settings})
+    model = Model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def randomise_hf(model, seed: int = 1):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.2 if p.dim() == 1 else 0.02))
+    return model
+
+
+PROMPT = torch.tensor([[3, 14, 15, 9, 2, 6], [5, 3, 5, 8, 9, 7]])
+
+
+@torch.no_grad()
+def greedy_pair(ours, theirs, n=30):
+    from micro_arch.generate import generate
+
+    mine = generate(ours, PROMPT, n, temperature=0.0, use_cache=True)
+    other = theirs.generate(PROMPT, max_new_tokens=n, do_sample=False, use_cache=True, min_new_tokens=n)
+    return mine, other
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_export_import_round_trip_per_layout(name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from micro_arch.hf.export import build_hf_model
+    from micro_arch.hf.layouts import layout_of
+    from micro_arch.hf.load import load_hf_model
+    from micro_arch.hf.weights import to_hf
+
+    settings, hf_class = LAYOUTS[name]
+    ours = random_model(settings)
+    layout = layout_of(ours)
+    assert layout.hf_class == hf_class
+    theirs = build_hf_model(layout, to_hf(layout, ours.state_dict()))
+    idx = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=idx).logits, ours(idx).logits, atol=1e-5, rtol=0)
+    mine, other = greedy_pair(ours, theirs)
+    assert torch.equal(mine, other)
+
+    # transformers -> micro-arch, from a folder transformers wrote itself with its own (randomised) weights
+    native = randomise_hf(build_hf_model(layout))
+    native.save_pretrained(tmp_path / "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    back = load_hf_model(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx).logits, loaded(input_ids=idx).logits, atol=1e-5, rtol=0)
+    mine, other = greedy_pair(back, loaded)
+    assert torch.equal(mine, other)
+
+
+REFUSED = {  # experiment: what the one line must name
+    "shakespeare-char": "LayerNorm with positions=rope and SwiGLU; set model.defaults.Norm: rmsnorm",
+    "parallel-gptj": "layer 0 has 2 parallel branches",
+    "post-norm": "post-norm",
+    "sandwich-norm": "sandwich norm",
+    "hybrid-mamba": "a Mamba layer with more in it",
+    "mamba": "layer 0 is layernorm->mamba->+->layernorm->swiglu->+",
+    "arctic": "parallel branches",
+    "sliding-window": "layer 3's Attention has window=None but layer 0's has 16: sliding windows in some layers only",
+    "gpt2": None,  # maps
+    "llama": None,
+}
+
+
+@pytest.mark.parametrize("experiment", list(REFUSED))
+def test_shipped_experiments_map_or_are_refused_in_one_line(experiment):
+    from micro_arch.hf.layouts import layout_of
+
+    cfg = load_experiment(f"experiments/{experiment}", ["model.vocab_size=50", "model.d_model=32"])
+    model = Model(cfg.model)
+    if REFUSED[experiment] is None:
+        assert layout_of(model).hf_class
+        return
+    with pytest.raises(MicroArchError) as err:
+        layout_of(model)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("cannot export: ") and "nearest supported layout: " in text
+    assert REFUSED[experiment] in text
+
+
+@pytest.mark.parametrize("moe, reason", [
+    ("moe(top_k=1)", "top_k=1 keeps the raw router probability"),
+    ("moe(router=sigmoid)", "router='sigmoid'"),
+    ("moe(balance=bias)", "balance='bias'"),
+    ("moe(capacity_factor=1.25)", "capacity_factor=1.25 drops tokens"),
+    ("moe(n_shared_experts=1)", "shared experts"),
+])
+def test_moe_routing_that_mixtral_cannot_express_is_refused(moe, reason):
+    from micro_arch.hf.layouts import layout_of
+
+    settings = {"defaults": {"MoE": moe}, "layers": [{"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 1}]}
+    with pytest.raises(MicroArchError, match="nearest supported layout: Mixtral") as err:
+        layout_of(random_model(settings))
+    assert reason in str(err.value)
+
+
+# --- the command: export a run, refuse a run, tokenizers, init_from a Hugging Face folder ----------------
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    exp = root / "tiny-llama"
+    exp.mkdir()
+    text = textwrap.dedent(TINY).replace("positions: learned", "positions: rope\n  n_kv_heads: 1")
+    (exp / "config.yaml").write_text(text)
+    return exp, run_experiment(exp, runs_root=root / "runs")
+
+
+def test_export_writes_a_folder_transformers_loads_with_the_same_logits(llama_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from micro_arch.rundir import load_run
+    from tests.helpers import run_cli
+
+    _, run_dir = llama_run
+    out = tmp_path / "hf"
+    result = run_cli("export", run_dir, "--out", out, "--max-shard-size", "20KB")
+    assert result.returncode == 0, result.stderr
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "README.md",
+            "model.safetensors.index.json"} <= files and len([f for f in files if f.endswith(".safetensors")]) > 1
+    assert run_dir.name in (out / "README.md").read_text() and "loss.png" in files
+    _, ours, tokenizer = load_run(run_dir)
+    theirs = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    idx = torch.tensor([tokenizer.encode("ROMEO:\nWhat light")])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=idx).logits, ours(idx).logits, atol=1e-5, rtol=0)
+    text = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n"
+    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert hf_tok(text)["input_ids"] == tokenizer.encode(text) and hf_tok.decode(tokenizer.encode(text)) == text
+
+    bf16 = tmp_path / "bf16"
+    assert run_cli("export", run_dir, "--out", bf16, "--dtype", "bfloat16").returncode == 0
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_init_from_an_exported_folder_gives_back_the_same_model(llama_run, tmp_path):
+    from micro_arch.hf.export import export_run
+    from micro_arch.rundir import load_run
+
+    exp, run_dir = llama_run
+    export_run(run_dir, tmp_path / "hf")
+    vocab = f"model.vocab_size={read_run_config(run_dir).model.vocab_size}"
+    cfg = child_config(exp, tmp_path / "hf", vocab)
+    model = Model(cfg.model)
+    parent = load_initial_weights(model, cfg.model)
+    assert parent["hf_class"] == "LlamaForCausalLM"
+    _, ours, _ = load_run(run_dir)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    cfg = child_config(exp, tmp_path / "hf", vocab, "model.n_kv_heads=2")
+    with pytest.raises(MicroArchError, match="model.n_kv_heads is 1 in the source, 2 here"):
+        load_initial_weights(Model(cfg.model), cfg.model)
+
+
+def test_a_refused_export_says_why_in_one_line_and_leaves_no_folder(parent_run, tmp_path):
+    from tests.helpers import run_cli
+
+    _, run_dir = parent_run  # RMSNorm with learned positions: neither Llama nor GPT-2
+    result = run_cli("export", run_dir, "--out", tmp_path / "hf")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: cannot export: RMSNorm with positions=learned: the Llama family uses "
+                                     "RoPE; nearest supported layout: Llama (LlamaForCausalLM): every layer "
+                                     "Norm->Attn->+->Norm->MLP->+ with rmsnorm, attention, swiglu and RoPE")
+    assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_export_whose_logits_disagree_is_removed(llama_run, tmp_path, monkeypatch):
+    from micro_arch.hf import export
+
+    monkeypatch.setattr(export, "LOGIT_TOLERANCE", -1.0)  # any difference, even 0, is now too much
+    with pytest.raises(MicroArchError, match="logits differ by .*nothing was exported"):
+        export.export_run(llama_run[1], tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizers_round_trip_the_shakespeare_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    from micro_arch.data.corpus import shakespeare_documents
+    from micro_arch.data.tokenizers import CharTokenizer, SentencePieceTokenizer, train_bpe
+    from micro_arch.hf.tokenizer import hf_tokenizer
+
+    train, held_out = shakespeare_documents()
+    text = held_out[0][:100_000]
+    for name, tokenizer in (("char", CharTokenizer.from_texts(train + held_out)),
+                            ("bpe", SentencePieceTokenizer(train_bpe(train[:4], 500), "bpe"))):
+        hf_tokenizer(tokenizer).save_pretrained(tmp_path / name)
+        loaded = AutoTokenizer.from_pretrained(tmp_path / name, local_files_only=True)
+        ids = loaded(text)["input_ids"]
+        assert ids == list(tokenizer.encode(text)), name
+        assert loaded.decode(ids) == text, name
