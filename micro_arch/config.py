@@ -7,6 +7,7 @@ Every error names the file (or override) and the key, and suggests the nearest k
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -90,7 +91,15 @@ class TrainConfig:
     optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-3
     min_lr: float = 1e-4
-    muon_lr: float = 0.02  # for the 2-D weights when optimizer is 'muon'
+    # Muon (optimizer: muon) for hidden 2-D weights; embeddings, head, norms and n-D weights stay with AdamW.
+    # Scale convention: AdamW-matching. The orthogonalised update is multiplied by 0.2*sqrt(max(rows, cols))
+    # so its RMS is about an AdamW update's; muon_lr is therefore on AdamW's scale, follows the same
+    # schedule (and min_lr/lr floor), and weight_decay shrinks weights by muon_lr*weight_decay per step.
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95  # Nesterov momentum as in the reference Muon
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # quintic Newton-Schulz iterations
+    muon_ns_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs and CPUs with bf16 units, else fp32
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-8
@@ -201,11 +210,20 @@ def _convert(value: Any, tp, where: str):
     raise TypeError(_describe(tp))
 
 
+_EMPTY = {  # what an empty value means, for keys where "None should be str" would say too little
+    "spec": "is empty; a spec is a block string such as 'Norm->Attn->+->Norm->MLP->+', or a list of them "
+            "run as parallel branches",
+}
+
+
 def _checked(value, tp, where):
     try:
         return _convert(value, tp, where)
     except TypeError as err:
-        raise MicroArchError(f"{where}: {value!r} should be {err}") from None
+        if value is None or value == "":
+            empty = _EMPTY.get(where.rsplit(".", 1)[-1], f"is empty; it should be {err}")
+            raise MicroArchError(f"{where}: {empty}", where=where) from None
+        raise MicroArchError(f"{where}: {value!r} should be {err}", where=where) from None
 
 
 def from_dict(cls, data: dict, where: str = "config"):
@@ -215,12 +233,12 @@ def from_dict(cls, data: dict, where: str = "config"):
     for key in data:
         if key not in known:
             raise MicroArchError(f"{where}: unknown key {key!r}{closest(str(key), known)}; known keys: "
-                                 f"{', '.join(known)}")
+                                 f"{', '.join(known)}", where=f"{where}.{key}")
     values = {k: _checked(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise MicroArchError(f"{where}: missing key {missing[0]!r}")
+        raise MicroArchError(f"{where}: missing key {missing[0]!r}", where=f"{where}.{missing[0]}")
     if cls is ModelConfig and "defaults" in values:  # roles not named keep their built-in blocks
         given = {role.lower() for role in values["defaults"]}
         builtin = {r: t for r, t in ModelConfig().defaults.items() if r.lower() not in given}
@@ -233,7 +251,7 @@ def from_dict(cls, data: dict, where: str = "config"):
 def _validate(obj, where: str) -> None:
     def need(ok, key, msg):
         if not ok:
-            raise MicroArchError(f"{where}.{key}: {msg}")
+            raise MicroArchError(f"{where}.{key}: {msg}", where=f"{where}.{key}")
 
     if isinstance(obj, LayerGroup):
         need(obj.repeat >= 1, "repeat", f"must be at least 1, got {obj.repeat}")
@@ -256,6 +274,9 @@ def _validate(obj, where: str) -> None:
             need(getattr(obj, key) >= 1, key, f"must be at least 1, got {getattr(obj, key)}")
         need(obj.lr > 0, "lr", f"must be positive, got {obj.lr}")
         need(obj.dpo_beta > 0, "dpo_beta", f"must be positive, got {obj.dpo_beta}")
+        need(obj.muon_lr > 0, "muon_lr", f"must be positive, got {obj.muon_lr}")
+        need(0 <= obj.muon_momentum < 1, "muon_momentum", f"must be in [0, 1), got {obj.muon_momentum}")
+        need(obj.muon_ns_steps >= 1, "muon_ns_steps", f"must be at least 1, got {obj.muon_ns_steps}")
         need(len(obj.betas) == 2, "betas", f"needs two values, got {obj.betas}")
         need(obj.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(0.0 < obj.decay_fraction <= 1.0, "decay_fraction", "must be in (0, 1]")
@@ -275,15 +296,33 @@ def to_dict(obj) -> dict:
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise MicroArchError(f"{path}: no such config file")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise MicroArchError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise yaml_error(path, text, err) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise MicroArchError(f"{path}: the top level should be a mapping with model/data/train sections")
     return data
+
+
+def yaml_error(path: Path, text: str, err: yaml.YAMLError) -> MicroArchError:
+    """The parser's complaint at path:line:column, with the offending line and a caret under the column."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return MicroArchError(f"{path}: not valid YAML: {' '.join(str(err).split())}")
+    problem = err.problem or "cannot parse this"
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None and (start.line, start.column) != (mark.line, mark.column):
+        problem += f" ({context} at line {start.line + 1}, column {start.column + 1})"
+    elif context:
+        problem += f" ({context})"
+    lines = text.splitlines()
+    shown = lines[mark.line].replace("\t", " ") if mark.line < len(lines) else ""
+    return MicroArchError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}\n"
+                          f"    {shown}\n    {' ' * mark.column}^")
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -372,10 +411,55 @@ def load_config(target: str | Path, overrides: list[str] | None = None) -> Exper
     """Experiment folder (or YAML file) + `--set` overrides -> validated ExperimentConfig."""
     path = experiment_path(target)
     data = load_raw(path)
+    empty = not data
     if overrides:
         data = apply_overrides(materialise_defaults(data) if any(".layers." in o for o in overrides)
                                else data, overrides)
-    cfg = from_dict(ExperimentConfig, data, where=str(path))
+    try:
+        cfg = from_dict(ExperimentConfig, data, where=str(path))
+    except MicroArchError as err:
+        raise blame_override(err, overrides, root=str(path)) from None
     if not cfg.name:
         cfg.name = path.parent.name if path.name == "config.yaml" else path.stem
+    if empty:
+        warn_all_defaults(path, cfg)
     return cfg
+
+
+_warned: set[Path] = set()
+
+
+def warn_all_defaults(path: Path, cfg: ExperimentConfig) -> None:
+    """An empty config file is most likely a mistake: say once what running it means."""
+    if path in _warned:
+        return
+    _warned.add(path)
+    t = cfg.train
+    print(f"warning: {path} is empty, so every default is used: {t.max_steps} steps of {t.batch_size} x "
+          f"{t.seq_len} tokens on {cfg.data.source!r}, {sum(g.repeat for g in cfg.model.layers)} layers of "
+          f"d_model {cfg.model.d_model}; set keys in the file (or --set train.max_steps=N ...) to change that",
+          file=sys.stderr)
+
+
+def _bracketed(dotted: str) -> str:
+    """model.layers.0.spec -> model.layers[0].spec, as config errors name places."""
+    out = ""
+    for part in dotted.split("."):
+        out += f"[{part}]" if part.lstrip("-").isdigit() else (f".{part}" if out else part)
+    return out
+
+
+def blame_override(err: MicroArchError, overrides: list[str] | None, root: str = "") -> MicroArchError:
+    """The same error, reported against the last `--set` override that set the key it is about (or
+    a section holding it), rather than against the config file; unchanged when no override did."""
+    if not overrides or not err.where:
+        return err
+    place = err.where[len(root):].lstrip(".") if root and err.where.startswith(root) else err.where
+    message = str(err)
+    if root and message.startswith(root):
+        message = message[len(root):].lstrip(".")
+    for item in reversed(overrides):
+        key = _bracketed(item.split("=", 1)[0].strip())
+        if place == key or place.startswith((key + ".", key + "[")):
+            return MicroArchError(f"--set {item}: {message}")
+    return err

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
 from micro_arch.config import TrainConfig
+from micro_arch.muon import Muon
+
+NS_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}  # None: per device
 
 
 def _split_params(model: nn.Module):
@@ -73,8 +77,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
     # n-D expert stacks stay with AdamW, as in the Muon paper.
     hidden_2d = [p for p in matrices if p.dim() == 2]
     rest = [p for p in matrices if p.dim() != 2] + io
-    muon = torch.optim.Muon(hidden_2d, lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                            adjust_lr_fn="match_rms_adamw")
+    if not hidden_2d:
+        return build_optimizer(model, dataclasses.replace(cfg, optimizer="adamw"), device)
+    muon = Muon(hidden_2d, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
+                weight_decay=cfg.weight_decay, ns_steps=cfg.muon_ns_steps,
+                ns_dtype=NS_DTYPES[cfg.muon_ns_dtype])
     for g in muon.param_groups:
         g["base_lr"] = cfg.muon_lr
     groups = [{"params": rest, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}]

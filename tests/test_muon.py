@@ -1,0 +1,202 @@
+"""Muon: Newton-Schulz against the SVD, batched against per-parameter, DDP-sharded against one process,
+exact resume, and which parameters it takes."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import run_cli
+from test_train import make_experiment, read_metrics
+
+from micro_arch import muon as muon_mod
+from micro_arch.config import TrainConfig
+from micro_arch.errors import MicroArchError
+from micro_arch.experiment import load_experiment
+from micro_arch.model import Model
+from micro_arch.muon import QUINTIC, QUINTIC_BAND, QUINTIC_FLOOR, Muon, newton_schulz, update_scale
+from micro_arch.optim import build_optimizer
+from micro_arch.train import run_experiment
+
+
+def quintic_power(s: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    a, b, c = QUINTIC
+    for _ in range(steps):
+        s = a * s + b * s**3 + c * s**5
+    return s
+
+
+def test_the_documented_band_holds_for_the_quintic():
+    x = torch.logspace(math.log10(QUINTIC_FLOOR), 0, 200_001, dtype=torch.float64)
+    y = quintic_power(x)
+    assert QUINTIC_BAND[0] <= y.min() and y.max() <= QUINTIC_BAND[1]
+    assert y.min() < QUINTIC_BAND[0] + 0.01 and y.max() > QUINTIC_BAND[1] - 0.01  # and the band is tight
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 20), (20, 48), (2, 16, 16)], ids=["tall-batched", "wide", "square"])
+def test_newton_schulz_maps_singular_values_through_the_quintic(shape):
+    """NS(G) = U q(S / |G|_F) V^T exactly (q the 5-fold quintic); so its singular values lie in the band
+    and it is within the band's width of the polar factor U V^T."""
+    torch.manual_seed(0)
+    g = torch.randn(shape, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    s_normalised = s / (torch.linalg.matrix_norm(g).unsqueeze(-1) + 1e-7)  # as newton_schulz normalises
+    assert s_normalised.min() > QUINTIC_FLOOR  # random Gaussian matrices are well conditioned
+    expected = u @ torch.diag_embed(quintic_power(s_normalised)) @ vh
+    out = newton_schulz(g, dtype=torch.float64)
+    assert out.dtype == torch.float64 and out.shape == g.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
+    sv = torch.linalg.svdvals(out)
+    assert QUINTIC_BAND[0] <= sv.min() and sv.max() <= QUINTIC_BAND[1]
+    polar_gap = torch.linalg.matrix_norm(out - u @ vh, ord=2).max()
+    assert polar_gap <= max(1 - QUINTIC_BAND[0], QUINTIC_BAND[1] - 1)
+    # fp32 agrees with fp64; bf16 (the GPU default) stays near the band
+    torch.testing.assert_close(newton_schulz(g.float()).double(), expected, rtol=0, atol=2e-5)
+    sv16 = torch.linalg.svdvals(newton_schulz(g.float(), dtype=torch.bfloat16).double())
+    assert QUINTIC_BAND[0] - 0.1 <= sv16.min() and sv16.max() <= QUINTIC_BAND[1] + 0.1
+
+
+def naive_muon_step(params, grads, bufs, lr, momentum, wd):
+    """One Muon step written out per parameter, Nesterov momentum as in the reference."""
+    for p, g, buf in zip(params, grads, bufs):
+        buf.mul_(momentum).add_(g, alpha=1 - momentum)
+        direction = g + momentum * (buf - g)
+        update = newton_schulz(direction)  # one 2-D matrix: no batching
+        p.mul_(1 - lr * wd).sub_(lr * 0.2 * math.sqrt(max(p.shape)) * update)
+
+
+def mixed_params(seed=0):
+    """Shapes repeated (batched together), a transposed twin of one and a lone one."""
+    torch.manual_seed(seed)
+    shapes = [(24, 8), (24, 8), (8, 24), (24, 8), (16, 16), (16, 16), (5, 7)]
+    return [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+
+
+def grads_for(step, params):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=gen) for p in params]
+
+
+def test_batched_update_equals_the_per_parameter_one():
+    params = mixed_params()
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in ref]
+    opt = Muon(params, lr=0.01, momentum=0.9, weight_decay=0.1, ns_dtype=torch.float32)
+    for step in range(3):
+        grads = grads_for(step, params)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        naive_muon_step(ref, grads, bufs, lr=0.01, momentum=0.9, wd=0.1)
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+    assert update_scale(torch.Size([24, 8])) == pytest.approx(0.2 * math.sqrt(24))
+
+
+def _sharded_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    counted = []
+    original = muon_mod.newton_schulz
+    muon_mod.newton_schulz = lambda x, **kw: counted.append(x.shape[0] if x.dim() == 3 else 1) or original(x, **kw)
+    params = mixed_params()
+    opt = Muon(params, lr=0.01, weight_decay=0.1, ns_dtype=torch.float32)
+    for step in range(3):
+        for p, g in zip(params, grads_for(step, params)):
+            p.grad = g
+        opt.step()
+    torch.save({"params": [p.detach() for p in params], "orthogonalised": sum(counted)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_sharded_orthogonalisation_equals_one_process(tmp_path):
+    params = mixed_params()
+    opt = Muon(params, lr=0.01, weight_decay=0.1, ns_dtype=torch.float32)
+    for step in range(3):
+        for p, g in zip(params, grads_for(step, params)):
+            p.grad = g
+        opt.step()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for p, q in zip(params, result["params"]):
+            torch.testing.assert_close(q, p.detach(), rtol=1e-5, atol=1e-6)
+        # shapes (24, 8) x3, (8, 24), (16, 16) x2, (5, 7): each rank takes half of each stack, rounded up
+        assert result["orthogonalised"] == 3 * (2 + 1 + 1 + 1)  # one process: 3 * 7
+
+
+def test_muon_run_on_two_processes_equals_one_process(tmp_path):
+    """End to end through `micro-arch run --nproc 2`: the same parameters as one process with the global batch."""
+    exp = make_experiment(tmp_path)
+    common = ["train.optimizer=muon", "train.muon_ns_dtype=fp32", "train.max_steps=6", "train.log_every=2",
+              "train.eval_every=6", "train.checkpoint_every=6"]
+    one = run_experiment(exp, runs_root=tmp_path / "one", overrides=common + ["train.batch_size=8"])
+    result = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "two", "--set", *common,
+                     "train.batch_size=4", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (two,) = (tmp_path / "two" / "tiny").iterdir()
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    sa = torch.load(one / "checkpoints/latest.pt", weights_only=True)["model"]
+    sb = torch.load(two / "checkpoints/latest.pt", weights_only=True)["model"]
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_of_a_muon_run_is_exact(tmp_path):
+    exp = make_experiment(tmp_path)
+    overrides = ["train.optimizer=muon"]
+    full = run_experiment(exp, runs_root=tmp_path / "runs", overrides=overrides)
+    stopped = tmp_path / "stopped"  # what a run killed after its step-12 checkpoint leaves
+    shutil.copytree(full, stopped)
+    shutil.copy(stopped / "checkpoints/step_0000012.pt", stopped / "checkpoints/latest.pt")
+    (stopped / "checkpoints/step_0000024.pt").unlink()
+    run_experiment(exp, runs_root=tmp_path / "runs", overrides=overrides, resume=stopped)
+    keys = ("step", "tokens", "train_loss", "val_loss", "lr")
+    assert [[r[k] for k in keys] for r in read_metrics(stopped)] == [[r[k] for k in keys] for r in read_metrics(full)]
+    a = torch.load(full / "checkpoints/latest.pt", weights_only=True)
+    b = torch.load(stopped / "checkpoints/latest.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    muon_a, muon_b = a["optimizer"]["optimizers"][0], b["optimizer"]["optimizers"][0]
+    assert muon_a["state"].keys() == muon_b["state"].keys() and muon_a["state"]
+    for i in muon_a["state"]:
+        assert torch.equal(muon_a["state"][i]["momentum_buffer"], muon_b["state"][i]["momentum_buffer"])
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+    cfg = load_experiment("experiments/moe", ["model.d_model=32", "model.n_heads=2", "model.layers.0.repeat=1",
+                                              "train.optimizer=muon"])
+    cfg.model.vocab_size = 65
+    model = Model(cfg.model)
+    muon, adam = build_optimizer(model, cfg.train, torch.device("cpu")).optimizers
+    name = {id(p): n for n, p in model.named_parameters()}
+    to_muon = {name[id(p)] for g in muon.param_groups for p in g["params"]}
+    to_adam = {name[id(p)] for g in adam.param_groups for p in g["params"]}
+    assert to_muon == {n for n, p in model.named_parameters() if p.dim() == 2 and n != "embed.weight"}
+    assert to_adam == set(name.values()) - to_muon  # embeddings (= tied head), norms, 3-D expert stacks
+    assert any(model.get_parameter(n).dim() == 3 for n in to_adam)
+    assert isinstance(muon, Muon) and muon.param_groups[0]["lr"] == cfg.train.muon_lr
+
+
+def test_bad_muon_settings_are_refused():
+    with pytest.raises(ValueError, match="2-D parameters only"):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="momentum"):
+        Muon([torch.nn.Parameter(torch.zeros(3, 3))], momentum=1.0)
+    from micro_arch.config import from_dict
+
+    with pytest.raises(MicroArchError, match="train.muon_lr: must be positive"):
+        from_dict(TrainConfig, {"muon_lr": 0.0}, where="train")
+    with pytest.raises(MicroArchError, match="train.muon_ns_dtype"):
+        from_dict(TrainConfig, {"muon_ns_dtype": "fp16"}, where="train")
