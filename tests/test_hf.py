@@ -346,3 +346,25 @@ def test_tokenizers_round_trip_the_shakespeare_text(tmp_path):
         ids = loaded(text)["input_ids"]
         assert ids == list(tokenizer.encode(text)), name
         assert loaded.decode(ids) == text, name
+
+
+def test_a_chat_runs_tokens_and_template_export_with_the_same_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    from micro_arch.data.corpus import shakespeare_documents
+    from micro_arch.data.tokenizers import CharTokenizer
+    from micro_arch.hf.tokenizer import hf_tokenizer
+    from micro_arch.stages.chat_template import SPECIAL_TOKENS, ChatTokenizer, render
+
+    train, held_out = shakespeare_documents()
+    base = CharTokenizer.from_texts(train + held_out)
+    messages = [{"role": "system", "content": "PERSONS: VIOLA, CAPTAIN."},
+                {"role": "user", "content": "What country, friends, is this?"},
+                {"role": "assistant", "content": "This is Illyria, lady.\n"}]
+    ids = render(ChatTokenizer(base), messages, add_generation_prompt=True)
+    ids = ids[0] if isinstance(ids, tuple) else ids
+    hf_tokenizer(base, list(SPECIAL_TOKENS)).save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    theirs = loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == [int(i) for i in ids]
+    assert loaded.eos_token_id == base.vocab_size + len(SPECIAL_TOKENS) - 1

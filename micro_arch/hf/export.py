@@ -62,8 +62,21 @@ def _check_text(run_dir: Path, tokenizer) -> str:
     return text
 
 
+def chat_tokens(run_dir: Path, tokenizer) -> list[str]:
+    """The special tokens of an SFT/DPO run (chat_template.json of micro_arch.stages), [] for other runs."""
+    path = run_dir / "chat_template.json"
+    if not path.is_file():
+        return []
+    meta = json.loads(path.read_text())
+    if meta.get("base_vocab_size") != tokenizer.vocab_size:
+        raise MicroArchError(f"{path}: special tokens after a vocabulary of {meta.get('base_vocab_size')}, but the "
+                             f"run's tokenizer has {tokenizer.vocab_size}")
+    return list(meta.get("special_tokens", []))
+
+
 def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_size: str = "2GB") -> dict:
     """Export `run_dir` (its latest checkpoint, or `checkpoint`) to the folder `out`; returns what was checked."""
+    offline()
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from micro_arch.checkpoint import latest_checkpoint, load_checkpoint
@@ -73,7 +86,6 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
     from micro_arch.hf.weights import to_hf
     from micro_arch.rundir import load_run
 
-    offline()
     if dtype not in DTYPES:
         raise MicroArchError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     run_dir, out = Path(run_dir), Path(out)
@@ -89,9 +101,11 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
     info = provenance(run_dir, cfg, payload, ckpt_path)
     hf_model = build_hf_model(layout, to_hf(layout, model.state_dict())).to(DTYPES[dtype])
     hf_model.config.dtype = dtype
+    special = chat_tokens(run_dir, tokenizer)
+    end = {"eos_token_id": tokenizer.vocab_size + len(special) - 1} if special else {}
     s = cfg.train.sample
     hf_model.generation_config = GenerationConfig(do_sample=True, temperature=s.temperature, top_k=s.top_k,
-                                                  top_p=s.top_p, max_new_tokens=s.max_new_tokens)
+                                                  top_p=s.top_p, max_new_tokens=s.max_new_tokens, **end)
     reference = model
     if dtype != "float32":  # compare against the weights as exported
         reference = copy.deepcopy(model)
@@ -102,7 +116,7 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
     shutil.rmtree(partial, ignore_errors=True)
     try:
         hf_model.save_pretrained(partial, max_shard_size=max_shard_size)
-        hf_tokenizer(tokenizer).save_pretrained(partial)
+        hf_tokenizer(tokenizer, special).save_pretrained(partial)
         loaded = AutoModelForCausalLM.from_pretrained(partial, local_files_only=True, dtype=torch.float32).eval()
         idx = check_batch(cfg.model.vocab_size, cfg.model.max_seq_len)
         diff, tolerance = compare_logits(reference, loaded, idx)

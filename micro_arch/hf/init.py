@@ -127,9 +127,14 @@ def load_initial_weights(model, cfg: ModelConfig, run_dir: str | Path | None = N
 
 
 def offline() -> None:
-    """No network from transformers or the hub client, whatever the environment says."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    """No network from transformers or the hub client, whatever the environment says; and a clear error
+    when transformers is not installed."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is first imported; local_files_only does the rest
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise MicroArchError("Hugging Face export and import need transformers: pip install -e '.[hf]'") from None
     try:
         from transformers.utils import logging
 

@@ -45,8 +45,16 @@ def _sentencepiece_tokenizer(sp):
     return tok
 
 
-def hf_tokenizer(tokenizer):
-    """A transformers fast tokenizer for a micro-arch CharTokenizer or SentencePieceTokenizer."""
+# The SFT/DPO chat template of micro_arch.stages: <|role|>content<|end|> per message, ids of the special
+# tokens right after the base vocabulary.
+CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def hf_tokenizer(tokenizer, special_tokens: list[str] | None = None):
+    """A transformers fast tokenizer for a micro-arch CharTokenizer or SentencePieceTokenizer; special_tokens
+    (a chat run's) get the ids right after the base vocabulary, and the chat template comes with them."""
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
     if getattr(tokenizer, "name", None) == "char":
@@ -55,7 +63,15 @@ def hf_tokenizer(tokenizer):
         tok = _sentencepiece_tokenizer(tokenizer.sp)
     else:
         raise MicroArchError(f"cannot export tokenizer {type(tokenizer).__name__}: only char and SentencePiece map")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
+    extra = {}
+    if special_tokens:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+        ids = [tok.token_to_id(t) for t in special_tokens]
+        if ids != list(range(tokenizer.vocab_size, tokenizer.vocab_size + len(special_tokens))):
+            raise MicroArchError(f"the chat tokens {special_tokens} would get ids {ids}, not the ids after the "
+                                 f"base vocabulary of {tokenizer.vocab_size}; nothing was exported")
+        extra = {"chat_template": CHAT_TEMPLATE, "eos_token": special_tokens[-1]}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **extra)
 
 
 def check_tokenizer(folder, tokenizer, text: str) -> None:
