@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except MicroArchError as err:
-        print(f"error: {err}", file=sys.stderr)
+        from micro_arch.config import blame_override
+
+        print(f"error: {blame_override(err, getattr(args, 'set', None))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,7 +4,15 @@ import difflib
 
 
 class MicroArchError(Exception):
-    """A user-facing error: the message says what was wrong, where, and what would be right."""
+    """A user-facing error: the message says what was wrong, where, and what would be right.
+
+    `where`, when given, is the config key the message is about (e.g. 'model.layers[0].spec[1]'), so that
+    an error caused by a `--set` override can be reported against that override (config.blame_override).
+    """
+
+    def __init__(self, message: str, where: str | None = None):
+        super().__init__(message)
+        self.where = where
 
 
 def closest(name: str, candidates, n: int = 3) -> str:

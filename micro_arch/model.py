@@ -14,18 +14,18 @@ from torch import nn
 
 from micro_arch.config import ModelConfig
 from micro_arch.errors import MicroArchError
-from micro_arch.registry import Dims, build_block
-from micro_arch.spec import ADD, format_chain, resolve_chain, resolve_layer
+from micro_arch.registry import Dims
+from micro_arch.spec import ADD, branch_where, build_step, format_chain, resolve_chain, resolve_layer
 from micro_arch.state import BlockState
 
 
 class Chain(nn.Module):
     """One branch: `h = block(h)` for each block, `x = x + h; h = x` at each '+'; returns h."""
 
-    def __init__(self, steps, dims: Dims):
+    def __init__(self, steps, dims: Dims, where: str = ""):
         super().__init__()
         self.spec = format_chain(steps)
-        self.blocks = nn.ModuleList(build_block(s.name, dims, **s.kwargs) for s in steps if s != ADD)
+        self.blocks = nn.ModuleList(build_step(s, dims, where) for s in steps if s != ADD)
         plan, index = [], 0  # -1: a residual add; otherwise the index of the block to run
         for step in steps:
             plan.append(-1 if step == ADD else index)
@@ -89,20 +89,20 @@ class Model(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         layers, n_adds = [], 0
         for g, group in enumerate(cfg.layers):
-            try:
-                resolved = resolve_layer(group.spec, cfg.defaults)
-            except MicroArchError as err:
-                raise MicroArchError(f"model.layers[{g}].spec: {err}") from None
+            where = f"model.layers[{g}].spec"
+            resolved = resolve_layer(group.spec, cfg.defaults, where)
             n_adds += group.repeat * sum(step == ADD for branch in resolved for step in branch)
             for _ in range(group.repeat):
-                layers.append(Layer([Chain(branch, dims(len(layers))) for branch in resolved]))
+                layers.append(Layer([Chain(branch, dims(len(layers)), branch_where(where, group.spec, b))
+                                     for b, branch in enumerate(resolved)]))
         self.layers = nn.ModuleList(layers)
         self.final_norm = None
         if cfg.final_norm:
             try:
-                self.final_norm = Chain(resolve_chain(cfg.final_norm, cfg.defaults), dims(n_layers))
+                steps = resolve_chain(cfg.final_norm, cfg.defaults)
             except MicroArchError as err:
-                raise MicroArchError(f"model.final_norm: {err}") from None
+                raise MicroArchError(f"model.final_norm: {err}", where="model.final_norm") from None
+            self.final_norm = Chain(steps, dims(n_layers), "model.final_norm")
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight

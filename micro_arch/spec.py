@@ -25,6 +25,8 @@ class BlockCall:
     name: str
     kwargs: dict = field(default_factory=dict)
     position: int = 0  # character offset in the spec string, for error carets
+    text: str = field(default="", compare=False, repr=False)  # the whole spec string it came from
+    arg_positions: dict = field(default_factory=dict, compare=False, repr=False)  # argument -> offset
 
     def __str__(self):
         if not self.kwargs:
@@ -87,7 +89,7 @@ def _parse_token(raw: str, offset: int, whole: str) -> Step:
     if not _NAME.match(name):
         raise spec_error(whole, offset, f"bad block string: {name!r} is not a block name "
                          "(letters, digits and _, e.g. Attn or swiglu) nor '+'")
-    kwargs = {}
+    kwargs, arg_positions = {}, {}
     args_at = offset + token.find("(") + 1
     for item, at in _split_top_level(args, ",", args_at, whole) if args.strip() else []:
         if "=" not in item:
@@ -97,8 +99,12 @@ def _parse_token(raw: str, offset: int, whole: str) -> Step:
         key = key.strip()
         if not _NAME.match(key):
             raise spec_error(whole, at, f"bad block string: {key!r} is not an argument name")
+        if not value.strip():
+            raise spec_error(whole, at + item.index("=") + 1, f"bad block string: argument {key} of {name} has an "
+                             "empty value; write a value, or null for None (e.g. n_kv_heads=null)")
+        arg_positions[key] = at + len(item) - len(item.lstrip())
         try:
-            kwargs[key] = yaml.safe_load(value) if value.strip() else None
+            kwargs[key] = yaml.safe_load(value)
             if _EXP_FLOAT.match(value.strip()):
                 kwargs[key] = float(value)
         except yaml.YAMLError:
@@ -107,7 +113,7 @@ def _parse_token(raw: str, offset: int, whole: str) -> Step:
         if isinstance(kwargs[key], (list, dict)):
             raise spec_error(whole, at, f"bad block string: value of {key} must be a scalar, not a "
                              f"{type(kwargs[key]).__name__}")
-    return BlockCall(name, kwargs, offset)
+    return BlockCall(name, kwargs, offset, whole, arg_positions)
 
 
 def parse_chain(text: str) -> list[Step]:
@@ -156,19 +162,46 @@ def resolve_call(call: BlockCall, defaults: dict[str, str], text: str) -> BlockC
         registry.check_arguments(name, kwargs)
     except MicroArchError as err:
         raise spec_error(text, call.position, f"bad block string: {err}") from None
-    return BlockCall(name.lower(), kwargs, call.position)
+    return BlockCall(name.lower(), kwargs, call.position, call.text, call.arg_positions)
 
 
 def resolve_chain(text: str, defaults: dict[str, str]) -> list[Step]:
     return [s if s == ADD else resolve_call(s, defaults, text) for s in parse_chain(text)]
 
 
-def resolve_layer(spec: str | list[str], defaults: dict[str, str]) -> list[list[Step]]:
-    """A layer spec (one string or a list of parallel branches) -> resolved steps per branch."""
+def branch_where(where: str, spec: str | list[str], index: int) -> str:
+    """model.layers[0].spec, or model.layers[0].spec[1] for the second of a list of branches."""
+    return f"{where}[{index}]" if isinstance(spec, list) else where
+
+
+def resolve_layer(spec: str | list[str], defaults: dict[str, str], where: str = "spec") -> list[list[Step]]:
+    """A layer spec (one string or a list of parallel branches) -> resolved steps per branch; errors
+    start with `where` (and the branch's index in a list)."""
     branches = spec if isinstance(spec, list) else [spec]
     if not branches:
-        raise MicroArchError("a layer's list of parallel branches is empty")
-    return [resolve_chain(b, defaults) for b in branches]
+        raise MicroArchError(f"{where}: a layer's list of parallel branches is empty", where=where)
+    resolved = []
+    for i, branch in enumerate(branches):
+        at = branch_where(where, spec, i)
+        try:
+            resolved.append(resolve_chain(branch, defaults))
+        except MicroArchError as err:
+            raise MicroArchError(f"{at}: {err}", where=at) from None
+    return resolved
+
+
+def build_step(call: BlockCall, dims, where: str = ""):
+    """Construct a resolved block; when the block refuses its arguments, the error points at the
+    argument it names (else at the block) in the spec string, prefixed with `where`."""
+    try:
+        return registry.build_block(call.name, dims, **call.kwargs)
+    except MicroArchError as err:
+        if not call.text:
+            raise
+        said = str(err).split(repr(call.kwargs), 1)[-1]  # the complaint, after build_block's "with {...}"
+        named = [p for k, p in call.arg_positions.items() if re.search(rf"\b{re.escape(k)}\b", said)]
+        located = spec_error(call.text, named[0] if named else call.position, f"bad block string: {err}")
+        raise MicroArchError(f"{where}: {located}" if where else str(located), where=where or None) from None
 
 
 def format_chain(steps: list[Step]) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from micro_arch.config import load_config
 from micro_arch.errors import MicroArchError
 from micro_arch.spec import ADD, BlockCall, parse_chain, resolve_chain, resolve_layer
 
@@ -201,3 +202,135 @@ def test_cli_spec_error_keeps_the_caret_under_the_name(cli_results):
     lines = err.splitlines()
     assert lines[1].strip() == "Norm->Atn->+->Norm->MLP->+"
     assert lines[2].index("^") == lines[1].index("Atn")
+
+
+# --- where an error is reported: the file's line, the override, the layer and branch --------------
+
+def write_config(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(textwrap.dedent(text))
+    return folder
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(MicroArchError) as info:
+        fn(*args)
+    return str(info.value)
+
+
+def test_yaml_error_keeps_line_and_column_and_shows_the_line(tmp_path):
+    folder = write_config(tmp_path / "e", """\
+        model:
+          d_model: 64
+          layers: [{spec: 'Norm->Attn->+', repeat: 2}
+        train:
+          max_steps: 3
+        """)
+    message = error_of(load_config, folder)
+    first, shown, caret = message.splitlines()[:3]
+    assert f"{folder / 'config.yaml'}:4:1: not valid YAML" in first, first
+    assert "line 3" in first  # where the unclosed '[' began
+    assert shown.strip() == "train:"
+    assert caret.index("^") == shown.index("train")
+
+
+def test_yaml_error_in_a_sweep_file_keeps_its_position(tmp_path):
+    from micro_arch.config import read_yaml
+
+    path = tmp_path / "s.yaml"
+    path.write_text("experiment: x\nsearch_space:\n  model.d_model: {type: int, low: 1\n")
+    message = error_of(read_yaml, path)
+    assert f"{path}:4:1" in message.splitlines()[0] or f"{path}:3:" in message.splitlines()[0], message
+    assert "^" in message
+
+
+@pytest.mark.parametrize("override,words", [
+    ("model.d_model=abc", ["model.d_model", "'abc' should be int"]),
+    ("model.d_modl=64", ["unknown key 'd_modl'", "did you mean: d_model"]),
+    ("model.layers.0.spec=Norm->Atn->+", ["unknown block 'Atn'"]),
+    ("train.max_steps=0", ["max_steps", "at least 1"]),
+])
+def test_errors_in_set_values_name_the_override_not_the_file(tmp_path, capsys, override, words):
+    from micro_arch.cli import main
+
+    folder = write_config(tmp_path / "e", "model: {d_model: 64}\n")
+    with pytest.raises(SystemExit) as info:
+        main(["trace", str(folder), "--set", "model.vocab_size=50", override, "--batch", "1", "--seq-len", "8"])
+    message = capsys.readouterr().err
+    assert info.value.code == 2 and message.startswith(f"error: --set {override}: "), message
+    assert "config.yaml" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_an_error_in_the_file_is_still_reported_against_the_file(tmp_path):
+    folder = write_config(tmp_path / "e", "model: {d_model: wide}\n")
+    message = error_of(load_config, folder, ["train.lr=0.01"])
+    assert message.startswith(str(folder / "config.yaml")) and "'wide' should be int" in message
+
+
+def test_empty_spec_given_with_set_says_what_a_spec_looks_like(tmp_path):
+    folder = write_config(tmp_path / "e", "model: {d_model: 64}\n")
+    message = error_of(load_config, folder, ["model.layers.0.spec="])
+    assert message.startswith("--set model.layers.0.spec=: "), message
+    assert "None should be" not in message and "empty" in message
+    assert "'Norm->Attn->+->Norm->MLP->+'" in message and "list" in message
+
+
+def test_empty_spec_in_the_file_says_what_a_spec_looks_like(tmp_path):
+    folder = write_config(tmp_path / "e", "model:\n  layers: [{spec: , repeat: 2}]\n")
+    message = error_of(load_config, folder)
+    assert "model.layers[0].spec" in message and "empty" in message and "'Norm->Attn->+->Norm->MLP->+'" in message
+
+
+def test_empty_config_warns_that_every_default_is_used(tmp_path, capsys):
+    folder = write_config(tmp_path / "e", "# nothing yet\n")
+    cfg = load_config(folder)
+    err = capsys.readouterr().err
+    assert "warning" in err and "empty" in err and "every default" in err
+    assert f"{cfg.train.max_steps} steps" in err
+    load_config(write_config(tmp_path / "f", ""), ["train.max_steps=7"])
+    assert "7 steps" in capsys.readouterr().err
+    load_config(write_config(tmp_path / "g", "train: {max_steps: 5}\n"))
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_empty_argument_value_is_an_error_with_a_caret():
+    text = "Norm->Attn(n_kv_heads=)->+"
+    lines = error_of(parse_chain, text).splitlines()
+    assert "n_kv_heads" in lines[0] and "empty" in lines[0] and "null" in lines[0]
+    assert lines[1] == "    " + text
+    assert lines[2].index("^") == lines[1].index("=)") + 1
+
+
+def test_null_argument_value_still_means_none():
+    (_, attn, _) = parse_chain("Norm->Attn(n_kv_heads=null)->+")
+    assert attn.kwargs == {"n_kv_heads": None}
+
+
+def test_empty_branch_names_its_index(tmp_path):
+    folder = write_config(tmp_path / "e", "model:\n  layers: [{spec: ['Norm->Attn->+', 'Norm->MLP->+', ' ']}]\n")
+    message = error_of(load_experiment_model, folder, [])
+    assert message.startswith("model.layers[0].spec[2]: bad block string: empty"), message
+
+
+def test_block_argument_rejected_by_the_block_points_at_the_layer_and_argument(tmp_path):
+    folder = write_config(tmp_path / "e", """\
+        model:
+          n_heads: 4
+          layers:
+            - {spec: 'Norm->MLP->+', repeat: 1}
+            - {spec: ['Norm->MLP->+', 'Norm->Attn(window=8, n_kv_heads=3)->+'], repeat: 2}
+        """)
+    lines = error_of(load_experiment_model, folder, []).splitlines()
+    assert lines[0].startswith("model.layers[1].spec[1]: "), lines[0]
+    assert "n_kv_heads=3" in lines[0] and "multiple" in lines[0]
+    text = "Norm->Attn(window=8, n_kv_heads=3)->+"
+    assert lines[1] == "    " + text
+    assert lines[2].index("^") == lines[1].index("n_kv_heads")
+
+
+def load_experiment_model(folder, overrides):
+    from micro_arch.experiment import build_model, load_experiment
+
+    return build_model(load_experiment(folder, ["model.vocab_size=50", *overrides]))
