@@ -16,7 +16,6 @@ from micro_arch import checkpoint as ckpt
 from micro_arch.device import peak_memory_mb
 from micro_arch.metrics import MetricsLog
 from micro_arch.rundir import SUMMARY_FORMAT_VERSION, write_json
-from micro_arch.train_step import held_out_loss
 
 console = Console()
 TIMES = ("wall", "train", "compile", "eval", "checkpoint")
@@ -134,7 +133,7 @@ class Bookkeeper:
         if s % cfg.log_every == 0 or last:
             row = self._log_row()
         if s % cfg.eval_every == 0 or last:
-            row = (row or {"step": s, "tokens": self.state.tokens}) | {"val_loss": self._evaluate()}
+            row = (row or {"step": s, "tokens": self.state.tokens}) | self._evaluate()
         if row is not None:
             if self.dist.main:
                 self.metrics.log(row)
@@ -164,14 +163,18 @@ class Bookkeeper:
         self.progress.update(self.task, completed=self.state.step, info=self.info + val)
         self.progress.refresh()
 
-    def _evaluate(self) -> float:
+    def _evaluate(self) -> dict:
         self.window_time += self.clock.charge("train")
-        val, _ = held_out_loss(self.t.model, self.t.val_batches, self.t.device, self.cfg.precision)
+        model = self.t.model
+        was_training = model.training
+        model.eval()
+        val, extra = self.t.pieces.held_out(model)
+        model.train(was_training)
         val = float(self.dist.mean(torch.tensor(val, device=self.t.device)))
         self.state.last_val, self.state.best_val = val, min(self.state.best_val, val)
         self.clock.charge("eval")
         self._show()
-        return val
+        return {"val_loss": val, **extra}
 
     # --- checkpoints and summary.json ----------------------------------------------------------
 
@@ -213,8 +216,8 @@ class Bookkeeper:
             "flops_per_token": model.flops_per_token(self.cfg.seq_len), "steps": st.step,
             "total_steps": t.total_steps, "tokens_seen": st.tokens, "wall_time_s": round(times["wall"], 2),
             "tokens_per_sec": round(st.timed_tokens / times["train"], 1) if times["train"] > 0 else None,
-            "train_time_s": round(times["train"], 2), "compile_time_s": round(times["compile"], 2),
-            "eval_time_s": round(times["eval"], 2), "checkpoint_time_s": round(times["checkpoint"], 2),
+            "train_time_s": round(times["train"], 3), "compile_time_s": round(times["compile"], 3),
+            "eval_time_s": round(times["eval"], 3), "checkpoint_time_s": round(times["checkpoint"], 3),
             "peak_memory_mb": round(peak_memory_mb(t.device), 1),
             "final_val_loss": st.last_val, "best_val_loss": None if st.best_val == float("inf") else st.best_val,
             "tokenizer": t.data.tokenizer.name, "vocab_size": t.cfg.model.vocab_size,

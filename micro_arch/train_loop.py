@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from micro_arch.model import Model
 from micro_arch.optim import build_optimizer
 from micro_arch.prefetch import Prefetcher, TokenWindows
 from micro_arch.stop import RunInterrupted, StopRequests
-from micro_arch.train_step import TrainStep, loss_for
+from micro_arch.train_step import LossFn, TrainStep, held_out_loss, lm_loss
 
 
 def planned_steps(cfg: ExperimentConfig, world_size: int) -> int:
@@ -51,15 +53,38 @@ def wrap_model(model, cfg: ExperimentConfig, dist: Dist, device: torch.device):
     return forward
 
 
+@dataclass
+class StagePieces:
+    """What a training stage brings: where batches come from, what loss they train, how to evaluate."""
+    source: object  # .batch(index) -> tuple of CPU tensors; index = step * grad_accum + micro
+    loss_fn: LossFn  # (model, batch) -> (loss, metrics); see train_step
+    held_out: Callable  # (model) -> (val_loss, {further metric: value}) with the model in eval mode
+
+
+def pretrain_pieces(cfg: ExperimentConfig, data, dist: Dist, device: torch.device) -> StagePieces:
+    t = cfg.train
+    # The held-out windows are fixed by the global batch; each rank evaluates its rows of them,
+    # so N processes evaluate exactly what one process with the global batch does.
+    rows = slice(dist.rank * t.batch_size, (dist.rank + 1) * t.batch_size)
+    val = [(x[rows], y[rows]) for x, y in
+           eval_batches(data.val, t.batch_size * dist.world_size, t.seq_len, t.eval_batches)]
+    return StagePieces(TokenWindows(data.train, t, dist.rank, dist.world_size), lm_loss,
+                       lambda model: (held_out_loss(model, val, device, t.precision)[0], {}))
+
+
 class Trainer:
+    """Model, optimizer, the stage's pieces and the loop. A stage other than pretraining passes its
+    StagePieces (built before the run directory exists, so that bad input leaves nothing behind)."""
+
     def __init__(self, cfg: ExperimentConfig, data, dist: Dist, device: torch.device,
-                 resume_payload: dict | None = None, on_eval=None):
+                 resume_payload: dict | None = None, on_eval=None, pieces: StagePieces | None = None):
         t = cfg.train
         self.cfg, self.data, self.dist, self.device, self.on_eval = cfg, data, dist, device, on_eval
         self.config_dict = to_dict(cfg)
         self.resumed = resume_payload is not None
         self.total_steps = planned_steps(cfg, dist.world_size)
-        self.batches = Prefetcher(TokenWindows(data.train, t, dist.rank, dist.world_size), t.grad_accum, device)
+        self.pieces = pieces or pretrain_pieces(cfg, data, dist, device)
+        self.batches = Prefetcher(self.pieces.source, t.grad_accum, device)
         torch.manual_seed(t.seed + dist.rank)
         self.model = Model(cfg.model).to(device)
         # model.init_from (not on resume: the checkpoint has the weights); parent.json is written with the run
@@ -72,12 +97,7 @@ class Trainer:
             self.state = RunState.from_payload(resume_payload)
             ckpt.set_rng_state(resume_payload["rng"])
         self.step_fn = TrainStep(self.model, wrap_model(self.model, cfg, dist, device), self.optimizer, t, device,
-                                 dist.enabled, self.total_steps, loss_for(t))
-        # The held-out windows are fixed by the global batch; each rank evaluates its rows of them,
-        # so N processes evaluate exactly what one process with the global batch does.
-        rows = slice(dist.rank * t.batch_size, (dist.rank + 1) * t.batch_size)
-        self.val_batches = [(x[rows], y[rows]) for x, y in
-                            eval_batches(data.val, t.batch_size * dist.world_size, t.seq_len, t.eval_batches)]
+                                 dist.enabled, self.total_steps, self.pieces.loss_fn)
 
     @property
     def step(self) -> int:

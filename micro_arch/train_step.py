@@ -7,7 +7,8 @@ A training stage is a loss function `loss_fn(model, batch) -> (loss, metrics)`:
 - `metrics` maps names to detached scalar tensors (never Python numbers: reading them would stall the
   device every step); "train_loss" is the one the progress bar shows. Each is averaged over the
   micro-batches and over the log window, and read on the host only at log steps.
-Register a stage with `LOSSES["sft"] = sft_loss`; `train.stage` picks it (default: pretrain).
+A stage hands its loss to the Trainer in train_loop.StagePieces (with its batch source and held-out
+measurement); pretraining's is `lm_loss`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 
 from micro_arch.config import TrainConfig
 from micro_arch.device import autocast
-from micro_arch.errors import MicroArchError
 from micro_arch.optim import lr_factor, set_lr
 
 LossFn = Callable[[torch.nn.Module, tuple], tuple[torch.Tensor, dict]]
@@ -33,16 +33,6 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
     metrics.update({f"aux/{k}": v.detach() for k, v in out.aux_losses.items()})
     metrics.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.stats.items()})
     return out.loss, metrics
-
-
-LOSSES: dict[str, LossFn] = {"pretrain": lm_loss}
-
-
-def loss_for(cfg: TrainConfig) -> LossFn:
-    stage = getattr(cfg, "stage", "pretrain")
-    if stage not in LOSSES:
-        raise MicroArchError(f"train.stage={stage!r} has no loss function; known stages: {', '.join(LOSSES)}")
-    return LOSSES[stage]
 
 
 class TrainStep:

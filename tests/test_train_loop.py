@@ -1,0 +1,63 @@
+"""The trainer's pieces: batches prepared ahead are the batches of their step, a stage's loss plugs into
+the step, and throughput leaves out the first step (compilation), evaluation and checkpoints."""
+
+import json
+
+import pytest
+import torch
+from test_train import make_experiment
+
+from micro_arch.config import DataConfig, TrainConfig
+from micro_arch.data import prepare_data, sample_batch
+from micro_arch.distributed import Dist
+from micro_arch.experiment import load_experiment
+from micro_arch.prefetch import Prefetcher, TokenWindows
+from micro_arch.train import run_experiment
+from micro_arch.train_loop import StagePieces, Trainer
+from micro_arch.train_step import lm_loss
+
+
+@pytest.fixture(scope="module")
+def data():
+    return prepare_data(DataConfig())
+
+
+def test_prefetched_batches_are_the_batches_of_their_step(data):
+    cfg = TrainConfig(batch_size=3, seq_len=16, grad_accum=2, seed=5)
+    prefetcher = Prefetcher(TokenWindows(data.train, cfg, rank=1, world_size=2), 2, torch.device("cpu"))
+    prefetcher.prepare(4)
+    for step in (4, 5, 9):  # 4 was prepared ahead, 5 and 9 were not
+        got = prefetcher.take(step)
+        assert len(got) == 2
+        for micro, (x, y) in enumerate(got):
+            ex, ey = sample_batch(data.train, 3, 16, 5, step * 2 + micro, rank=1, world_size=2)
+            assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_a_stage_loss_plugs_into_the_step(tmp_path, data):
+    cfg = load_experiment(make_experiment(tmp_path))
+    cfg.model.vocab_size = data.tokenizer.vocab_size
+    seen = []
+
+    def half_loss(model, batch):
+        seen.append(batch[0].shape)
+        loss, metrics = lm_loss(model, batch)
+        return loss * 0.5, {**metrics, "halved": loss.detach() * 0.5}
+
+    plain = Trainer(cfg, data, Dist(), torch.device("cpu"))
+    pieces = StagePieces(plain.pieces.source, half_loss, plain.pieces.held_out)
+    trainer = Trainer(cfg, data, Dist(), torch.device("cpu"), pieces=pieces)
+    metrics = trainer.step_fn(0, trainer.batches.take(0))
+    assert seen == [torch.Size([4, 32])]
+    torch.testing.assert_close(metrics["halved"], metrics["train_loss"] * 0.5)
+
+
+def test_throughput_leaves_out_the_first_step_evaluation_and_checkpoints(tmp_path):
+    exp = make_experiment(tmp_path)
+    run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=8", "train.log_every=4",
+                                                                          "train.eval_every=4"])
+    s = json.loads((run_dir / "summary.json").read_text())
+    accounts = s["train_time_s"] + s["compile_time_s"] + s["eval_time_s"] + s["checkpoint_time_s"]
+    assert s["eval_time_s"] > 0 and s["checkpoint_time_s"] > 0 and accounts <= s["wall_time_s"] + 0.05
+    timed_tokens = 7 * 4 * 32  # every step but the first
+    assert s["tokens_per_sec"] == pytest.approx(timed_tokens / s["train_time_s"], rel=0.02)
