@@ -106,3 +106,13 @@ def test_all_checkpoints_damaged_is_a_clear_error_that_removes_nothing(tmp_path)
     with pytest.raises(MicroArchError, match="no intact checkpoint"):
         run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT + ["train.max_steps=12"], resume=run_dir)
     assert snapshot(run_dir) == before
+
+
+def test_a_larger_budget_on_resume_warns_that_the_schedule_is_re_stretched(tmp_path, capsys):
+    exp = make_experiment(tmp_path)
+    run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT)
+    capsys.readouterr()
+    run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT + ["train.max_steps=10"], resume=run_dir)
+    err = capsys.readouterr().err
+    assert "from 8 to 10 steps" in err and "cosine" in err and "from step 8" in err
+    assert "max_steps: 10" in (run_dir / "config.yaml").read_text()  # the run records its new budget
