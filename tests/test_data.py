@@ -259,3 +259,42 @@ def test_unknown_tokenizer_and_unreachable_hub(cache, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # any connection failure, without waiting
     with pytest.raises(MicroArchError, match="could not reach the Hugging Face hub.*local files"):
         prepare_data(DataConfig(source="someone/some-dataset"))
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("empty.txt", b"", ["empty.txt: the file is empty", "put text in it"]),
+    ("blank.txt", b"\n  \n\t\n", ["blank.txt: the file is empty", "whitespace"]),
+    ("latin1.txt", "caf\xe9 au lait\n\nsecond".encode("latin-1"), ["not UTF-8 text", "byte 3 (0xe9)", "iconv"]),
+    ("binary.txt", b"hello\n\n\x00\x01\x02\xff", ["not UTF-8 text", "byte 7", "NUL"]),
+    ("cut.txt", "ab\n\ncd é".encode()[:-1], ["not UTF-8 text", "byte 7 (0xc3)"]),
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n', ["bad.jsonl", "not UTF-8 text", "byte 25 (0xff)"]),
+])
+def test_empty_and_non_utf8_files_say_which_and_what_to_do(cache, tmp_path, name, content, words):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(MicroArchError) as info:
+        prepare_data(DataConfig(source=str(tmp_path / name)))
+    message = str(info.value)
+    assert "DatasetGenerationError" not in message and len(message.splitlines()) == 1, message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_the_bad_file_of_a_glob_is_named(cache, tmp_path, works):
+    (tmp_path / "a.txt").write_text(prose(works, 5_000))
+    (tmp_path / "b.txt").write_bytes(b"\xfe\xff")
+    with pytest.raises(MicroArchError, match=r"b\.txt: not UTF-8 text: byte 0"):
+        prepare_data(DataConfig(source=str(tmp_path / "*.txt")))
+
+
+def test_unreachable_hub_fails_fast_in_one_line_without_retries(cache, monkeypatch, capfd, caplog):
+    pytest.importorskip("datasets")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    with pytest.raises(MicroArchError) as info:
+        prepare_data(DataConfig(source="someone/made-up-corpus-name"))
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert "could not reach the Hugging Face hub" in message and "127.0.0.1:9" in message
+    assert "local files" in message
+    out, err = capfd.readouterr()
+    assert "Retry" not in out + err + caplog.text

@@ -8,10 +8,14 @@ A source's `description` identifies it for the caches without reading it (paths,
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import glob
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from micro_arch.errors import MicroArchError
 
@@ -72,6 +76,9 @@ class FileSource:
     def split(self, val_fraction: float) -> tuple[list[str], list[str]]:
         import datasets
 
+        if self.builder in ("text", "json"):
+            for file in self.files:
+                check_text_file(file)
         options = {"sample_by": "paragraph"} if self.builder == "text" else {}
         was_enabled = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
@@ -79,8 +86,9 @@ class FileSource:
             table = datasets.load_dataset(self.builder, data_files=self.files, split="train",
                                           cache_dir=str(self.cache_dir), **options)
         except Exception as err:  # datasets wraps parse errors in several types; all mean "cannot read"
-            raise MicroArchError(f"{self.pattern}: cannot read as {self.builder} ({type(err).__name__}: "
-                                 f"{str(err).splitlines()[0] if str(err) else ''})") from None
+            cause = root_cause(err)
+            raise MicroArchError(f"{self.pattern}: cannot read as {self.builder} ({type(cause).__name__}: "
+                                 f"{first_line(cause)}); check that the file is valid {self.builder}") from None
         finally:
             if was_enabled:
                 datasets.enable_progress_bars()
@@ -99,16 +107,19 @@ class HubSource:
     def split(self, val_fraction: float) -> tuple[list[str], list[str]]:
         import datasets
 
+        offline = hub_offline_reason()
         try:
-            loaded = datasets.load_dataset(self.name)
-        except (ConnectionError, OSError, TimeoutError) as err:
-            raise MicroArchError(
-                f"data.source {self.name!r}: could not reach the Hugging Face hub ({err}); offline, point "
-                "data.source at local files instead: a .txt, .jsonl or .parquet file or a glob such as "
-                "'data/*.jsonl', or 'shakespeare' for the built-in corpus") from None
+            with offline_mode(offline is not None):  # offline, only the local cache is tried: no retries
+                loaded = datasets.load_dataset(self.name)
         except Exception as err:
-            raise MicroArchError(f"data.source {self.name!r}: not a file here, and the hub says: "
-                                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            if offline is None and not isinstance(err, (ConnectionError, OSError, TimeoutError)):
+                raise MicroArchError(f"data.source {self.name!r}: not a file here, and the hub says: "
+                                     f"{first_line(err)}") from None
+            why = offline or first_line(err)
+            raise MicroArchError(
+                f"data.source {self.name!r}: could not reach the Hugging Face hub ({why}) and the dataset is "
+                "not in the local cache; offline, point data.source at local files instead: a .txt, .jsonl or "
+                ".parquet file or a glob such as 'data/*.jsonl', or 'shakespeare' for the built-in corpus") from None
         split = "train" if "train" in loaded else next(iter(loaded))
         return hold_out(column_texts(loaded[split], self.text_field, self.name), val_fraction, self.name)
 
@@ -145,3 +156,82 @@ def resolve_source(source: str, text_field: str, cache_dir: Path):
         raise MicroArchError(f"{source}: needs files of one kind (.txt, .jsonl or .parquet), matched {names}; use "
                              "one source per kind in a mixture (data.source: [{source: ..., weight: ...}, ...])")
     return FileSource(source, files, builders.pop(), text_field, cache_dir / "hf-datasets")
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception: datasets wraps the real complaint in DatasetGenerationError."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def check_text_file(path: str, chunk_size: int = 1 << 20) -> None:
+    """An empty (or whitespace-only) file, or one that is not UTF-8 text, is an error that says which,
+    with the offset of the first bad byte. Compressed files are left to the reader."""
+    if path.lower().endswith(COMPRESSION):
+        return
+    decoder, offset, blank = codecs.getincrementaldecoder("utf-8")(), 0, True
+    fix = ("convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8) or leave it out of "
+           "data.source")
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            pending = decoder.getstate()[0]
+            data, start = pending + chunk, offset - len(pending)  # the bytes this decode looks at
+            nul = data.find(b"\x00")
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+                bad = -1
+            except UnicodeDecodeError as err:
+                text, bad = "", err.start
+            if nul != -1 and (bad == -1 or nul < bad):
+                raise MicroArchError(f"{path}: not UTF-8 text: byte {start + nul} is NUL (0x00), so this looks "
+                                     f"like a binary file; {fix}")
+            if bad != -1:
+                raise MicroArchError(f"{path}: not UTF-8 text: byte {start + bad} (0x{data[bad]:02x}) cannot be "
+                                     f"decoded; {fix}")
+            blank = blank and not text.strip()
+            if not chunk:
+                break
+            offset += len(chunk)
+    if blank:
+        what = "0 bytes" if offset == 0 else "only whitespace"
+        raise MicroArchError(f"{path}: the file is empty ({what}); put text in it, or leave it out of data.source")
+
+
+def hub_offline_reason() -> str | None:
+    """Why the hub cannot be reached now (offline mode, or no connection within 3 s), or None."""
+    import datasets
+
+    if datasets.config.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # the hub may be reachable through the proxy only: let the hub client try
+    from huggingface_hub import constants
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as err:
+        return f"no connection to {host}:{port}: {err.strerror or err}"
+    return None
+
+
+@contextlib.contextmanager
+def offline_mode(on: bool):
+    """Offline mode for datasets and huggingface_hub for the duration (they read it at import)."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if on:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
