@@ -213,6 +213,8 @@ REFUSED = {  # experiment: what the one line must name
     "sliding-window": "layer 3's Attention has window=None but layer 0's has 16: sliding windows in some layers only",
     "gpt2": None,  # maps
     "llama": None,
+    "mqa": None,
+    "moe": "LayerNorm with positions=rope and MoE; set model.defaults.Norm: rmsnorm; nearest supported layout: Mixtral",
 }
 
 
@@ -368,3 +370,12 @@ def test_a_chat_runs_tokens_and_template_export_with_the_same_ids(tmp_path):
     theirs = loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     assert list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == [int(i) for i in ids]
     assert loaded.eos_token_id == base.vocab_size + len(SPECIAL_TOKENS) - 1
+
+
+def test_init_from_a_folder_of_another_model_type_is_refused(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    cfg = from_dict(ModelConfig, {"vocab_size": 10, "init_from": str(tmp_path)})
+    with pytest.raises(MicroArchError, match="cannot import: model_type 'bert' has no micro-arch layout; supported: "):
+        load_initial_weights(Model(cfg), cfg)

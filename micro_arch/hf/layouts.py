@@ -180,8 +180,8 @@ def _transformer(model, first, common) -> Layout:
     if norm_kind == "ln":
         if cfg.positions != "learned" or ffn_kind != "gelu":
             got = f"LayerNorm with positions={cfg.positions} and {type(ffn).__name__}"
-            nearest = "llama" if cfg.positions == "rope" else "gpt2"
-            fix = "; set model.defaults.Norm: rmsnorm" if nearest == "llama" and ffn_kind != "gelu" else ""
+            nearest = "gpt2" if cfg.positions != "rope" else "mixtral" if ffn_kind == "moe" else "llama"
+            fix = "; set model.defaults.Norm: rmsnorm" if nearest != "gpt2" and ffn_kind != "gelu" else ""
             raise refuse(got + fix, nearest)
         if attn.n_kv_heads != attn.n_heads or attn.head_dim * attn.n_heads != cfg.d_model:
             raise refuse(f"attention with {attn.n_kv_heads} K/V heads for {attn.n_heads} query heads of width "
