@@ -115,7 +115,12 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
     try:
         if not dist.main:
             dist.barrier()  # let rank 0 fill the data cache first
-        data = prepare_data(cfg.data)
+        if cfg.train.stage == "pretrain":
+            data = prepare_data(cfg.data)
+        else:  # conversations or preference pairs, with init_from's tokenizer and the chat template
+            from micro_arch.stages.setup import prepare_stage_data
+
+            data = prepare_stage_data(cfg)
         if dist.main:
             dist.barrier()
         tok_vocab = data.tokenizer.vocab_size
@@ -144,7 +149,15 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
                                  "add --resume RUN_DIR")
         # Everything that can fail on bad input (model, optimizer, data lengths, a forward pass for the
         # trace) runs before a new run directory exists, so a failed start leaves nothing behind.
-        trainer = Trainer(cfg, data, dist, device, payload, on_eval=on_eval)
+        pieces = None
+        if cfg.train.stage != "pretrain":
+            from micro_arch.stages.setup import stage_pieces
+
+            pieces = stage_pieces(cfg, data, dist, device)
+            if dist.main and not resume:
+                for note in data.notes:
+                    console.print(f"{cfg.train.stage}: {note}", highlight=False)
+        trainer = Trainer(cfg, data, dist, device, payload, on_eval=on_eval, pieces=pieces)
         trace = _trace(trainer.model, cfg, device) if dist.main and not resume else None
         run_dir = Path(resume) if resume else (new_run_dir(runs_root, cfg.name) if dist.main else None)
         run_dir = Path(dist.broadcast(str(run_dir)))

@@ -239,6 +239,9 @@ def test_bad_pairs_name_the_line(tmp_path, tok, row, message):
 
 
 def test_unreadable_file_is_one_line(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(MicroArchError, match="empty.jsonl: no conversations in it"):
+        read_records(str(tmp_path / "empty.jsonl"), tmp_path, "conversations")
     path = tmp_path / "broken.jsonl"
     path.write_text('{"messages": [\n')
     with pytest.raises(MicroArchError, match="broken.jsonl: cannot read conversations"):
@@ -509,3 +512,140 @@ def test_context_extension_from_a_run_reports_both_lengths(tmp_path):
     assert len(lines) == 2 and "64-token windows (the parent's length)" in lines[0]
     assert "128-token windows (this run's length)" in lines[1]
     assert context_lines(tmp_path / "parent", small, tokens, 64, 8, "cpu") == []
+
+
+# --- end to end: pretrain -> sft -> dpo through `micro-arch run` ------------------------------------------
+
+PRETRAIN = """
+model:
+  d_model: 32
+  n_heads: 2
+  max_seq_len: 32
+  layers: [{spec: "Norm->Attn->+->Norm->MLP->+", repeat: 1}]
+data: {source: shakespeare, tokenizer: char}
+train: {batch_size: 4, seq_len: 32, max_steps: 8, warmup_steps: 2, eval_every: 8, eval_batches: 1, log_every: 4,
+        sample: {prompts: ["A"], max_new_tokens: 4}}
+"""
+
+STAGE = """
+extends: ../pretrain/config.yaml
+model: {{max_seq_len: 160, dropout: 0.1}}
+data: {{source: {train}, val_source: {val}}}
+train: {{stage: {stage}, seq_len: 160, batch_size: 4, max_steps: 8, lr: 1.0e-3, warmup_steps: 2, eval_every: 4,
+        eval_batches: 1, log_every: 2, checkpoint_every: 4}}
+"""
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A tiny pretrain run, and SFT/DPO experiments (with their data) that start from it."""
+    from micro_arch.data.corpus import read_works
+    from micro_arch.stages.dialogues import exchanges, preference_pairs
+    from micro_arch.train import run_experiment
+
+    root = tmp_path_factory.mktemp("chain")
+    items = [e for w in read_works()[3:5] for e in exchanges([w], max_user_chars=60, max_answer_chars=50)[:30]]
+    for name, rows in (("sft", [{"messages": e.messages()} for e in items]), ("dpo", preference_pairs(items, 0))):
+        write_jsonl(root / f"{name}_train.jsonl", rows[:48])
+        write_jsonl(root / f"{name}_val.jsonl", rows[48:])
+    for name, text in (("pretrain", PRETRAIN), *((s, STAGE.format(stage=s, train=root / f"{s}_train.jsonl",
+                                                                  val=root / f"{s}_val.jsonl")) for s in ("sft", "dpo"))):
+        (root / name).mkdir()
+        (root / name / "config.yaml").write_text(text)
+    parent = run_experiment(root / "pretrain", runs_root=root / "runs")
+    return root, parent
+
+
+def check_resume_is_exact(exp, overrides, full, tmp_path):
+    import shutil
+
+    from micro_arch.train import run_experiment
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(full, stopped)
+    shutil.copy(stopped / "checkpoints/step_0000004.pt", stopped / "checkpoints/latest.pt")
+    (stopped / "checkpoints/step_0000008.pt").unlink()
+    run_experiment(exp, runs_root=tmp_path / "runs", overrides=overrides, resume=stopped)
+    a, b = read_metrics(full), read_metrics(stopped)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss"):
+            if ra[key]:
+                assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-5, abs=1e-6), (ra["step"], key)
+    sa = torch.load(full / "checkpoints/latest.pt", weights_only=True)["model"]
+    sb = torch.load(stopped / "checkpoints/latest.pt", weights_only=True)["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def read_metrics(run_dir):
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sft_then_dpo_runs_resume_exactly_and_chat(chain, tmp_path):
+    from helpers import run_cli
+
+    from micro_arch.train import run_experiment
+
+    root, parent = chain
+    sft_over = [f"model.init_from={parent}"]
+    sft = run_experiment(root / "sft", runs_root=tmp_path / "runs", overrides=sft_over)
+    assert (sft / "chat_template.json").is_file()
+    assert json.loads((sft / "parent.json").read_text())["changed"]["vocab_size"] == [
+        len(load_chat_tokenizer(sft).base.chars), load_chat_tokenizer(sft).vocab_size]
+    rows = read_metrics(sft)
+    assert [bool(r["val_loss"]) for r in rows] == [False, True, False, True]
+    check_resume_is_exact(root / "sft", sft_over, sft, tmp_path / "sft-resume")
+
+    dpo_over = [f"model.init_from={sft}"]
+    dpo = run_experiment(root / "dpo", runs_root=tmp_path / "runs", overrides=dpo_over)
+    rows = read_metrics(dpo)
+    assert rows[0]["dpo/reward_margin"] and rows[1]["val/preference_accuracy"]
+    check_resume_is_exact(root / "dpo", dpo_over, dpo, tmp_path / "dpo-resume")
+
+    out = run_cli("chat", sft, "--prompt", "Who goes there?", "--prompt", "Speak!", "--max-new-tokens", "8",
+                  "--system", "HORATIO answers BERNARDO.", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("assistant: ") == 2 and "user: Speak!" in out.stdout
+    out = run_cli("eval", dpo, "--device", "cpu", "--batch-size", "8")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((dpo / "stage_eval.json").read_text())
+    assert result["before"]["reward_margin"] == 0 and result["after"]["pairs"] == 12
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_ddp_two_processes_equal_one_process(chain, tmp_path, stage):
+    from helpers import run_cli
+
+    from micro_arch.train import run_experiment
+
+    root, parent = chain
+    start = parent
+    if stage == "dpo":
+        start = run_experiment(root / "sft", runs_root=tmp_path / "sft",
+                               overrides=[f"model.init_from={parent}", "train.max_steps=2"])
+    common = [f"model.init_from={start}", "train.max_steps=4", "model.dropout=0.0"]
+    one = run_experiment(root / stage, runs_root=tmp_path / "one", overrides=common + ["train.batch_size=4"])
+    result = run_cli("run", root / stage, "--nproc", "2", "--runs-dir", tmp_path / "two", "--set", *common,
+                     "train.batch_size=2", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (two,) = (tmp_path / "two" / stage).iterdir()
+    a, b = read_metrics(one), read_metrics(two)
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss"):
+            assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-4), key
+
+
+def test_init_from_another_architecture_is_one_line(chain, tmp_path):
+    from helpers import run_cli
+
+    root, parent = chain
+    out = run_cli("run", root / "sft", "--runs-dir", tmp_path / "runs", "--set", f"model.init_from={parent}",
+                  "model.d_model=48")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "d_model" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))

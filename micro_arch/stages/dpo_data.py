@@ -20,6 +20,7 @@ import torch
 from micro_arch.errors import MicroArchError
 
 from .chat_template import ChatTokenizer, check_messages, inputs_and_targets, render
+from .sft_data import trim
 
 
 def pair_messages(row: dict, where: str) -> tuple[list[dict], str, str]:
@@ -73,8 +74,8 @@ class Pairs:
 
     def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) with the chosen answers of `index` first, then their rejected answers."""
-        return (torch.cat([self.chosen_x[index], self.rejected_x[index]]),
-                torch.cat([self.chosen_y[index], self.rejected_y[index]]))
+        return trim(torch.cat([self.chosen_x[index], self.rejected_x[index]]),
+                    torch.cat([self.chosen_y[index], self.rejected_y[index]]))
 
 
 def encode_pairs(tok: ChatTokenizer, records: list[tuple[str, dict]], seq_len: int, split: str) -> Pairs:

@@ -24,6 +24,7 @@ def read_records(source: str, cache_dir: Path, what: str) -> list[tuple[str, dic
     if bad:
         raise MicroArchError(f"{source}: {what} are read from JSON lines (.jsonl) or .parquet files, not "
                              f"{os.path.basename(bad[0])}")
+    files = [f for f in files if os.path.getsize(f) > 0]  # datasets cannot read an empty file
     records = []
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()

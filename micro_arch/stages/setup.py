@@ -165,3 +165,11 @@ def _first(items: Examples | Pairs, n: int):
     if isinstance(items, Examples):
         return Examples(items.x[:n], items.y[:n])
     return Pairs(items.chosen_x[:n], items.chosen_y[:n], items.rejected_x[:n], items.rejected_y[:n])
+
+
+def stage_pieces(cfg: ExperimentConfig, data: StageData, dist, device: torch.device):
+    """The trainer's StagePieces for train.stage sft or dpo (train_loop.Trainer(..., pieces=...))."""
+    from micro_arch.train_loop import StagePieces
+
+    stage = Stage(cfg, data, device, dist.rank, dist.world_size)
+    return StagePieces(stage.source, stage.loss, stage.held_out)

@@ -68,6 +68,14 @@ def encode_conversations(tok: ChatTokenizer, conversations: list[tuple[str, list
     return Examples(torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), skipped, truncated)
 
 
+def trim(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch cut after its last learned position: later positions are padding or text after the last
+    answer, which under causal attention changes no learned token's loss. Saves the padding's compute."""
+    learned = (y >= 0).any(0).nonzero()
+    width = int(learned[-1]) + 1 if len(learned) else 1
+    return x[:, :width], y[:, :width]
+
+
 def global_rows(n: int, global_batch: int, seed: int, step: int) -> torch.Tensor:
     """Row indices of the global batch at `step`: a function of (seed, step) alone, so a resumed run and
     N processes (each taking its slice) see exactly what one uninterrupted process sees."""
@@ -88,7 +96,7 @@ class ConversationBatches:
         rows = global_rows(len(self.examples), self.batch_size * self.world_size, self.seed, index)
         n_targets = int(self.targets_per_row[rows].sum())
         mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return self.examples.x[mine], self.examples.y[mine], self.world_size / max(n_targets, 1)
+        return (*trim(self.examples.x[mine], self.examples.y[mine]), self.world_size / max(n_targets, 1))
 
 
 def held_out_batches(examples: Examples, batch_size: int, max_batches: int | None = None):
@@ -96,4 +104,4 @@ def held_out_batches(examples: Examples, batch_size: int, max_batches: int | Non
     for i, start in enumerate(range(0, len(examples), batch_size)):
         if max_batches is not None and i >= max_batches:
             return
-        yield examples.x[start:start + batch_size], examples.y[start:start + batch_size]
+        yield trim(examples.x[start:start + batch_size], examples.y[start:start + batch_size])
