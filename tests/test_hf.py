@@ -297,7 +297,8 @@ def test_init_from_an_exported_folder_gives_back_the_same_model(llama_run, tmp_p
     from micro_arch.rundir import load_run
 
     exp, run_dir = llama_run
-    export_run(run_dir, tmp_path / "hf")
+    export_run(run_dir, tmp_path / "hf", checkpoint="step_0000003.pt")  # a name inside the run's checkpoints/
+    assert "step_0000003.pt" in (tmp_path / "hf" / "README.md").read_text()
     vocab = f"model.vocab_size={read_run_config(run_dir).model.vocab_size}"
     cfg = child_config(exp, tmp_path / "hf", vocab)
     model = Model(cfg.model)
