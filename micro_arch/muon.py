@@ -111,28 +111,26 @@ class Muon(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         torch._foreach_lerp_(bufs, grads, 1 - m)
         directions = torch._foreach_lerp(grads, bufs, m) if group["nesterov"] else bufs
-        updates = self._orthogonalise(directions, group)
         lr, wd = group["lr"], group["weight_decay"]
-        if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        for p, u in zip(params, updates, strict=True):
-            p.add_(u.to(p.dtype), alpha=-lr * update_scale(p.shape))
+        for idx, updates in self._orthogonalised(directions, group):
+            shared = [params[i] for i in idx]
+            if wd:
+                torch._foreach_mul_(shared, 1 - lr * wd)
+            torch._foreach_add_(shared, updates.to(shared[0].dtype).unbind(0),
+                                alpha=-lr * update_scale(shared[0].shape))
 
-    def _orthogonalise(self, directions: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
-        """Newton-Schulz of every direction, one batched call per (shape, device), sharded over ranks."""
+    def _orthogonalised(self, directions: list[torch.Tensor], group: dict):
+        """(indices, their Newton-Schulz stack) for each (shape, device): one batched call each, sharded
+        over ranks under torch.distributed."""
         dtype = group["ns_dtype"]
         by_shape = defaultdict(list)
         for i, d in enumerate(directions):
             by_shape[(tuple(d.shape), d.device)].append(i)
         world = dist.get_world_size() if self.shard and dist.is_available() and dist.is_initialized() else 1
-        out: list[torch.Tensor | None] = [None] * len(directions)
         for (_, device), idx in by_shape.items():
             ns = dict(steps=group["ns_steps"], dtype=dtype or default_ns_dtype(device))
             stack = torch.stack([directions[i] for i in idx])
-            result = newton_schulz(stack, **ns) if world == 1 else _sharded(stack, world, ns)
-            for j, i in enumerate(idx):
-                out[i] = result[j]
-        return out
+            yield idx, newton_schulz(stack, **ns) if world == 1 else _sharded(stack, world, ns)
 
 
 def _sharded(stack: torch.Tensor, world: int, ns: dict) -> torch.Tensor:
