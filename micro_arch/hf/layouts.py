@@ -67,17 +67,17 @@ def _kind(block, names) -> str:
             "swiglu": "swiglu", "gelu_mlp": "gelu", "moe": "moe", "mamba": "mamba"}.get(name, "other")
 
 
-def _steps(chain, names) -> list:
+def _steps(chain) -> list:
     return ["+" if i < 0 else chain.blocks[i] for i in chain.plan]
 
 
 def _shape_of(chain, names) -> str:
-    return "->".join("+" if s == "+" else names.get(type(s), type(s).__name__) for s in _steps(chain, names))
+    return "->".join("+" if s == "+" else names.get(type(s), type(s).__name__) for s in _steps(chain))
 
 
 def _check_chain(i: int, chain, names) -> tuple:
     """The (norm1, mixer, norm2, ffn) of a supported layer, (norm, mamba) for Mamba, or a refusal."""
-    steps = _steps(chain, names)
+    steps = _steps(chain)
     kinds = ["+" if s == "+" else _kind(s, names) for s in steps]
     spec = _shape_of(chain, names)
     for step, kind in zip(steps, kinds):

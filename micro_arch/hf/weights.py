@@ -26,7 +26,7 @@ def _block(i: int, j: int) -> str:
     return f"layers.{i}.branches.0.blocks.{j}."
 
 
-def _ends(sd: dict, layout: Layout, prefix: str, final: str) -> dict:
+def _ends(sd: dict, prefix: str, final: str) -> dict:
     out = {f"{prefix}{final}.weight": sd["final_norm.blocks.0.weight"], "lm_head.weight": sd["head.weight"]}
     if "final_norm.blocks.0.bias" in sd:
         out[f"{prefix}{final}.bias"] = sd["final_norm.blocks.0.bias"]
@@ -39,7 +39,7 @@ def to_hf(layout: Layout, sd: dict) -> dict:
     if layout.family == "gpt2":
         return _gpt2_to_hf(layout, sd)
     if layout.family == "mamba":
-        out = {"backbone.embeddings.weight": sd["embed.weight"], **_ends(sd, layout, "backbone.", "norm_f")}
+        out = {"backbone.embeddings.weight": sd["embed.weight"], **_ends(sd, "backbone.", "norm_f")}
         for i in range(layout.n_layers):
             out[f"backbone.layers.{i}.norm.weight"] = sd[_block(i, 0) + "weight"]
             mixer = _block(i, 1)
@@ -48,7 +48,7 @@ def to_hf(layout: Layout, sd: dict) -> dict:
                     out[f"backbone.layers.{i}.mixer.{key[len(mixer):]}"] = value
         return out
     H, KV, D = layout.dims["n_heads"], layout.dims["n_kv_heads"], layout.dims["head_dim"]
-    out = {"model.embed_tokens.weight": sd["embed.weight"], **_ends(sd, layout, "model.", "norm")}
+    out = {"model.embed_tokens.weight": sd["embed.weight"], **_ends(sd, "model.", "norm")}
     for i in range(layout.n_layers):
         p, attn, hf = _block(i, 1), f"model.layers.{i}.self_attn.", f"model.layers.{i}."
         out[hf + "input_layernorm.weight"] = sd[_block(i, 0) + "weight"]
