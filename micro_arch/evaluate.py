@@ -25,7 +25,11 @@ def evaluate(model, tokens, seq_len: int, batch_size: int, device, max_batches: 
     approximated as val_bytes scaled by the share of the split's tokens predicted.
     """
     from micro_arch.data import iter_eval_windows
+    from micro_arch.errors import MicroArchError
 
+    if batch_size < 1 or (max_batches is not None and max_batches < 1):
+        raise MicroArchError(f"evaluation needs batch_size >= 1 and max_batches >= 1 (or unset), got "
+                             f"batch_size={batch_size}, max_batches={max_batches}")
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -107,6 +111,17 @@ def evaluate_run(run_dir, checkpoint=None, batch_size: int = 32, max_batches: in
     return result
 
 
+def _note_unfinished(console, run_dir: Path) -> None:
+    """An interrupted, running or crashed run is evaluated at its latest checkpoint; say which it is."""
+    from rich.markup import escape
+
+    from micro_arch.report_runs import unfinished_state
+
+    state = unfinished_state(run_dir)
+    if state:
+        console.print(f"[yellow]note[/]: {escape(state)}; evaluating its latest checkpoint")
+
+
 def eval_command(args) -> None:
     """`micro-arch eval RUN_DIR`: evaluate, write eval.json, print a table."""
     import json
@@ -115,6 +130,7 @@ def eval_command(args) -> None:
 
     console = Console()
     run_dir = Path(args.run_dir)
+    _note_unfinished(console, run_dir)
     if getattr(args, "data", None):
         from micro_arch.eval_data import evaluate_on_data, unencodable_line
 
@@ -128,7 +144,8 @@ def eval_command(args) -> None:
     if read_run_config(run_dir).train.stage != "pretrain":
         from micro_arch.stages.evaluate_stage import evaluate_stage_run, print_stage_eval
 
-        print_stage_eval(console, run_dir, evaluate_stage_run(run_dir, args.checkpoint, args.batch_size, args.device))
+        print_stage_eval(console, run_dir, evaluate_stage_run(run_dir, args.checkpoint, args.batch_size, args.device,
+                                                              args.max_batches))
         return
     result = evaluate_run(run_dir, args.checkpoint, args.batch_size, args.max_batches, args.device)
     summary = run_dir / "summary.json"

@@ -61,13 +61,24 @@ def compare(run_dirs, out=None, prompts: list[str] | None = None, console=None, 
 
     console = console or Console()
     folder = Path(out) if out else Path("runs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
+    if out is not None and not folder.is_dir() and not folder.parent.is_dir():
+        raise MicroArchError(f"--out {folder}: the folder {folder.parent} does not exist; create it first or "
+                             "pick a report folder in an existing one")
+    runs, left_out = collect_runs(run_dirs, console, batch_size=batch_size, max_batches=max_batches,
+                                  device=device, prompts=prompts)
+    if not runs:  # nothing to report: say why, and write no report
+        from rich.markup import escape
+
+        for line in left_out:
+            console.print(f"[red]left out[/]: {escape(line)}")
+        raise MicroArchError(f"none of the {len(run_dirs)} run directories could be compared (the lines "
+                             "above say why); pass completed run directories, such as "
+                             "runs/<experiment>/<run-id>")
+    try:  # only the report folder itself when --out names one; runs/compare/ as needed by default
+        folder.mkdir(parents=out is None, exist_ok=True)
     except OSError as err:
         raise MicroArchError(f"--out {folder}: cannot create the report folder ({err.strerror}); "
                              "pass a folder path that can be written") from None
-    runs, left_out = collect_runs(run_dirs, console, batch_size=batch_size, max_batches=max_batches,
-                                  device=device, prompts=prompts)
     label_runs(runs)
     table = runs_table(runs)
     fairness = assess({r.label: {**r.summary, "corpus_key": r.corpus_key} for r in runs})
@@ -80,10 +91,6 @@ def compare(run_dirs, out=None, prompts: list[str] | None = None, console=None, 
     table.to_csv(folder / "report.csv", index_label="run")
     write_report(report, folder)
     print_report(console, report, folder)
-    if not runs:
-        raise MicroArchError(f"none of the {len(run_dirs)} run directories could be compared (the lines "
-                             "above say why); pass completed run directories, such as "
-                             "runs/<experiment>/<run-id>")
     return folder
 
 

@@ -7,6 +7,8 @@ stamped with the checkpoint and settings they were computed from, so that a seco
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,13 +59,63 @@ def check_run_dir(path: Path) -> dict:
                              f"micro-arch reads {SUMMARY_FORMAT_VERSION}); train it again with this version "
                              "to compare it")
     if summary.get("status") != "completed":
-        raise MicroArchError(f"{path}: incomplete run (status {summary.get('status')!r} after step "
-                             f"{summary.get('steps')}); finish it with `micro-arch run experiments/"
-                             f"{summary.get('experiment')} --resume {path}` or leave it out")
+        raise MicroArchError(f"{path}: {run_state(path, summary)}; or leave it out of the comparison")
     if not latest_checkpoint(path).is_file():
         raise MicroArchError(f"{path}: incomplete run: no checkpoint ({latest_checkpoint(path)} is missing), "
                              "which the report needs to evaluate it; restore it or leave the run out")
     return summary
+
+
+def _alive(pid) -> bool | None:
+    """Whether process `pid` of this host still exists (None: cannot tell)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
+
+
+def run_state(path: Path, summary: dict) -> str:
+    """What an unfinished run is, in words, with what to do about it.
+
+    summary.json's status says 'completed', 'interrupted' (stopped by a signal, checkpoint saved), or
+    'running'. A run killed without warning (kill -9, a crash, a power cut) still says 'running', so
+    'running' is checked against the pid and host the trainer records: on this host, a pid that is gone
+    means crashed or killed; on another host (or without a pid) it cannot be told apart, and the time
+    of the last summary update (refreshed at least every few log steps while training) is shown.
+    """
+    status, step, total = summary.get("status"), summary.get("steps"), summary.get("total_steps")
+    at = f"step {step} of {total}" if total else f"step {step}"
+    resume = f"`micro-arch run experiments/{summary.get('experiment')} --resume {path}`"
+    if status == "interrupted":
+        return f"interrupted at {at} (checkpoint saved); resume it with {resume}"
+    if status != "running":
+        return f"incomplete run (status {status!r} at {at}); finish it with {resume}"
+    updated = summary.get("updated_at")
+    alive = _alive(summary.get("pid")) if summary.get("host") == socket.gethostname() else None
+    if alive:
+        return f"still running ({at}, pid {summary['pid']}); its results are final when it has finished"
+    if alive is False:
+        return (f"crashed or killed at {at} (summary.json says status 'running', but its process "
+                f"{summary['pid']} is gone; last update {updated or 'unknown'}); resume it with {resume}")
+    where = f" on {summary['host']}" if summary.get("host") else ""
+    return (f"running or crashed ({at}; summary.json last updated {updated or 'at an unknown time'}{where}, "
+            f"which this machine cannot check); wait for it to finish, or if it died, resume it with {resume}")
+
+
+def unfinished_state(path: Path) -> str | None:
+    """run_state's words for a run whose summary.json says it is not completed; None otherwise."""
+    try:
+        summary = json.loads((Path(path) / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") in (None, "completed"):
+        return None
+    return f"{path}: {run_state(Path(path), summary)}"
 
 
 def read_curves(path: Path):

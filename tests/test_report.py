@@ -6,6 +6,9 @@ import json
 import math
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -142,7 +145,8 @@ def test_runs_that_cannot_be_compared_get_a_line_and_the_report_is_still_written
     base = runs["base"]
     no_summary = copy_run(base, tmp_path / "no-summary")
     (no_summary / "summary.json").unlink()
-    running = copy_run(base, tmp_path / "running", status="running", steps=12)
+    running = copy_run(base, tmp_path / "running", status="running", steps=12, pid=os.getpid(),
+                       host=socket.gethostname())
     no_checkpoint = copy_run(base, tmp_path / "no-checkpoint")
     (no_checkpoint / "checkpoints" / "latest.pt").unlink()
     older = copy_run(base, tmp_path / "older", format_version=0)
@@ -152,12 +156,12 @@ def test_runs_that_cannot_be_compared_get_a_line_and_the_report_is_still_written
     md, page = read_report(out)
     left_out = md.split("## Runs left out")[1].split("##")[0]
     for path, why in ((missing, "no such run directory"), (no_summary, "no summary.json"),
-                      (running, "incomplete run (status 'running' after step 12)"),
+                      (running, "still running (step 12"),
                       (no_checkpoint, "no checkpoint"),
                       (older, "older format (summary.json format_version 0")):
         assert f"- {path}: " in left_out and why in line_of(left_out, f"- {path}: "), path
         assert html.escape(f"{path}: ") in page
-    assert "--resume" in line_of(left_out, f"- {running}: ")
+    assert "when it has finished" in line_of(left_out, f"- {running}: ")
     assert set(report_rows(out)) == {"base"} and "1 run(s) compared, 5 left out" in md
 
 
@@ -171,7 +175,57 @@ def test_the_command_line_prints_the_table_and_fails_when_nothing_can_be_compare
 
     with pytest.raises(MicroArchError, match="none of the 1 run directories could be compared"):
         compare([tmp_path / "missing"], tmp_path / "empty")
-    assert "no such run directory" in (tmp_path / "empty" / "report.md").read_text()
+    assert not (tmp_path / "empty").exists()  # no report of nothing
+
+
+def test_compare_of_only_missing_directories_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from micro_arch.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "report")])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and err.startswith("error: none of the 2 run directories could be compared")
+    assert f"{tmp_path / 'a'}: no such run directory" in " ".join(out.split())
+    assert not (tmp_path / "report").exists()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MicroArchError):
+        compare([tmp_path / "a"])  # the default folder, runs/compare/<time>, is not created either
+    assert not (tmp_path / "runs").exists()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"status": "interrupted", "steps": 12}, ["interrupted at step 12 of 30", "--resume"]),
+    ({"status": "running", "steps": 12, "pid": "dead", "host": "here"},
+     ["crashed or killed", "status 'running'", "is gone", "--resume"]),
+    ({"status": "running", "steps": 12, "pid": "alive", "host": "here"}, ["still running (step 12 of 30"]),
+    ({"status": "running", "steps": 12, "pid": 1, "host": "elsewhere.example", "updated_at": "2020-01-01T00:00:00Z"},
+     ["running or crashed", "elsewhere.example", "2020-01-01T00:00:00Z"]),
+    ({"status": "running", "steps": 12, "pid": None, "host": None, "updated_at": None},
+     ["running or crashed"]),
+])
+def test_compare_and_eval_tell_interrupted_running_and_crashed_runs_apart(runs, tmp_path, capsys, changes, words):
+    from micro_arch.cli import main
+
+    pid = {"dead": dead_pid(), "alive": os.getpid()}.get(changes.get("pid"), changes.get("pid"))
+    host = socket.gethostname() if changes.get("host") == "here" else changes.get("host")
+    run = copy_run(runs["base"], tmp_path / "run", **{**changes, "pid": pid, "host": host, "total_steps": 30})
+    out = tmp_path / "report"
+    compare([runs["short"], run], out)
+    left_out = read_report(out)[0].split("## Runs left out")[1].split("##")[0]
+    line = line_of(left_out, f"- {run}: ")
+    for word in words:
+        assert word in line, (word, line)
+    assert "incomplete run (status" not in line
+    capsys.readouterr()
+    main(["eval", str(run), "--max-batches", "1", "--device", "cpu"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert words[0] in printed, printed
 
 
 def test_different_tokenizers_are_ranked_on_bits_per_byte(runs, tmp_path):
