@@ -26,6 +26,7 @@ from rich.markup import escape
 from micro_arch.config import (
     ExperimentConfig,
     apply_overrides,
+    blame_override,
     experiment_path,
     from_dict,
     load_raw,
@@ -82,18 +83,27 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
             raw["set"] = list(raw["set"]) + [item]
         else:
             apply_overrides(raw, [item])
-    sweep = from_dict(SweepConfig, raw, where=str(path))
+    try:
+        sweep = from_dict(SweepConfig, raw, where=str(path))
+    except MicroArchError as err:
+        raise blame_override(err, overrides, root=str(path)) from None
     sweep.name = sweep.name or path.stem
     exp = Path(sweep.experiment)
     if not exp.exists() and (path.parent / exp).exists():
         sweep.experiment = str(path.parent / exp)
     experiment_path(sweep.experiment)  # a clear error when there is no such experiment
-    for key, budget in (("n_trials", sweep.n_trials), ("top_k", sweep.top_k)):
-        if budget < 0:
-            raise MicroArchError(f"{path}: {key} must be >= 0, got {budget}")
+
+    def bad(key: str, message: str) -> MicroArchError:  # against the --set override that set it, if one did
+        return blame_override(MicroArchError(f"{path}.{key}: {message}", where=f"{path}.{key}"), overrides,
+                              root=str(path))
+
+    if sweep.n_trials < 1:
+        raise bad("n_trials", f"must be at least 1, got {sweep.n_trials}; a sweep of no trials has nothing to report")
+    if sweep.top_k < 0:
+        raise bad("top_k", f"must be >= 0 (0: no full training), got {sweep.top_k}")
     for key in ("trial_steps", "trial_tokens", "full_steps", "full_tokens", "memory_budget_mb"):
         if getattr(sweep, key) is not None and getattr(sweep, key) <= 0:
-            raise MicroArchError(f"{path}: {key} must be positive, got {getattr(sweep, key)}")
+            raise bad(key, f"must be positive, got {getattr(sweep, key)}")
     if sweep.trial_steps and sweep.trial_tokens or sweep.full_steps and sweep.full_tokens:
         raise MicroArchError(f"{path}: give a budget in steps or in tokens, not both")
     if not sweep.search_space:
@@ -330,6 +340,9 @@ def run_sweep(path, overrides=None, n_trials: int | None = None, runs_root: str 
 
     sweep = load_sweep(path, overrides)
     if n_trials is not None:
+        if n_trials < 1:
+            raise MicroArchError(f"--trials / n_trials={n_trials}: must be at least 1; a sweep of no trials has nothing "
+                                 "to report")
         sweep.n_trials = n_trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(sweep, runs_root)

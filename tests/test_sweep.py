@@ -105,3 +105,17 @@ def test_malformed_search_space_names_the_key(tiny, space, message):
 def test_repository_sweep_files_are_valid():
     for name in ("sweeps/tiny.yaml", "sweeps/shakespeare-width.yaml"):
         assert load_sweep(name).search_space
+
+
+@pytest.mark.parametrize("how", ["file", "set", "argument"])
+def test_zero_trials_is_an_error_before_anything_is_written(tiny, how):
+    path, runs = tiny
+    sweep = yaml.safe_load(path.read_text())
+    if how == "file":
+        sweep["n_trials"] = 0
+        path.write_text(yaml.safe_dump(sweep))
+    with pytest.raises(MicroArchError) as err:
+        run_sweep(path, overrides=["n_trials=0"] if how == "set" else None, n_trials=0 if how == "argument" else None,
+                  runs_root=runs)
+    assert "n_trials" in str(err.value) and "at least 1" in str(err.value)
+    assert not runs.exists()
