@@ -12,10 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .heldout import assistant_loss, pair_logprobs, preference_metrics
-from .setup import build_reference, prepare_stage_data
+from .setup import build_reference, first_rows, prepare_stage_data
 
 
-def evaluate_stage_run(run_dir, checkpoint=None, batch_size: int = 32, device: str = "auto") -> dict:
+def evaluate_stage_run(run_dir, checkpoint=None, batch_size: int = 32, device: str = "auto",
+                       max_batches: int | None = None) -> dict:
+    """Before/after metrics on the held-out conversations or pairs (the first max_batches * batch_size of
+    them when max_batches is set); also written to RUN_DIR/stage_eval.json."""
     from micro_arch.device import resolve_device
     from micro_arch.rundir import load_run, write_json
 
@@ -25,6 +28,8 @@ def evaluate_stage_run(run_dir, checkpoint=None, batch_size: int = 32, device: s
     data = prepare_stage_data(cfg)
     start = build_reference(cfg, device)  # the init_from weights, as the run began
     t = cfg.train
+    if max_batches is not None:
+        data.val = first_rows(data.val, max_batches * batch_size)
     if t.stage == "sft":
         before = assistant_loss(start, data.val, batch_size, device)
         after = assistant_loss(model, data.val, batch_size, device)
@@ -32,7 +37,8 @@ def evaluate_stage_run(run_dir, checkpoint=None, batch_size: int = 32, device: s
         ref = pair_logprobs(start, data.val, batch_size, device)
         before = preference_metrics(start, data.val, *ref, t.dpo_beta, batch_size, device)
         after = preference_metrics(model, data.val, *ref, t.dpo_beta, batch_size, device)
-    result = {"stage": t.stage, "init_from": cfg.model.init_from, "held_out": data.notes[1],
+    held_out = data.notes[1] + (f" (the first {len(data.val)} evaluated)" if max_batches is not None else "")
+    result = {"stage": t.stage, "init_from": cfg.model.init_from, "held_out": held_out,
               "before": before, "after": after}
     write_json(run_dir / "stage_eval.json", result)
     return result

@@ -143,7 +143,7 @@ class Stage:
             table = pair_logprobs(self.reference, data.train, t.batch_size, device, t.precision)
         self.source = PairBatches(data.train, t.batch_size, t.seed, rank, world_size, table)
         self.loss = dpo_loss_fn(self.reference, t.dpo_beta)
-        self.val_pairs = _first(data.val, self.eval_rows)
+        self.val_pairs = first_rows(data.val, self.eval_rows)
         self.val_reference = pair_logprobs(self.reference, self.val_pairs, self.eval_batch, device, t.precision)
 
     def held_out(self, model) -> tuple[float, dict]:
@@ -151,7 +151,7 @@ class Stage:
         measures the same rows, so the numbers do not depend on the number of processes."""
         t = self.cfg.train
         if t.stage == "sft":
-            found = assistant_loss(model, _first(self.data.val, self.eval_rows), self.eval_batch, self.device,
+            found = assistant_loss(model, first_rows(self.data.val, self.eval_rows), self.eval_batch, self.device,
                                    t.precision)
             return found["assistant_loss"], {}
         m = preference_metrics(model, self.val_pairs, *self.val_reference, t.dpo_beta, self.eval_batch,
@@ -161,7 +161,7 @@ class Stage:
         return m["dpo_loss"], extra
 
 
-def _first(items: Examples | Pairs, n: int):
+def first_rows(items: Examples | Pairs, n: int):
     if isinstance(items, Examples):
         return Examples(items.x[:n], items.y[:n])
     return Pairs(items.chosen_x[:n], items.chosen_y[:n], items.rejected_x[:n], items.rejected_y[:n])
