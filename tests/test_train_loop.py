@@ -61,3 +61,48 @@ def test_throughput_leaves_out_the_first_step_evaluation_and_checkpoints(tmp_pat
     assert s["eval_time_s"] > 0 and s["checkpoint_time_s"] > 0 and accounts <= s["wall_time_s"] + 0.05
     timed_tokens = 7 * 4 * 32  # every step but the first
     assert s["tokens_per_sec"] == pytest.approx(timed_tokens / s["train_time_s"], rel=0.02)
+
+
+def test_no_host_reads_between_log_steps(tmp_path, data, monkeypatch):
+    """Between log steps the dense path never reads a tensor on the host (on a GPU each read is a stall)."""
+    from micro_arch import bookkeeping
+
+    cfg = load_experiment(make_experiment(tmp_path), ["train.max_steps=8", "train.log_every=4"])
+    cfg.model.vocab_size = data.tokenizer.vocab_size
+    trainer = Trainer(cfg, data, Dist(), torch.device("cpu"))
+    hot, reads = [False], []
+
+    def reading(name, original):
+        def read(self, *args):
+            if hot[0]:
+                reads.append(name)
+            return original(self, *args)
+        return read
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, reading(name, getattr(torch.Tensor, name)))
+
+    def cold(method):
+        original = getattr(bookkeeping.Bookkeeper, method)
+
+        def run(self, *args, **kwargs):
+            hot[0] = False
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                hot[0] = True
+        monkeypatch.setattr(bookkeeping.Bookkeeper, method, run)
+
+    for method in ("_log_row", "_evaluate", "save", "write_summary", "__exit__"):
+        cold(method)
+    original_enter = bookkeeping.Bookkeeper.__enter__
+
+    def enter(self):
+        result = original_enter(self)
+        hot[0] = True
+        return result
+    monkeypatch.setattr(bookkeeping.Bookkeeper, "__enter__", enter)
+    (tmp_path / "run").mkdir()
+    trainer.train(tmp_path / "run")
+    hot[0] = False
+    assert trainer.step == 8 and reads == []
