@@ -386,6 +386,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise MicroArchError(f"override {item!r} should look like key=value, e.g. train.max_steps=200")
         key, text = item.split("=", 1)
+        if not all(part.strip() for part in key.split(".")):
+            raise MicroArchError(f"override {item!r}: the key {key.strip()!r} has an empty part; write dotted "
+                                 "keys such as train.max_steps=200 or model.layers.0.repeat=2")
         set_dotted(data, key.strip(), parse_value(text))
     return data
 

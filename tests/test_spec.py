@@ -334,3 +334,10 @@ def load_experiment_model(folder, overrides):
     from micro_arch.experiment import build_model, load_experiment
 
     return build_model(load_experiment(folder, ["model.vocab_size=50", *overrides]))
+
+
+@pytest.mark.parametrize("override", ["=5", "model..d_model=3", "model.=3", " .x=1"])
+def test_override_keys_with_empty_parts_are_refused(tmp_path, override):
+    folder = write_config(tmp_path / "e", "model: {d_model: 64}\n")
+    message = error_of(load_config, folder, [override])
+    assert f"override {override!r}: the key" in message and "empty part" in message
