@@ -93,6 +93,8 @@ def run_state(path: Path, summary: dict) -> str:
     resume = f"`micro-arch run experiments/{summary.get('experiment')} --resume {path}`"
     if status == "interrupted":
         return f"interrupted at {at} (checkpoint saved); resume it with {resume}"
+    if status == "stopped":  # the trainer stopped on an error, which it names
+        return f"stopped by an error at {at} ({summary.get('error') or 'not recorded'}); fix it and resume with {resume}"
     if status != "running":
         return f"incomplete run (status {status!r} at {at}); finish it with {resume}"
     updated = summary.get("updated_at")

@@ -201,6 +201,8 @@ def dead_pid() -> int:
 
 @pytest.mark.parametrize("changes, words", [
     ({"status": "interrupted", "steps": 12}, ["interrupted at step 12 of 30", "--resume"]),
+    ({"status": "stopped", "steps": 12, "error": "CUDA out of memory"},
+     ["stopped by an error at step 12 of 30", "CUDA out of memory", "--resume"]),
     ({"status": "running", "steps": 12, "pid": "dead", "host": "here"},
      ["crashed or killed", "status 'running'", "is gone", "--resume"]),
     ({"status": "running", "steps": 12, "pid": "alive", "host": "here"}, ["still running (step 12 of 30"]),
