@@ -298,3 +298,17 @@ def test_unreachable_hub_fails_fast_in_one_line_without_retries(cache, monkeypat
     assert "local files" in message
     out, err = capfd.readouterr()
     assert "Retry" not in out + err + caplog.text
+
+
+@pytest.mark.parametrize("content, words", [
+    (b'{"text": "ok"}\n{"text": broken}\n', ["bad.jsonl:2: not valid JSON", "column 10", "one JSON object"]),
+    (b'{"text": "ok"}\n\n["a list"]\n', ["bad.jsonl:3: a JSON list, not an object"]),
+])
+def test_a_bad_jsonl_line_is_named_without_log_noise(cache, tmp_path, capfd, content, words):
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    with pytest.raises(MicroArchError) as info:
+        prepare_data(DataConfig(source=str(tmp_path / "bad.jsonl")))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    out, err = capfd.readouterr()
+    assert "Failed to" not in out + err

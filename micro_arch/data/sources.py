@@ -11,6 +11,8 @@ from __future__ import annotations
 import codecs
 import contextlib
 import glob
+import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -82,14 +84,20 @@ class FileSource:
         options = {"sample_by": "paragraph"} if self.builder == "text" else {}
         was_enabled = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
+        log, level = logging.getLogger("datasets"), logging.getLogger("datasets").level
+        log.setLevel(logging.CRITICAL)  # its log lines would repeat the error below, less clearly
         try:
             table = datasets.load_dataset(self.builder, data_files=self.files, split="train",
                                           cache_dir=str(self.cache_dir), **options)
         except Exception as err:  # datasets wraps parse errors in several types; all mean "cannot read"
+            if self.builder == "json":
+                for file in self.files:
+                    check_json_lines(file)
             cause = root_cause(err)
             raise MicroArchError(f"{self.pattern}: cannot read as {self.builder} ({type(cause).__name__}: "
                                  f"{first_line(cause)}); check that the file is valid {self.builder}") from None
         finally:
+            log.setLevel(level)
             if was_enabled:
                 datasets.enable_progress_bars()
         return hold_out(column_texts(table, self.text_field, self.pattern), val_fraction, self.pattern)
@@ -201,6 +209,24 @@ def check_text_file(path: str, chunk_size: int = 1 << 20) -> None:
     if blank:
         what = "0 bytes" if offset == 0 else "only whitespace"
         raise MicroArchError(f"{path}: the file is empty ({what}); put text in it, or leave it out of data.source")
+
+
+def check_json_lines(path: str) -> None:
+    """After a failed read: the first line of a .jsonl file that is not a JSON object, as path:line."""
+    if not path.lower().endswith(".jsonl"):  # a .json file may be one document over many lines
+        return
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MicroArchError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); each "
+                                     "line of a .jsonl file must be one JSON object such as {\"text\": \"...\"}") from None
+            if not isinstance(value, dict):
+                raise MicroArchError(f"{path}:{number}: a JSON {type(value).__name__}, not an object; each line "
+                                     "of a .jsonl file must be one JSON object such as {\"text\": \"...\"}")
 
 
 def hub_offline_reason() -> str | None:
