@@ -128,6 +128,8 @@ LAYOUTS = {  # name: (model config, the transformers class it must map to)
     "mistral-window": ({"n_kv_heads": 2, "defaults": {"Attn": "attention(window=5)"}}, "MistralForCausalLM"),
     "mixtral-top2": ({"n_kv_heads": 2, "defaults": {"MoE": "moe(n_experts=4, top_k=2, d_ff=48)"},
                       "layers": [{"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 2}]}, "MixtralForCausalLM"),
+    "qwen2-moe-switch": ({"n_kv_heads": 2, "defaults": {"MoE": "moe(n_experts=4, top_k=1, d_ff=48)"},
+                          "layers": [{"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 2}]}, "Qwen2MoeForCausalLM"),
     "gpt2": ({"positions": "learned", "defaults": {"Norm": "layernorm", "Attn": "attention(bias=true)",
                                                    "MLP": "gelu_mlp"}}, "GPT2LMHeadModel"),
     "gpt2-no-biases-untied": ({"positions": "learned", "tie_embeddings": False,
@@ -235,7 +237,6 @@ def test_shipped_experiments_map_or_are_refused_in_one_line(experiment):
 
 
 @pytest.mark.parametrize("moe, reason", [
-    ("moe(top_k=1)", "top_k=1 keeps the raw router probability"),
     ("moe(router=sigmoid)", "router='sigmoid'"),
     ("moe(balance=bias)", "balance='bias'"),
     ("moe(capacity_factor=1.25)", "capacity_factor=1.25 drops tokens"),

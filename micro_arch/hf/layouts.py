@@ -8,6 +8,7 @@ function. Supported (every layer the same single pre-norm chain, a final norm of
       + attention(qk_norm=true)             -> Qwen3ForCausalLM   (norm eps must be 1e-6, the qk-norm's)
       + attention(window=W) in every layer  -> MistralForCausalLM
     rmsnorm, attention, moe, rope           -> MixtralForCausalLM (softmax router, top_k >= 2, no extras)
+      + moe(top_k=1) (Switch: the raw gate)  -> Qwen2MoeForCausalLM (norm_topk_prob off, no shared expert)
     layernorm, attention, gelu_mlp, learned -> GPT2LMHeadModel    (MHA; missing biases export as zeros)
     rmsnorm, mamba (Norm->Mamba->+)         -> MambaForCausalLM
 
@@ -40,13 +41,16 @@ class Layout:
 
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
-              "mixtral": "MixtralForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba": "MambaForCausalLM"}
+              "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "gpt2": "GPT2LMHeadModel",
+              "mamba": "MambaForCausalLM"}
 NEAREST = {
     "llama": f"Llama (LlamaForCausalLM): every layer {PRE_NORM} with rmsnorm, attention, swiglu and RoPE",
     "gpt2": f"GPT-2 (GPT2LMHeadModel): every layer {PRE_NORM} with layernorm, attention, gelu_mlp and learned "
             "positions",
     "mixtral": f"Mixtral (MixtralForCausalLM): every layer {PRE_NORM.replace('MLP', 'MoE')} with rmsnorm, RoPE "
                "and a softmax top-k (k >= 2) router",
+    "qwen2_moe": "Qwen2-MoE (Qwen2MoeForCausalLM): the Mixtral layout with top_k=1 and no attention biases or "
+                 "sliding window",
     "mamba": "Mamba-1 (MambaForCausalLM): every layer Norm->Mamba->+ with rmsnorm and no MLP",
     "mistral": "Mistral (MistralForCausalLM): the Llama layout with one sliding window in every layer",
     "qwen3": "Qwen3 (Qwen3ForCausalLM): the Llama layout with attention(qk_norm=true) and norm eps 1e-6",
@@ -228,9 +232,6 @@ def _mixtral(moe, attn, bias, config, n_layers, dims) -> Layout:
         problems.append(f"expert={moe.expert!r} (Mixtral experts are SwiGLU)")
     if moe.router_kind != "softmax":
         problems.append(f"router={moe.router_kind!r} (Mixtral's router is a softmax)")
-    if moe.top_k < 2:
-        problems.append("top_k=1 keeps the raw router probability as the gate (Switch); Mixtral renormalises "
-                        "the top-k gates to sum 1")
     if moe.balance == "bias":
         problems.append("balance='bias' adds a learned per-expert bias to expert selection, which Mixtral has not")
     if moe.capacity_factor is not None:
@@ -241,6 +242,14 @@ def _mixtral(moe, attn, bias, config, n_layers, dims) -> Layout:
         problems.append("attention with " + ("QK-norm" if attn.qk_norm else "biases"))
     if problems:
         raise refuse("MoE " + "; ".join(problems), "mixtral")
+    if moe.top_k == 1:  # Switch: the raw probability is the gate, which Mixtral would renormalise to 1
+        if attn.window is not None:
+            raise refuse("MoE with top_k=1 and a sliding window", "qwen2_moe")
+        config = {**config, "intermediate_size": moe.hidden, "moe_intermediate_size": moe.hidden,
+                  "shared_expert_intermediate_size": 0, "num_experts": moe.n_experts, "num_experts_per_tok": 1,
+                  "norm_topk_prob": False, "qkv_bias": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "use_sliding_window": False, "router_aux_loss_coef": moe.aux_loss_coef}
+        return Layout("qwen2_moe", HF_CLASSES["qwen2_moe"], config, n_layers, {**dims, "n_experts": moe.n_experts})
     config = {**config, "intermediate_size": moe.hidden, "num_local_experts": moe.n_experts,
               "num_experts_per_tok": moe.top_k, "router_aux_loss_coef": moe.aux_loss_coef,
               "router_jitter_noise": 0.0, "sliding_window": attn.window}

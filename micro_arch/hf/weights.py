@@ -65,10 +65,15 @@ def to_hf(layout: Layout, sd: dict) -> dict:
             out[attn + "q_norm.weight"] = interleaved_to_halves(sd[p + "q_norm"], 1, D)
             out[attn + "k_norm.weight"] = interleaved_to_halves(sd[p + "k_norm"], 1, D)
         f = _block(i, 3)
-        if layout.family == "mixtral":
+        if layout.family in ("mixtral", "qwen2_moe"):
             out[hf + "mlp.gate.weight"] = sd[f + "router.weight"]
             out[hf + "mlp.experts.gate_up_proj"] = sd[f + "w_in"].transpose(1, 2).contiguous()
             out[hf + "mlp.experts.down_proj"] = sd[f + "w_out"].transpose(1, 2).contiguous()
+            if layout.family == "qwen2_moe":  # a shared expert of width 0: it adds exactly nothing
+                d = sd[f + "router.weight"].shape[1]
+                for name, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
+                    out[hf + f"mlp.shared_expert.{name}.weight"] = torch.zeros(shape)
+                out[hf + "mlp.shared_expert_gate.weight"] = torch.zeros(1, d)
             continue
         for kind in ("weight", "bias"):
             if f + f"in_proj.{kind}" in sd:
@@ -145,7 +150,7 @@ def _llama_from_hf(layout: Layout, hf: dict) -> dict:
             out[p + "q_norm"] = halves_to_interleaved(hf[attn + "q_norm.weight"], 1, D)
             out[p + "k_norm"] = halves_to_interleaved(hf[attn + "k_norm.weight"], 1, D)
         f = _block(i, 3)
-        if layout.family == "mixtral":
+        if layout.family in ("mixtral", "qwen2_moe"):
             out[f + "router.weight"] = hf[h + "mlp.gate.weight"]
             out[f + "w_in"] = hf[h + "mlp.experts.gate_up_proj"].transpose(1, 2).contiguous()
             out[f + "w_out"] = hf[h + "mlp.experts.down_proj"].transpose(1, 2).contiguous()
