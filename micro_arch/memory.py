@@ -61,15 +61,21 @@ class MemoryEstimate:
 _SHORT = {"parameters": "params", "gradients": "grads"}
 
 
-def training_steps(model: nn.Module, optimizer, cfg: ExperimentConfig, device: torch.device, steps: int = 2):
-    """What Trainer.train_step does to memory, on random tokens: grad_accum micro-batches of
-    forward + backward, gradient clipping, optimizer step, zero_grad(set_to_none=True)."""
+def training_steps(model: nn.Module, optimizer, cfg: ExperimentConfig, device: torch.device, steps: int = 2,
+                   reference: nn.Module | None = None):
+    """What the trainer's step does to memory, on random tokens: grad_accum micro-batches of
+    forward + backward, gradient clipping, optimizer step, zero_grad(set_to_none=True). DPO: a chosen
+    and a rejected row per pair, and the frozen reference's forward (without grad) before the policy's."""
     t, vocab = cfg.train, cfg.model.vocab_size
+    rows = t.batch_size * (2 if t.stage == "dpo" else 1)
     for _ in range(steps):
         loss_sum = torch.zeros((), device=device)
         for _ in range(t.grad_accum):
-            x = torch.randint(0, vocab, (t.batch_size, t.seq_len), device=device)
-            y = torch.randint(0, vocab, (t.batch_size, t.seq_len), device=device)
+            x = torch.randint(0, vocab, (rows, t.seq_len), device=device)
+            y = torch.randint(0, vocab, (rows, t.seq_len), device=device)
+            if reference is not None:
+                with torch.no_grad(), autocast(device, t.precision):
+                    reference(x, y, state=BlockState())
             with autocast(device, t.precision):
                 out = model(x, y, state=BlockState())
             (out.loss / t.grad_accum).backward()
@@ -93,7 +99,11 @@ def _build(cfg: ExperimentConfig, device: torch.device, fused: bool):
             for group in opt.param_groups:
                 if "fused" in group:
                     group["fused"] = False
-    return model, optimizer
+    reference = None  # DPO's frozen copy of the starting weights, unless its log-probs were computed ahead
+    if cfg.train.stage == "dpo" and not cfg.train.dpo_precompute_reference:
+        with torch.device(device):
+            reference = Model(cfg.model).eval().requires_grad_(False)
+    return model, optimizer, reference
 
 
 # --- the fake-tensor trace ----------------------------------------------------------------------
@@ -131,12 +141,12 @@ def _trace(cfg: ExperimentConfig, device: torch.device, fused: bool, fake: bool 
 
     tracker, total_key = _peak_tracker()
     with FakeTensorMode(allow_non_fake_inputs=False) if fake else contextlib.nullcontext():
-        model, optimizer = _build(cfg, device, fused)
-        tracker.track_external(model, *optimizer.optimizers)
+        model, optimizer, reference = _build(cfg, device, fused)
+        tracker.track_external(model, *optimizer.optimizers, *([reference] if reference is not None else []))
         tracker._track_module_params_and_buffers(model, install_grad_hooks=True)  # label gradients
         with tracker:
-            training_steps(model, optimizer, cfg, device)
-        del model, optimizer
+            training_steps(model, optimizer, cfg, device, reference=reference)
+        del model, optimizer, reference
     snap = next(iter(tracker._peak_mem_snap.values()))
     by = {str(k.value if hasattr(k, "value") else k): v for k, v in snap.items()}
     peak = snap[total_key]
@@ -198,8 +208,9 @@ def analytic_estimate(cfg: ExperimentConfig, device: torch.device | None = None)
     """What the estimate falls back to when the fake-tensor trace cannot run: fp32 parameters, gradients
     and optimizer state (AdamW: 2 per parameter; Muon: 1 for hidden matrices), the activations saved for
     backward as `_saved_elements_per_token` guesses them times ACTIVATION_MARGIN, and the logits with their
-    fp32 copies and gradient. Everything is taken as alive at once (no credit for gradients growing while
-    activations are freed): an upper bound, not a prediction."""
+    fp32 copies and gradient (DPO: two rows per pair, and the frozen reference's weights). Everything is
+    taken as alive at once (no credit for gradients growing while activations are freed): an upper bound,
+    not a prediction."""
     from micro_arch.model import Model
 
     with torch.device("meta"):
@@ -216,13 +227,15 @@ def analytic_estimate(cfg: ExperimentConfig, device: torch.device | None = None)
         n_state = muon + 2 * (n_params - muon)
     else:
         n_state = 2 * n_params
-    tokens = t.batch_size * t.seq_len
+    tokens = t.batch_size * t.seq_len * (2 if t.stage == "dpo" else 1)  # DPO: chosen and rejected rows
     matmul, fp32, temporary = _saved_elements_per_token(model, cfg)
     saved = tokens * (matmul * act_bytes + fp32 * 4 + temporary * 4)
     # logits (+ an fp32 copy under autocast), log-softmax saved, and their fp32 gradient
     logits = tokens * cfg.model.vocab_size * (act_bytes + (4 if half else 0) + 4 + 4)
     activations = int(ACTIVATION_MARGIN * saved) + logits
     weights, grads, state = 4 * n_params, 4 * n_params, 4 * n_state
+    if t.stage == "dpo" and not t.dpo_precompute_reference:
+        weights *= 2  # the frozen reference's copy
     # the optimizer step may need a gradient-sized temporary (non-fused AdamW, Muon's iterations)
     peak = weights + grads + state + max(activations, grads)
     breakdown = {"parameters": weights, "gradients": grads, "optimizer": state,
@@ -295,18 +308,18 @@ def measure_memory(cfg: ExperimentConfig, device: torch.device) -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        model, optimizer = _build(cfg, device, fused=True)
-        training_steps(model, optimizer, cfg, device)
+        model, optimizer, reference = _build(cfg, device, fused=True)
+        training_steps(model, optimizer, cfg, device, reference=reference)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
-        del model, optimizer
+        del model, optimizer, reference
         return peak
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model, optimizer = _build(cfg, device, fused=True)
-        training_steps(model, optimizer, cfg, device)
-        del model, optimizer
+        model, optimizer, reference = _build(cfg, device, fused=True)
+        training_steps(model, optimizer, cfg, device, reference=reference)
+        del model, optimizer, reference
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
     live = peak = 0

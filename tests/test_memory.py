@@ -14,6 +14,7 @@ import micro_arch.memory as memory
 from micro_arch.config import ExperimentConfig, LayerGroup, ModelConfig, TrainConfig
 from micro_arch.experiment import load_experiment
 from micro_arch.memory import ANALYTIC, TRACE, analytic_estimate, estimate_memory, measure_memory
+from micro_arch.model import Model
 
 CPU = torch.device("cpu")
 DENSE = "Norm->Attn->+->Norm->MLP->+"
@@ -97,6 +98,21 @@ def test_fallback_says_so_and_errs_high(name, precision, monkeypatch):
     assert "safety margin" in est.summary()
     measured = measured_peak(name, precision)
     assert measured <= est.peak_bytes < 2.5 * measured, (est.summary(), measured / 2**20)
+
+
+def test_dpo_counts_its_reference_and_both_rows_of_each_pair():
+    """A DPO step runs a chosen and a rejected row per pair through the policy, after the frozen reference's
+    forward: as much activation memory as an SFT step of twice the batch, plus the reference's weights."""
+    def peak(name, *overrides):
+        return estimate_memory(load_experiment(EXPERIMENTS_DIR / name, TINY + list(overrides)), CPU).peak_bytes
+
+    reference = Model(experiment("shakespeare-dpo", "fp32").model)
+    weights = sum(t.numel() * t.element_size() for t in [*reference.parameters(), *reference.buffers()])
+    dpo = peak("shakespeare-dpo", "train.batch_size=2")
+    precomputed = peak("shakespeare-dpo", "train.batch_size=2", "train.dpo_precompute_reference=true")
+    sft = peak("shakespeare-sft", "train.batch_size=4")
+    assert dpo - precomputed == weights
+    assert precomputed == pytest.approx(sft, rel=0.01)
 
 
 def test_summary_line():
