@@ -268,6 +268,11 @@ def _validate(obj, where: str) -> None:
         need(len(obj.layers) > 0, "layers", "no layers; write e.g. layers: [{spec: 'Norm->Attn->+', repeat: 2}]")
         need(0.0 <= obj.dropout < 1.0, "dropout", f"must be in [0, 1), got {obj.dropout}")
         need(obj.rope_scaling > 0, "rope_scaling", f"must be positive (1: none), got {obj.rope_scaling}")
+        for key in ("d_ff", "head_dim", "vocab_size"):
+            value = getattr(obj, key)
+            need(value is None or value >= 1, key, f"must be at least 1 (or null for the default), got {value}")
+        need(obj.rope_theta > 0, "rope_theta", f"must be positive, got {obj.rope_theta}")
+        need(obj.init_std >= 0, "init_std", f"must be >= 0, got {obj.init_std}")
     elif isinstance(obj, TrainConfig):
         for key in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches",
                     "log_every", "checkpoint_every"):
@@ -280,6 +285,19 @@ def _validate(obj, where: str) -> None:
         need(len(obj.betas) == 2, "betas", f"needs two values, got {obj.betas}")
         need(obj.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(0.0 < obj.decay_fraction <= 1.0, "decay_fraction", "must be in (0, 1]")
+        need(obj.max_tokens is None or obj.max_tokens >= 1, "max_tokens",
+             f"must be at least 1 (or null to use max_steps), got {obj.max_tokens}")
+        need(obj.grad_clip is None or obj.grad_clip > 0, "grad_clip",
+             f"must be positive (or null for no clipping), got {obj.grad_clip}")
+        need(obj.min_lr >= 0, "min_lr", f"must be >= 0, got {obj.min_lr}")
+        need(all(0 <= b < 1 for b in obj.betas), "betas", f"each must be in [0, 1), got {obj.betas}")
+        need(obj.weight_decay >= 0, "weight_decay", f"must be >= 0, got {obj.weight_decay}")
+        need(obj.eps > 0, "eps", f"must be positive, got {obj.eps}")
+    elif isinstance(obj, SampleConfig):  # checked now, not when sampling after the whole run
+        need(obj.max_new_tokens >= 0, "max_new_tokens", f"must be >= 0 (0: no samples), got {obj.max_new_tokens}")
+        need(obj.temperature >= 0, "temperature", f"must be >= 0 (0: greedy), got {obj.temperature}")
+        need(obj.top_k is None or obj.top_k >= 1, "top_k", f"must be at least 1 (or null), got {obj.top_k}")
+        need(obj.top_p is None or 0 < obj.top_p <= 1, "top_p", f"must be in (0, 1] (or null), got {obj.top_p}")
     elif isinstance(obj, DataConfig):
         need(0.0 < obj.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {obj.val_fraction}")
         need(obj.vocab_size >= 2, "vocab_size", "must be at least 2")

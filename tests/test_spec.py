@@ -341,3 +341,29 @@ def test_override_keys_with_empty_parts_are_refused(tmp_path, override):
     folder = write_config(tmp_path / "e", "model: {d_model: 64}\n")
     message = error_of(load_config, folder, [override])
     assert f"override {override!r}: the key" in message and "empty part" in message
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.d_ff=0", ["model.d_ff", "at least 1"]),
+    ("model.head_dim=0", ["model.head_dim", "at least 1"]),
+    ("model.vocab_size=0", ["model.vocab_size", "at least 1"]),
+    ("model.rope_theta=0", ["model.rope_theta", "positive"]),
+    ("model.init_std=-1", ["model.init_std", ">= 0"]),
+    ("train.max_tokens=0", ["train.max_tokens", "at least 1"]),
+    ("train.grad_clip=0", ["train.grad_clip", "positive", "null"]),
+    ("train.min_lr=-1", ["train.min_lr", ">= 0"]),
+    ("train.betas=[2, 0.9]", ["train.betas", "[0, 1)"]),
+    ("train.weight_decay=-1", ["train.weight_decay", ">= 0"]),
+    ("train.eps=0", ["train.eps", "positive"]),
+    ("train.sample.temperature=-1", ["train.sample.temperature", ">= 0"]),
+    ("train.sample.top_p=2", ["train.sample.top_p", "(0, 1]"]),
+    ("train.sample.top_k=0", ["train.sample.top_k", "at least 1"]),
+    ("train.sample.max_new_tokens=-1", ["train.sample.max_new_tokens", ">= 0"]),
+])
+def test_numbers_that_would_fail_later_are_refused_with_the_config(tmp_path, override, words):
+    """Values that torch would reject deep inside (or the sampler after all the training) fail at once."""
+    folder = write_config(tmp_path / "e", "model: {d_model: 64}\n")
+    message = error_of(load_config, folder, [override])
+    assert message.startswith(f"--set {override}: "), message
+    for word in words:
+        assert word in message, (word, message)
