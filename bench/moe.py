@@ -6,27 +6,33 @@ clipping, AdamW step, zero_grad, on random tokens (the same for every model). Mo
 - dense at MoE FLOPs: the same with the SwiGLU width set so that its training FLOPs per token match the
   MoE model's (the issue's "matched active FLOPs");
 - moe: experiments/moe (8 experts, top-2), grouped matmuls (`kernel=auto`);
-- moe, loop kernel: the same routing with the per-expert loop fallback instead of the grouped matmul.
+- moe, loop kernel: the same routing with the per-expert loop fallback instead of the grouped matmul;
+- with --old REV: the MoE block as it was at git revision REV (e.g. the Python loop over experts with
+  host reads before the grouped rewrite, `--old bae0690^`), on the same weights.
 Each round times every model for --steps steps after --warmup steps, in turn; the table shows medians
-over rounds of steps/s and the ratio to the dense step.
+over rounds of steps/s and the ratio to the dense step. With --compile every model is compiled (in the
+warmup, so leave it enough steps).
 
-CPU (the experiments as they are):          python bench/moe.py
-GPU (nanoGPT's GPU setting: 6 layers, 6 heads, width 384, context 256, batch 64, bf16 autocast, the
-MoE with 8 experts top-2 and expert width 384 in place of the MLP): python bench/moe.py --device cuda
+CPU (the experiments as they are):   python bench/moe.py --threads 1   (on a busy shared machine)
+GPU (nanoGPT's GPU setting: 6 layers, 6 heads, width 384, context 256, batch 64, dropout 0.2, bf16
+autocast; the MoE with 8 experts, top-2, expert width 384 in place of the MLP):
+                                     python bench/moe.py --device cuda [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import time
+import types
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SETTING = ["model.d_model=384", "model.n_heads=6", "model.max_seq_len=256", "train.seq_len=256",
-               "train.batch_size=64", "model.layers.0.repeat=6", "model.dropout=0.0"]
+               "train.batch_size=64", "model.layers.0.repeat=6", "model.dropout=0.2"]
 
 
 def build(experiment: str, overrides: list[str], device: torch.device):
@@ -41,11 +47,21 @@ def build(experiment: str, overrides: list[str], device: torch.device):
     return cfg, model, build_optimizer(model, cfg.train, device)
 
 
-def make_step(cfg, model, optimizer, device: torch.device, precision: str):
+def old_block_class(rev: str):
+    """The MoE class of blocks/moe.py at git revision `rev`, loaded without registering it."""
+    source = subprocess.run(["git", "show", f"{rev}:blocks/moe.py"], cwd=ROOT, check=True, capture_output=True,
+                            text=True).stdout.replace('@register_block("moe", kind="moe")', "")
+    module = types.ModuleType(f"moe_at_{rev}")
+    exec(compile(source, f"blocks/moe.py@{rev}", "exec"), module.__dict__)  # noqa: S102 - our own file at rev
+    return module.MoE
+
+
+def make_step(cfg, model, optimizer, device: torch.device, precision: str, compile_model: bool = False):
     from micro_arch.device import autocast
     from micro_arch.state import BlockState
 
     t = cfg.train
+    forward = torch.compile(model) if compile_model else model
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 65, (t.batch_size, t.seq_len + 1), generator=gen).to(device) for _ in range(8)]
     calls = [0]
@@ -54,7 +70,7 @@ def make_step(cfg, model, optimizer, device: torch.device, precision: str):
         tokens = batches[calls[0] % len(batches)]
         calls[0] += 1
         with autocast(device, precision):
-            out = model(tokens[:, :-1], tokens[:, 1:], state=BlockState())
+            out = forward(tokens[:, :-1], tokens[:, 1:], state=BlockState())
         out.loss.backward()
         if t.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -94,6 +110,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-loop", action="store_true", help="leave out the loop-kernel MoE")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--old", metavar="REV", help="also time the MoE block of this git revision")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (compiled in the warmup)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,11 +132,20 @@ def main() -> None:
             "moe(n_experts=8, top_k=2, d_ff=128, aux_loss_coef=0.01, z_loss_coef=0.001, kernel=loop)"
         variants["moe (loop kernel)"] = ("moe", [*base, f"model.defaults.MoE={spec}"])
 
+    if args.old:
+        variants[f"moe (blocks/moe.py at {args.old})"] = ("moe", moe_base)
     steps, flops = {}, {}
     for name, (experiment, overrides) in variants.items():
         cfg, model, optimizer = build(experiment, overrides, device)
-        flops[name] = model.flops_per_token(cfg.train.seq_len)
-        steps[name] = make_step(cfg, model, optimizer, device, precision)
+        flops[name] = model.flops_per_token(cfg.train.seq_len)  # the old block counted every expert
+        if name.startswith("moe (blocks/moe.py at"):
+            from blocks.moe import MoE
+
+            old = old_block_class(args.old)
+            for module in model.modules():
+                if isinstance(module, MoE):
+                    module.__class__ = old  # same parameters and buffers, the old forward
+        steps[name] = make_step(cfg, model, optimizer, device, precision, args.compile)
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f", {torch.get_num_threads()} threads") + f", precision {precision}")
