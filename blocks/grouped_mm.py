@@ -7,9 +7,10 @@ multiplied by w[e]. Shapes depend only on (rows, n_experts, widths), never on th
 It is a torch custom op with a fake implementation, an autograd formula and a FLOP formula, so the
 memory estimate (FakeTensorMode), torch.compile and FlopCounterMode see through it in every dtype
 (torch's own `_grouped_mm` has a meta implementation for bf16 only and no FLOP formula). Inside, the
-kernel is chosen per call from static properties (`kernel_for`): torch's grouped GEMM where it runs (CPU
-or CUDA; fp32, bf16 or fp16; widths and pointers 16-byte aligned), else a loop of one matmul per expert,
-which reads the offsets on the host (a device sync: the price of the fallback, e.g. for float64).
+kernel is chosen per call from static properties (`kernel_for`): torch's grouped GEMM where it runs
+(CPU: fp32, bf16 or fp16; CUDA: bf16 on SM >= 80; widths and pointers 16-byte aligned), else a loop of
+one matmul per expert, which reads the offsets on the host (a device sync: the price of the fallback,
+e.g. for float64).
 The weight gradient is one (n_experts, d_in, d_out) tensor, never per-expert slices of the parameter.
 """
 
@@ -27,10 +28,16 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[-2:] if s != 1)
 
 
+def _device_ok(a: torch.Tensor) -> bool:
+    if a.device.type == "cpu":
+        return a.dtype in _GROUPED_DTYPES
+    # CUDA: the documented kernel is bf16 on SM >= 80; anything else gains nothing over the loop
+    return a.device.type == "cuda" and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+
+
 def kernel_for(a: torch.Tensor, b: torch.Tensor) -> str:
     """'grouped_mm' where torch's grouped GEMM takes these operands, else 'loop'."""
-    ok = (hasattr(F, "grouped_mm") and a.device.type in ("cpu", "cuda") and a.dtype in _GROUPED_DTYPES
-          and a.dtype == b.dtype and _aligned(a) and _aligned(b))
+    ok = hasattr(F, "grouped_mm") and _device_ok(a) and a.dtype == b.dtype and _aligned(a) and _aligned(b)
     return "grouped_mm" if ok else "loop"
 
 

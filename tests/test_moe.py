@@ -221,6 +221,7 @@ def test_init_weights_scale():
     (dict(balance="loss"), "balance"),
     (dict(capacity_factor=0.0), "capacity_factor"),
     (dict(n_shared_experts=-1), "n_shared_experts"),
+    (dict(kernel="triton"), "kernel"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -440,3 +441,64 @@ def test_moe_experiment_counts_fewer_flops_than_the_dense_default():
         with torch.device("meta"):
             flops[name] = Model(cfg.model).flops_per_token(cfg.train.seq_len)
     assert flops["moe"] < flops["shakespeare-char"]
+
+
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_dispatch_against_a_python_queue(capacity):
+    from blocks.moe_dispatch import dispatch
+
+    g = torch.Generator().manual_seed(0)
+    n_tokens, top_k, n_experts = 9, 2, 4
+    chosen = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(n_tokens)])
+    plan = dispatch(chosen, n_experts, capacity)
+    queues = [[] for _ in range(n_experts)]  # (slot, token) in priority order
+    for slot in range(top_k):
+        for t in range(n_tokens):
+            queues[int(chosen[t, slot])].append((slot, t))
+    assert plan.tokens.tolist() == [t for q in queues for _, t in q]
+    assert plan.counts.tolist() == [len(q) for q in queues]
+    assert plan.offsets.dtype == torch.int32 and plan.offsets.tolist() == torch.tensor(
+        [len(q) for q in queues]).cumsum(0).tolist()
+    sorted_pairs = [p for q in queues for p in q]
+    assert [sorted_pairs[i] for i in plan.inverse.tolist()] == [(s, t) for s in range(top_k) for t in range(n_tokens)]
+    if capacity is None:
+        assert plan.kept is None
+    else:
+        kept = {p for q in queues for p in q[:capacity]}
+        assert plan.kept.tolist() == [[(s, t) in kept for t in range(n_tokens)] for s in range(top_k)]
+
+
+def test_dispatch_shapes_do_not_depend_on_the_routing():
+    from blocks.moe_dispatch import dispatch
+
+    balanced = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])
+    skewed = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]])
+    shapes = [{k: tuple(v.shape) for k, v in vars(dispatch(c, 4, 2)).items()} for c in (balanced, skewed)]
+    assert shapes[0] == shapes[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_kernels_against_per_group_matmuls(dtype):
+    """Both kernels against one matmul per group (an empty group included), outputs and gradients;
+    the gradient of a plain sum() arrives expanded (stride 0), which the GEMM cannot take as it is."""
+    from blocks.grouped_mm import grouped_mm
+
+    torch.manual_seed(0)
+    bounds = [0, 5, 5, 12, 20]
+    offsets = torch.tensor(bounds[1:], dtype=torch.int32)
+    x0, w0 = torch.randn(20, 16), torch.randn(4, 16, 24)
+    results = {}
+    for kernel in ("grouped_mm", "loop", "reference"):
+        x, w = x0.to(dtype).requires_grad_(), w0.to(dtype).requires_grad_()
+        if kernel == "reference":
+            y = torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+        else:
+            y = grouped_mm(x, w, offsets, kernel)
+        y.sum().backward()
+        results[kernel] = (y, x.grad, w.grad)
+    assert results["grouped_mm"][2][1].abs().sum() == 0  # the empty group's weight gets a zero gradient
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for kernel in ("grouped_mm", "loop"):
+        for got, want in zip(results[kernel], results["reference"]):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, want, **tol)
