@@ -316,7 +316,7 @@ def read_yaml(path: Path) -> dict:
         raise MicroArchError(f"{path}: no such config file")
     text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise yaml_error(path, text, err) from None
     if data is None:
@@ -324,6 +324,22 @@ def read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise MicroArchError(f"{path}: the top level should be a mapping with model/data/train sections")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first at line {seen[key] + 1}); keep one",
+                    key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def yaml_error(path: Path, text: str, err: yaml.YAMLError) -> MicroArchError:

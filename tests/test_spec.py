@@ -367,3 +367,10 @@ def test_numbers_that_would_fail_later_are_refused_with_the_config(tmp_path, ove
     assert message.startswith(f"--set {override}: "), message
     for word in words:
         assert word in message, (word, message)
+
+
+def test_a_key_given_twice_in_a_file_is_an_error_with_both_lines(tmp_path):
+    folder = write_config(tmp_path / "e", "model:\n  d_model: 64\n  n_heads: 2\n  d_model: 128\n")
+    lines = error_of(load_config, folder).splitlines()
+    assert f"{folder / 'config.yaml'}:4:3: not valid YAML: key 'd_model' appears twice (first at line 2)" in lines[0]
+    assert lines[1].strip() == "d_model: 128" and lines[2].index("^") == lines[1].index("d_model")
