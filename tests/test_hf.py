@@ -120,6 +120,7 @@ def test_a_run_started_from_a_parent_records_it_and_starts_from_its_weights(pare
 PRE_NORM = [{"spec": "Norm->Attn->+->Norm->MLP->+", "repeat": 2}]
 LAYOUTS = {  # name: (model config, the transformers class it must map to)
     "llama-gqa-untied": ({"n_kv_heads": 2, "tie_embeddings": False, "rope_theta": 500.0}, "LlamaForCausalLM"),
+    "llama-interpolated": ({"rope_scaling": 4.0}, "LlamaForCausalLM"),  # RoPE position interpolation: 'linear'
     "llama-mqa-biases": ({"n_kv_heads": 1, "defaults": {"Attn": "attention(bias=true)", "MLP": "swiglu(bias=true)"}},
                          "LlamaForCausalLM"),
     "qwen3-qk-norm": ({"n_kv_heads": 2, "head_dim": 16, "defaults": {"Norm": "rmsnorm(eps=1e-6)",

@@ -203,7 +203,7 @@ def _transformer(model, first, common) -> Layout:
     config = {**common, "hidden_size": cfg.d_model, "num_hidden_layers": len(model.layers),
               "num_attention_heads": attn.n_heads, "num_key_value_heads": attn.n_kv_heads,
               "head_dim": attn.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-              "rms_norm_eps": norm.eps, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+              "rms_norm_eps": norm.eps, "rope_parameters": _rope(cfg),
               "attention_dropout": 0.0}
     if ffn_kind == "moe":
         return _mixtral(ffn, attn, bias, config, len(model.layers), dims)
@@ -224,6 +224,13 @@ def _transformer(model, first, common) -> Layout:
                       len(model.layers), dims)
     return Layout("llama", HF_CLASSES["llama"], {**config, "attention_bias": bias, "mlp_bias": mlp_bias},
                   len(model.layers), dims)
+
+
+def _rope(cfg) -> dict:
+    """model.rope_scaling (position interpolation: positions divided by it) is transformers' 'linear' RoPE."""
+    if cfg.rope_scaling == 1.0:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {"rope_type": "linear", "factor": cfg.rope_scaling, "rope_theta": cfg.rope_theta}
 
 
 def _mixtral(moe, attn, bias, config, n_layers, dims) -> Layout:

@@ -60,8 +60,9 @@ def config_from_hf(folder, hf) -> tuple[Layout, ModelConfig]:
                                                             "Mamba": mamba}, **common)
         return Layout("mamba", HF_CLASSES["mamba"], {}, hf.num_hidden_layers), cfg
     rope = dict(getattr(hf, "rope_parameters", None) or {})
-    _need(folder, rope.get("rope_type", "default") == "default",
-          f"rope_parameters rope_type={rope.get('rope_type')!r}: micro-arch's attention has plain RoPE only")
+    _need(folder, rope.get("rope_type", "default") in ("default", "linear"),
+          f"rope_parameters rope_type={rope.get('rope_type')!r}: micro-arch's attention has plain RoPE and position "
+          "interpolation ('linear', model.rope_scaling) only")
     _need(folder, hf.hidden_act == "silu", f"hidden_act={hf.hidden_act!r}: micro-arch's swiglu uses silu")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     attn, mlp = {}, {}
@@ -101,6 +102,7 @@ def config_from_hf(folder, hf) -> tuple[Layout, ModelConfig]:
     cfg = ModelConfig(d_model=hf.hidden_size, n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads,
                       head_dim=head_dim, d_ff=hf.intermediate_size, max_seq_len=hf.max_position_embeddings,
                       positions="rope", rope_theta=float(rope.get("rope_theta", 10000.0)),
+                      rope_scaling=float(rope.get("factor", 1.0)) if rope.get("rope_type") == "linear" else 1.0,
                       layers=[LayerGroup(PRE_NORM.replace("MLP", ffn_role), hf.num_hidden_layers)],
                       defaults={"Norm": _call("rmsnorm", eps=hf.rms_norm_eps), "Attn": _call("attention", **attn),
                                 ffn_role: ffn}, **common)
