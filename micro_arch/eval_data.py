@@ -32,11 +32,16 @@ def source_documents(source: str, text_field: str = "text") -> list[str]:
         return shakespeare_documents()[1]
     if isinstance(src, FileSource):
         options = {"sample_by": "paragraph"} if src.builder == "text" else {}
+        was_enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
         try:
             table = datasets.load_dataset(src.builder, data_files=src.files, split="train",
                                           cache_dir=str(src.cache_dir), **options)
         except Exception as err:  # datasets wraps parse errors in several types; all mean "cannot read"
             raise MicroArchError(f"{source}: cannot read as {src.builder} ({type(err).__name__})") from None
+        finally:
+            if was_enabled:
+                datasets.enable_progress_bars()
         docs = column_texts(table, text_field, source)
     else:
         train, val = src.split(0.5)
@@ -121,7 +126,7 @@ def compare_on_data(run_dirs: list[str], source: str, out=None, batch_size: int 
         table.add_column(col)
     lines = ["| # | run | bits/byte | loss/token | tokenizer | unencodable chars |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
-        cells = [str(i), r["run"], f"{r['bits_per_byte']:.4f}", f"{r['val_loss']:.4f}", r["tokenizer"],
+        cells = [str(i), "/".join(Path(r["run"]).parts[-2:]), f"{r['bits_per_byte']:.4f}", f"{r['val_loss']:.4f}", r["tokenizer"],
                  f"{r['unencodable']:,} of {r['characters']:,}"]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
