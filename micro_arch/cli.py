@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume: resume from this checkpoint (a name in RUN_DIR/checkpoints such as "
                         "step_0001000.pt, or a path) instead of the latest")
     p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and memory, then exit")
-    p.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
+    p.add_argument("--runs-dir", default="runs", type=output_dir,
+                   help="where run directories go (default: runs)")
     p.add_argument("--nproc", type=positive_int, default=1, help="processes to train with (DDP through torchrun)")
     p.set_defaults(func=cmd_run)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from micro_arch.config import ExperimentConfig, from_dict, to_dict
+from micro_arch.config import ExperimentConfig, from_dict, read_yaml, to_dict
 from micro_arch.errors import MicroArchError
 
 SUMMARY_FORMAT_VERSION = 1  # of summary.json; bump when its keys change meaning, so compare can tell old runs
@@ -50,7 +50,7 @@ def read_run_config(run_dir: str | Path) -> ExperimentConfig:
         raise MicroArchError(f"{run_dir}: no such run directory")
     if not path.is_file():
         raise MicroArchError(f"{run_dir}: not a run directory (no config.yaml); pass a folder under runs/")
-    return from_dict(ExperimentConfig, yaml.safe_load(path.read_text()) or {}, where=str(path))
+    return from_dict(ExperimentConfig, read_yaml(path), where=str(path))
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu"):

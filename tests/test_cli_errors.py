@@ -107,3 +107,19 @@ def test_compare_out_with_a_missing_parent_is_refused_before_reading_runs(capsys
 def test_argparse_errors_are_one_line_too(capsys):
     code, out, err = cli(capsys, "eval")
     assert_one_line_error(code, out, err, "run_dir", "micro-arch eval --help")
+
+
+def test_run_runs_dir_in_a_missing_folder_is_refused_before_any_folder_is_made(capsys, tmp_path):
+    target = tmp_path / "typo" / "runs"
+    code, out, err = cli(capsys, "run", EXPERIMENT, "--runs-dir", target)
+    assert_one_line_error(code, out, err, "--runs-dir", "does not exist")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_run_whose_config_is_broken_yaml_says_where(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  d_model: [64\n")
+    code, out, err = cli(capsys, "eval", run)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{run / 'config.yaml'}:" in err and "line 2" in err and "not valid YAML" in err, err
