@@ -586,7 +586,10 @@ def read_metrics(run_dir):
 
 
 def test_sft_then_dpo_runs_resume_exactly_and_chat(chain, tmp_path):
-    from helpers import run_cli
+    import subprocess
+    import sys
+
+    from helpers import ROOT, run_cli
 
     from micro_arch.train import run_experiment
 
@@ -610,6 +613,13 @@ def test_sft_then_dpo_runs_resume_exactly_and_chat(chain, tmp_path):
                   "--system", "HORATIO answers BERNARDO.", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("assistant: ") == 2 and "user: Speak!" in out.stdout
+    interactive = subprocess.run([sys.executable, "-m", "micro_arch", "chat", str(sft), "--max-new-tokens", "4",
+                                  "--device", "cpu"], input="Who goes there?\n\n", capture_output=True, text=True,
+                                 timeout=300, cwd=ROOT)
+    assert interactive.returncode == 0 and interactive.stdout.count("you> ") == 3, interactive.stderr  # Ctrl-D
+    assert interactive.stdout.count("model> ") == 1
+    with pytest.raises(MicroArchError, match="not trained with the chat template"):
+        load_chat_tokenizer(parent)
     out = run_cli("eval", dpo, "--device", "cpu", "--batch-size", "8")
     assert out.returncode == 0, out.stderr
     result = json.loads((dpo / "stage_eval.json").read_text())
