@@ -90,6 +90,9 @@ class SharedExperts(nn.Module):
 class MoE(nn.Module):
     """Mixture of Experts: top-k token routing over n_experts SwiGLU/GELU experts (+ optional shared)."""
 
+    every_param_gets_grad = True  # experts are stacked parameters: one no token chose gets zeros, so DDP
+    # need not search for unused parameters
+
     def __init__(self, d_model: int, d_ff: int | None = None, n_experts: int = 8, top_k: int = 2,
                  n_shared_experts: int = 0, expert: str = "swiglu", router: str = "softmax",
                  aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001, balance: str = "aux_loss",

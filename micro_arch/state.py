@@ -19,7 +19,7 @@ class BlockState:
     positions: torch.Tensor | None = None  # (seq,) absolute positions of the current tokens
     cache: dict | None = None  # generation cache, one entry per block module: cache[module] = anything
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # summed into the training loss
-    stats: dict[str, float] = field(default_factory=dict)  # logged, never differentiated
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-d, read at log time; never differentiated
     recorder: Callable[[str, torch.Tensor], None] | None = None
     start: int | None = None  # positions[0] as a Python int, set by Model.forward: blocks never read a tensor back
 

@@ -45,9 +45,13 @@ def wrap_model(model, cfg: ExperimentConfig, dist: Dist, device: torch.device):
 
         from micro_arch.registry import list_blocks
 
-        sparse = {e.cls for e in list_blocks(kind="moe")}  # experts a batch never routes to get no grad
+        # An MoE block may leave experts that no token chose without a gradient, unless it says that
+        # every parameter always gets one (the built-in MoE: empty groups get zeros); searching for
+        # unused parameters costs a graph walk per step, so only where needed.
+        sparse = {e.cls for e in list_blocks(kind="moe")}
+        unused = any(type(m) in sparse and not getattr(m, "every_param_gets_grad", False) for m in model.modules())
         forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=any(type(m) in sparse for m in model.modules()))
+                      find_unused_parameters=unused)
     if cfg.train.compile:
         forward = torch.compile(forward)
     return forward

@@ -89,8 +89,13 @@ def test_resume_matches_the_uninterrupted_run(tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
 
 
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    exp = make_experiment(tmp_path)
+# The MoE layer without the Switch loss: that loss is computed per rank from local routing counts, so
+# with it N processes are not one process (by design, as in every data-parallel MoE).
+@pytest.mark.parametrize("spec", ["Norm->Attn->+->Norm->MLP->+",
+                                  "Norm->Attn->+->Norm->MoE(n_experts=4, aux_loss_coef=0)->+"],
+                         ids=["dense", "moe"])
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, spec):
+    exp = make_experiment(tmp_path, TINY.replace("Norm->Attn->+->Norm->MLP->+", spec))
     common = ["train.max_steps=8", "train.log_every=2", "train.eval_every=4", "train.checkpoint_every=8"]
     one = run_experiment(exp, runs_root=tmp_path / "one", overrides=common + ["train.batch_size=8"])
     result = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "two", "--set", *common,
