@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from micro_arch.device import autocast
+from micro_arch.errors import MicroArchError
 
 
 @torch.no_grad()
@@ -100,6 +101,11 @@ def evaluate_run(run_dir, checkpoint=None, batch_size: int = 32, max_batches: in
     run_dir = Path(run_dir)
     device = resolve_device(device)
     cfg, model, tokenizer = load_run(run_dir, checkpoint, device)
+    if cfg.train.stage != "pretrain":
+        raise MicroArchError(f"{run_dir}: a train.stage={cfg.train.stage} run is measured on held-out "
+                             f"{'conversations' if cfg.train.stage == 'sft' else 'preference pairs'}, not text: "
+                             "`micro-arch eval RUN_DIR` reports it before and after the stage; to rank it against "
+                             "other runs on text, use `micro-arch compare RUN_DIR... --data SOURCE`")
     data = prepare_data(cfg.data)
     seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
     result = evaluate(model, data.val, seq_len, batch_size, device, max_batches=max_batches,

@@ -620,6 +620,10 @@ def test_sft_then_dpo_runs_resume_exactly_and_chat(chain, tmp_path):
     assert interactive.stdout.count("model> ") == 1
     with pytest.raises(MicroArchError, match="not trained with the chat template"):
         load_chat_tokenizer(parent)
+    from micro_arch.evaluate import evaluate_run
+
+    with pytest.raises(MicroArchError, match="measured on held-out conversations, not text"):
+        evaluate_run(sft)  # what compare calls: a stage run is left out with this line
     out = run_cli("eval", dpo, "--device", "cpu", "--batch-size", "8")
     assert out.returncode == 0, out.stderr
     result = json.loads((dpo / "stage_eval.json").read_text())
