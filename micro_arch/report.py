@@ -12,7 +12,7 @@ from pathlib import Path
 
 from micro_arch.errors import MicroArchError
 from micro_arch.report_fairness import NOISE_SIGMAS, Fairness, assess, standard_error, verdicts
-from micro_arch.report_runs import Run, collect_run
+from micro_arch.report_runs import Run, collect_run, lineage
 from micro_arch.report_write import Report, write_report
 
 SAMPLE_SETTINGS = "200 new tokens, temperature 0.8, top-k 200, seed 0"  # sample_from_run's defaults
@@ -27,6 +27,7 @@ ROWS = [
     ("experiment", "experiment", str),
     ("run", "run_id", str),
     ("blocks", "blocks", str),
+    ("started from", "parent", str),
     ("settings that differ", "differs", str),
     ("tokenizer", "tokenizer", str),
     ("parameters", "params_total", _count),
@@ -176,7 +177,7 @@ def runs_table(runs: list[Run]):
         flops, tokens = s.get("flops_per_token"), s.get("tokens_seen")
         rows[r.label] = {
             "path": str(r.path), "experiment": s.get("experiment"), "run_id": r.path.name,
-            "blocks": blocks_text(s.get("layers")), "differs": differs[r.label],
+            "blocks": blocks_text(s.get("layers")), "parent": lineage(r.path), "differs": differs[r.label],
             "tokenizer": s.get("tokenizer"),
             "data_fingerprint": s.get("data_fingerprint"),
             "params_total": s.get("params_total"), "params_non_embedding": s.get("params_non_embedding"),

@@ -170,6 +170,27 @@ def flat_settings(path: Path) -> dict:
     return flatten(yaml.safe_load(config.read_text()) or {}, "") if config.is_file() else {}
 
 
+def lineage(path: Path, max_depth: int = 8) -> str:
+    """Where a run started from, followed back through each parent's parent.json: "scratch" for a run
+    trained from random weights, else e.g. "shakespeare-sft/<id> step 300 <- shakespeare-char/<id> step 2000"."""
+    links, seen = [], set()
+    while len(links) < max_depth:
+        parent_file = path / "parent.json"
+        if not parent_file.is_file():
+            break
+        parent = read_json(parent_file)
+        if parent.get("type") != "micro-arch run":
+            links.append(f"{parent.get('type', 'folder')} {parent.get('path')}")
+            break
+        path = Path(parent["path"])
+        step = f" step {parent['step']}" if parent.get("step") is not None else ""
+        links.append(f"{parent.get('experiment')}/{parent.get('run_id')}{step}")
+        if path in seen or not path.is_dir():
+            break  # moved or deleted: the chain is known only this far
+        seen.add(path)
+    return " <- ".join(links) if links else "scratch"
+
+
 def collect_run(path: Path, batch_size: int = 32, max_batches: int | None = None, device: str = "auto",
                 prompts: list[str] | None = None, status=lambda text: None) -> Run:
     """Everything a report needs from one run directory; MicroArchError when it cannot be compared."""

@@ -326,3 +326,24 @@ def test_assess_compares_tokenizers_held_out_data_and_hardware():
     assert "not comparable" in other_data.notes[0]
     gpu = assess({"a": run, "b": run | {"device": "cuda:0"}})
     assert not gpu.one_hardware and gpu.same_held_out
+
+
+def test_the_report_follows_each_run_back_to_where_it_started(runs, tmp_path):
+    from micro_arch.hf.init import PARENT_FILE, read_source
+
+    child = copy_run(runs["base"], tmp_path / "child")
+    grandchild = copy_run(runs["base"], tmp_path / "grandchild")
+    for run, parent in ((child, runs["base"]), (grandchild, child)):
+        provenance = read_source(str(parent))[2]  # what a run started with model.init_from records
+        (run / PARENT_FILE).write_text(json.dumps(provenance))
+    step = json.loads((runs["base"] / "summary.json").read_text())["steps"]
+    name = json.loads((runs["base"] / "summary.json").read_text())["experiment"]
+    out = tmp_path / "report"
+    compare([runs["base"], grandchild], out)
+    row = line_of(read_report(out)[0], "| started from |")
+    assert "| scratch |" in row
+    assert f"{name}/child step {step} <- {name}/{runs['base'].name} step {step}" in row
+
+    shutil.rmtree(child)  # a parent that was deleted ends the chain where it is still known
+    compare([grandchild], tmp_path / "report2")
+    assert f"| {name}/child step {step} |" in line_of(read_report(tmp_path / "report2")[0], "| started from |")
