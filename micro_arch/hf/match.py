@@ -54,6 +54,16 @@ def settings(module: nn.Module) -> dict:
             if not k.startswith("_") and k not in TRAINING_ONLY and isinstance(v, SCALARS)}
 
 
+
+def setting_difference(a: nn.Module, b: nn.Module) -> tuple[str, object, object] | None:
+    """The first setting (by name) on which two blocks differ: (name, a's value, b's value), or None."""
+    sa, sb = settings(a), settings(b)
+    for key in sorted(sa.keys() | sb.keys()):
+        if sa.get(key) != sb.get(key):
+            return key, sa.get(key), sb.get(key)
+    return None
+
+
 def first_difference(source_cfg: ModelConfig, source: nn.Module, target_cfg: ModelConfig,
                      target: nn.Module) -> str | None:
     """None when `target` can take `source`'s weights; else one line naming the first difference.
@@ -73,10 +83,10 @@ def first_difference(source_cfg: ModelConfig, source: nn.Module, target_cfg: Mod
         other = src_modules[name]
         if type(other) is not type(module):
             return f"{where(name)} is {type(other).__name__} in the source, {type(module).__name__} here"
-        a, b = settings(other), settings(module)
-        for key in sorted(a.keys() | b.keys()):
-            if a.get(key) != b.get(key):
-                return f"{where(name, module)}: {key} is {a.get(key)!r} in the source, {b.get(key)!r} here"
+        differs = setting_difference(other, module)
+        if differs:
+            key, theirs, ours = differs
+            return f"{where(name, module)}: {key} is {theirs!r} in the source, {ours!r} here"
     for name, module in src_modules.items():
         if name not in tgt_modules:
             return f"{where(name, module)} is in the source but not here"
