@@ -9,8 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import run_cli
+from helpers import free_port, run_cli, spawn
 from test_train import make_experiment, read_metrics
 
 from micro_arch import muon as muon_mod
@@ -122,12 +121,7 @@ def test_ddp_sharded_orthogonalisation_equals_one_process(tmp_path):
         for p, g in zip(params, grads_for(step, params)):
             p.grad = g
         opt.step()
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sharded_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn(_sharded_worker, lambda: (2, free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for p, q in zip(params, result["params"]):

@@ -60,7 +60,9 @@ def test_throughput_leaves_out_the_first_step_evaluation_and_checkpoints(tmp_pat
     accounts = s["train_time_s"] + s["compile_time_s"] + s["eval_time_s"] + s["checkpoint_time_s"]
     assert s["eval_time_s"] > 0 and s["checkpoint_time_s"] > 0 and accounts <= s["wall_time_s"] + 0.05
     timed_tokens = 7 * 4 * 32  # every step but the first
-    assert s["tokens_per_sec"] == pytest.approx(timed_tokens / s["train_time_s"], rel=0.02)
+    # train_time_s is rounded to the millisecond, a few percent of these few steps on a fast machine
+    slow, fast = timed_tokens / (s["train_time_s"] + 0.0005), timed_tokens / (s["train_time_s"] - 0.0005)
+    assert slow * 0.99 <= s["tokens_per_sec"] <= fast * 1.01
 
 
 def test_no_host_reads_between_log_steps(tmp_path, data, monkeypatch):
