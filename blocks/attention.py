@@ -18,10 +18,20 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, scaling: float = 
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[..., 2j], x[..., 2j+1]) of x by its position's angle, as one complex multiply
-    (half the kernels of the rotate-half form); `rotations` broadcasts against x[..., ::2]."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
+    """Rotate each pair (x[..., 2j], x[..., 2j+1]) of x by its position's angle; `rotations` holds the
+    (cos, sin) of each angle in its last dimension and broadcasts against x's pairs.
+
+    Eager: one complex multiply (half the kernels of the rotate-half form). Compiled: the same product
+    written out in real numbers, because Inductor generates no code for complex tensors and would run
+    the rotation outside its fused kernels."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        a, b = pairs.unbind(-1)
+        cos, sin = rotations.float().unbind(-1)
+        rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), -1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotations.float()))
+    return rotated.flatten(-2).to(x.dtype)
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -85,7 +95,7 @@ class Attention(nn.Module):
         if self.use_rope:  # q and k rotated together: one set of kernels instead of two
             offset = state.offset if state is not None else 0
             pos = slice(offset, offset + T)
-            qk = apply_rope(qk, torch.view_as_complex(self.rope[pos, None].float()))
+            qk = apply_rope(qk, self.rope[pos, None])
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
         cache = state.cache if state is not None else None
         if cache is not None:

@@ -153,7 +153,7 @@ def test_mqa_has_one_kv_head():
 
 def test_rope_scores_depend_only_on_relative_position():
     D = 16
-    rot = torch.view_as_complex(torch.view_as_real(rope_tables(D, 128, 10000.0)))
+    rot = torch.view_as_real(rope_tables(D, 128, 10000.0))  # (cos, sin) pairs, as the block keeps them
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(D, generator=g), torch.randn(D, generator=g)
 
@@ -167,6 +167,24 @@ def test_rope_scores_depend_only_on_relative_position():
     x = torch.randn(1, 6, 2, D, generator=g)
     pos = torch.arange(30, 36)
     torch.testing.assert_close(apply_rope(x, rot[pos, None]), rope_reference(x, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_compiled_form_equals_the_eager_complex_multiply(monkeypatch):
+    """Under torch.compile the rotation is written in real numbers (Inductor has no complex codegen); the two
+    forms must agree, in fp32 and in bf16."""
+    g = torch.Generator().manual_seed(1)
+    rot = torch.view_as_real(rope_tables(16, 64, 10000.0))[torch.arange(64), None]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 64, 3, 16, generator=g).to(dtype)
+        eager = apply_rope(x, rot)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        written_out = apply_rope(x, rot)
+        monkeypatch.undo()
+        assert written_out.dtype == eager.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 2**-8  # the same fp32 product, rounded once to dtype
+        torch.testing.assert_close(written_out.float(), eager.float(), atol=1e-6, rtol=tol)
+        torch.testing.assert_close(eager.float(), rope_reference(x.float(), torch.arange(64)).to(dtype).float(),
+                                   atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
 
 
 def test_rope_inside_the_block_shifted_positions_keep_scores():
