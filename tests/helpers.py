@@ -28,22 +28,15 @@ def run_cli(*args, cwd=ROOT, timeout=600, env=None):
     return result
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(worker, make_args, nprocs):
-    """torch.multiprocessing.spawn of worker(rank, *make_args()), started once more (with fresh arguments,
-    e.g. another port) after a GLOO_ABORT: a worker killed by SIGABRT."""
-    import torch.multiprocessing as mp
-
-    try:
-        mp.spawn(worker, args=make_args(), nprocs=nprocs, join=True)
-    except mp.ProcessExitedException as err:
-        if err.signal_name != "SIGABRT":
-            raise
-        mp.spawn(worker, args=make_args(), nprocs=nprocs, join=True)
+def run_torchrun(script, *args, nproc=2, timeout=300):
+    """`torchrun --standalone --nproc_per_node=N script ARGS` with the project and tests importable, one
+    thread per process; started once more after a GLOO_ABORT. Returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), *map(str, args)]
+    run = lambda: subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)  # noqa: E731
+    result = run()
+    if result.returncode != 0 and GLOO_ABORT in result.stderr:
+        result = run()
+    return result

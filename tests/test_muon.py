@@ -3,16 +3,14 @@ exact resume, and which parameters it takes."""
 
 import json
 import math
-import os
 import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import free_port, run_cli, spawn
+from helpers import ROOT, run_cli, run_torchrun
+from muon_shard_worker import grads_for, mixed_params
 from test_train import make_experiment, read_metrics
 
-from micro_arch import muon as muon_mod
 from micro_arch.config import TrainConfig
 from micro_arch.errors import MicroArchError
 from micro_arch.experiment import load_experiment
@@ -68,18 +66,6 @@ def naive_muon_step(params, grads, bufs, lr, momentum, wd):
         p.mul_(1 - lr * wd).sub_(lr * 0.2 * math.sqrt(max(p.shape)) * update)
 
 
-def mixed_params(seed=0):
-    """Shapes repeated (batched together), a transposed twin of one and a lone one."""
-    torch.manual_seed(seed)
-    shapes = [(24, 8), (24, 8), (8, 24), (24, 8), (16, 16), (16, 16), (5, 7)]
-    return [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
-
-
-def grads_for(step, params):
-    gen = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(p.shape, generator=gen) for p in params]
-
-
 def test_batched_update_equals_the_per_parameter_one():
     params = mixed_params()
     ref = [p.detach().clone() for p in params]
@@ -96,24 +82,6 @@ def test_batched_update_equals_the_per_parameter_one():
     assert update_scale(torch.Size([24, 8])) == pytest.approx(0.2 * math.sqrt(24))
 
 
-def _sharded_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    counted = []
-    original = muon_mod.newton_schulz
-    muon_mod.newton_schulz = lambda x, **kw: counted.append(x.shape[0] if x.dim() == 3 else 1) or original(x, **kw)
-    params = mixed_params()
-    opt = Muon(params, lr=0.01, weight_decay=0.1, ns_dtype=torch.float32)
-    for step in range(3):
-        for p, g in zip(params, grads_for(step, params)):
-            p.grad = g
-        opt.step()
-    torch.save({"params": [p.detach() for p in params], "orthogonalised": sum(counted)},
-               os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
 def test_ddp_sharded_orthogonalisation_equals_one_process(tmp_path):
     params = mixed_params()
     opt = Muon(params, lr=0.01, weight_decay=0.1, ns_dtype=torch.float32)
@@ -121,7 +89,8 @@ def test_ddp_sharded_orthogonalisation_equals_one_process(tmp_path):
         for p, g in zip(params, grads_for(step, params)):
             p.grad = g
         opt.step()
-    spawn(_sharded_worker, lambda: (2, free_port(), str(tmp_path)), nprocs=2)
+    result = run_torchrun(ROOT / "tests" / "muon_shard_worker.py", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for p, q in zip(params, result["params"]):
