@@ -132,6 +132,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def with_sampling(p, top_k: int):
+    """The sampling arguments generate and chat share, checked while parsing."""
+    p.add_argument("--max-new-tokens", type=positive_int, default=200, help="longest text, in tokens")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=positive_int, default=top_k)
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's latest)")
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="micro-arch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,14 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample from a trained run with a KV cache")
     p.add_argument("run_dir")
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=200)
-    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=positive_int, default=200)
-    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling, in (0, 1]")
+    with_sampling(p, top_k=200)
     p.add_argument("--num-samples", type=positive_int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's latest)")
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="multi-turn chat with an SFT or DPO run (Ctrl-D to leave)")
@@ -202,13 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None,
                    help="a user turn to answer without a terminal (repeatable: a multi-turn script)")
     p.add_argument("--system", default=None, help="a system turn, e.g. 'ROMEO answers JULIET.'")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="longest reply, in tokens")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's latest)")
-    p.add_argument("--device", default="auto")
+    with_sampling(p, top_k=50)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte, top-k accuracy")
