@@ -24,18 +24,24 @@ def grads_for(step, params):
     return [torch.randn(p.shape, generator=gen) for p in params]
 
 
-def main(out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    counted = []
-    original = muon_mod.newton_schulz
-    muon_mod.newton_schulz = lambda x, **kw: counted.append(x.shape[0] if x.dim() == 3 else 1) or original(x, **kw)
+def three_muon_steps() -> list[torch.nn.Parameter]:
+    """The check's computation: the same in one process and on each rank."""
     params = mixed_params()
     opt = Muon(params, lr=0.01, weight_decay=0.1, ns_dtype=torch.float32)
     for step in range(3):
         for p, g in zip(params, grads_for(step, params)):
             p.grad = g
         opt.step()
+    return params
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    counted = []
+    original = muon_mod.newton_schulz
+    muon_mod.newton_schulz = lambda x, **kw: counted.append(x.shape[0] if x.dim() == 3 else 1) or original(x, **kw)
+    params = three_muon_steps()
     torch.save({"params": [p.detach() for p in params], "orthogonalised": sum(counted)},
                os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
     dist.destroy_process_group()

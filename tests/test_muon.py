@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from helpers import ROOT, run_cli, run_torchrun
-from muon_shard_worker import grads_for, mixed_params
+from muon_shard_worker import grads_for, mixed_params, three_muon_steps
 from test_train import make_experiment, read_metrics
 
 from micro_arch.config import TrainConfig
@@ -83,12 +83,7 @@ def test_batched_update_equals_the_per_parameter_one():
 
 
 def test_ddp_sharded_orthogonalisation_equals_one_process(tmp_path):
-    params = mixed_params()
-    opt = Muon(params, lr=0.01, weight_decay=0.1, ns_dtype=torch.float32)
-    for step in range(3):
-        for p, g in zip(params, grads_for(step, params)):
-            p.grad = g
-        opt.step()
+    params = three_muon_steps()
     result = run_torchrun(ROOT / "tests" / "muon_shard_worker.py", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(2):
