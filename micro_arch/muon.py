@@ -31,18 +31,43 @@ RMS_MATCH = 0.2  # the RMS of a typical AdamW update, which Muon's update is sca
 def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximately U V^T for g = U S V^T, on the last two dimensions (any leading batch dimensions).
     Singular values of the result lie in QUINTIC_BAND rather than at exactly 1."""
+    return newton_schulz_many([g], steps, dtype)[0]
+
+
+def newton_schulz_many(gs: list[torch.Tensor], steps: int = 5, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """newton_schulz of each tensor, in lockstep: the Gram matrices of all tensors whose short side is
+    the same are squared in one batched call (for small matrices a call costs more than its arithmetic).
+
+    The iteration X <- (a I + b G + c G^2) X uses the smaller Gram matrix G = X X^T; a tall X is kept in
+    its own layout and iterated from the right, X <- X (a I + b G + c G^2)^T with G = X^T X, which is
+    the same arithmetic without transposing X in memory."""
     a, b, c = QUINTIC
-    x = g.to(dtype)
-    tall = x.size(-2) > x.size(-1)
-    if tall:  # iterate on the short side: X X^T is then the smaller Gram matrix
-        x = x.mT
-    # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1].
-    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
+    xs = [_normalised(g, dtype) for g in gs]
+    tall = [x.size(-2) > x.size(-1) for x in xs]
+    same_side = defaultdict(list)
+    for i, x in enumerate(xs):
+        same_side[(x.device, min(x.shape[-2:]))].append(i)
     for _ in range(steps):
-        gram = x @ x.mT
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if x.dim() == 3 else b * gram + c * gram @ gram
-        x = torch.baddbmm(x, poly, x, beta=a) if x.dim() == 3 else a * x + poly @ x
-    return x.mT if tall else x
+        for (device, side), idx in same_side.items():
+            sizes = [xs[i].size(0) for i in idx]
+            grams = torch.empty(sum(sizes), side, side, dtype=dtype, device=device)
+            for i, gram in zip(idx, grams.split(sizes)):
+                left, right = (xs[i].mT, xs[i]) if tall[i] else (xs[i], xs[i].mT)
+                torch.bmm(left, right, out=gram)
+            polys = torch.baddbmm(grams, grams, grams, beta=b, alpha=c)
+            # a X + (b G + c G^2) X as (a I + b G + c G^2) X: one plain product, no copy of X
+            polys.diagonal(dim1=-2, dim2=-1).add_(a)
+            for i, poly in zip(idx, polys.split(sizes)):
+                xs[i] = torch.bmm(xs[i], poly.mT) if tall[i] else torch.bmm(poly, xs[i])
+    return [x.reshape(g.shape) for g, x in zip(gs, xs)]
+
+
+def _normalised(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """g / |g|_F as a [batch, rows, cols] tensor of `dtype`. The Frobenius norm bounds the spectral norm,
+    so every singular value lands in [0, 1]. Dividing into the output casts in the same pass."""
+    g3 = g.reshape(-1, *g.shape[-2:])
+    x = torch.empty(g3.shape, dtype=dtype, device=g.device)
+    return torch.div(g3, torch.linalg.matrix_norm(g3, keepdim=True).add_(1e-7), out=x)
 
 
 def update_scale(shape: torch.Size) -> float:
@@ -83,10 +108,12 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes 2-D parameters only; got one of shape {tuple(p.shape)} "
                                      "(give embeddings, norms and n-D weights to AdamW)")
         self.shard = shard
+        self._stacks: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("shard", True)
+        self._stacks = {}  # load_state_dict comes here: the loaded buffers are stacked again on the next step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -101,47 +128,60 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
-        m = group["momentum"]
-        grads = [p.grad for p in params]
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
-        torch._foreach_lerp_(bufs, grads, 1 - m)
-        directions = torch._foreach_lerp(grads, bufs, m) if group["nesterov"] else bufs
-        lr, wd = group["lr"], group["weight_decay"]
-        for idx, updates in self._orthogonalised(directions, group):
-            shared = [params[i] for i in idx]
-            if wd:
-                torch._foreach_mul_(shared, 1 - lr * wd)
-            torch._foreach_add_(shared, updates.to(shared[0].dtype).unbind(0),
-                                alpha=-lr * update_scale(shared[0].shape))
-
-    def _orthogonalised(self, directions: list[torch.Tensor], group: dict):
-        """(indices, their Newton-Schulz stack) for each (shape, device): one batched call each, sharded
-        over ranks under torch.distributed."""
-        dtype = group["ns_dtype"]
-        by_shape = defaultdict(list)
-        for i, d in enumerate(directions):
-            by_shape[(tuple(d.shape), d.device)].append(i)
+        m, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        shapes = _by_shape(params)
+        directions = []
+        for same in shapes:
+            grads = torch.stack([p.grad for p in same])
+            bufs = self._momentum_stack(same)
+            bufs.lerp_(grads, 1 - m)
+            directions.append(grads.lerp_(bufs, m) if group["nesterov"] else bufs)
+        ns = dict(steps=group["ns_steps"], dtype=group["ns_dtype"] or default_ns_dtype(params[0].device))
         world = dist.get_world_size() if self.shard and dist.is_available() and dist.is_initialized() else 1
-        for (_, device), idx in by_shape.items():
-            ns = dict(steps=group["ns_steps"], dtype=dtype or default_ns_dtype(device))
-            stack = torch.stack([directions[i] for i in idx])
-            yield idx, newton_schulz(stack, **ns) if world == 1 else _sharded(stack, world, ns)
+        updates = newton_schulz_many(directions, **ns) if world == 1 else _sharded(directions, world, ns)
+        for same, update in zip(shapes, updates):
+            if wd:
+                torch._foreach_mul_(same, 1 - lr * wd)
+            scale = -lr * update_scale(same[0].shape)
+            for p, u in zip(same, update.unbind(0)):
+                p.add_(u, alpha=scale)  # u may be bf16: add_ casts on the fly, no copy of the stack
+
+    def _momentum_stack(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """The momentum buffers of same-shaped parameters as one [k, rows, cols] tensor, so momentum is
+        two ops per shape, not two per parameter. Each parameter's state["momentum_buffer"] is a view
+        into it (checkpoints keep one buffer per parameter)."""
+        key = tuple(id(p) for p in params)
+        stack = self._stacks.get(key)
+        if stack is None:
+            olds = [self.state[p].get("momentum_buffer") for p in params]
+            stack = torch.stack([torch.zeros_like(p) if b is None else b.to(p) for p, b in zip(params, olds)])
+            for p, view in zip(params, stack.unbind(0)):
+                self.state[p]["momentum_buffer"] = view
+            # a cached stack that shares a parameter with this one no longer holds its buffer
+            self._stacks = {k: s for k, s in self._stacks.items() if not set(k) & set(key)}
+            self._stacks[key] = stack
+        return stack
 
 
-def _sharded(stack: torch.Tensor, world: int, ns: dict) -> torch.Tensor:
-    """Rank r orthogonalises rows [r k, (r + 1) k) of the stack (zero-padded to world * k; Newton-Schulz
+def _by_shape(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Parameters grouped by (shape, device, dtype): each group is orthogonalised in one batched call."""
+    groups = defaultdict(list)
+    for p in params:
+        groups[(p.shape, p.device, p.dtype)].append(p)
+    return list(groups.values())
+
+
+def _sharded(stacks: list[torch.Tensor], world: int, ns: dict) -> list[torch.Tensor]:
+    """Rank r orthogonalises rows [r k, (r + 1) k) of each stack (zero-padded to world * k; Newton-Schulz
     of zero is zero) and all ranks gather everyone's rows."""
-    n = stack.size(0)
-    k = -(-n // world)
-    if n < world * k:
-        stack = torch.cat([stack, stack.new_zeros(world * k - n, *stack.shape[1:])])
-    rank = dist.get_rank()
-    mine = newton_schulz(stack[rank * k:(rank + 1) * k], **ns).contiguous()
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(parts, mine)
-    return torch.cat(parts)[:n]
+    rank, mine = dist.get_rank(), []
+    for stack in stacks:
+        k = -(-stack.size(0) // world)
+        padded = torch.cat([stack, stack.new_zeros(world * k - stack.size(0), *stack.shape[1:])])
+        mine.append(padded[rank * k:(rank + 1) * k])
+    out = []
+    for stack, part in zip(stacks, newton_schulz_many(mine, **ns)):
+        parts = [torch.empty_like(part, memory_format=torch.contiguous_format) for _ in range(world)]
+        dist.all_gather(parts, part.contiguous())
+        out.append(torch.cat(parts)[:stack.size(0)])
+    return out

@@ -39,8 +39,8 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     counted = []
-    original = muon_mod.newton_schulz
-    muon_mod.newton_schulz = lambda x, **kw: counted.append(x.shape[0] if x.dim() == 3 else 1) or original(x, **kw)
+    original = muon_mod.newton_schulz_many
+    muon_mod.newton_schulz_many = lambda xs, **kw: counted.extend(x.shape[0] for x in xs) or original(xs, **kw)
     params = three_muon_steps()
     torch.save({"params": [p.detach() for p in params], "orthogonalised": sum(counted)},
                os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))

@@ -1,6 +1,7 @@
 """Muon: Newton-Schulz against the SVD, batched against per-parameter, DDP-sharded against one process,
 exact resume, and which parameters it takes."""
 
+import copy
 import json
 import math
 import shutil
@@ -80,6 +81,31 @@ def test_batched_update_equals_the_per_parameter_one():
         for p, r in zip(params, ref):
             torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
     assert update_scale(torch.Size([24, 8])) == pytest.approx(0.2 * math.sqrt(24))
+
+
+def test_momentum_follows_each_parameter_when_some_have_no_gradient_and_after_a_reload():
+    """The buffers of same-shaped parameters live in one stack: a step where one of them has no gradient
+    (its momentum must not move), and a load_state_dict mid-run, must not mix them up."""
+    params = mixed_params()
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in ref]
+    opt = Muon(params, lr=0.01, momentum=0.9, weight_decay=0.1, ns_dtype=torch.float32)
+    saved = None
+    for step in range(6):
+        grads = grads_for(step, params)
+        live = [i for i in range(len(params)) if not (step in (1, 2) and i in (0, 4))]  # (24, 8) and (16, 16)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = g.clone() if i in live else None
+        if step == 4:  # the state saved after step 3, loaded into the same optimizer
+            opt.load_state_dict(saved)
+        opt.step()
+        saved = copy.deepcopy(opt.state_dict())
+        naive_muon_step([ref[i] for i in live], [grads[i] for i in live], [bufs[i] for i in live],
+                        lr=0.01, momentum=0.9, wd=0.1)
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+        for i, p in enumerate(params):
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], bufs[i], rtol=1e-6, atol=1e-7)
 
 
 def test_ddp_sharded_orthogonalisation_equals_one_process(tmp_path):
