@@ -28,6 +28,7 @@ trainer at log time only; with several MoE layers the value is the maximum over 
 
 import math
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -133,26 +134,33 @@ class MoE(nn.Module):
         nn.init.normal_(self.w_in, 0.0, 0.02)
         nn.init.normal_(self.w_out, 0.0, 0.02 / math.sqrt(2 * self.n_layers))
 
-    def route(self, x: torch.Tensor):
-        """Router logits (N, E), scores (N, E), chosen experts (N, k) and their gates (N, k)."""
+    def route(self, x: torch.Tensor) -> "Routing":
+        """Router logits and scores (N, E), chosen experts and their gates (N, k), and for the softmax
+        router the log-partition (N, 1), which gives both the scores and the z-loss."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         no_autocast = torch.autocast(x.device.type, enabled=False) if autocasting(x.device.type) else nullcontext()
         with no_autocast:  # autocast would run the router in bf16
             logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
-        scores = logits.softmax(-1) if self.router_kind == "softmax" else logits.sigmoid()
+        lse = None
+        if self.router_kind == "softmax":
+            lse = logits.logsumexp(-1, keepdim=True)
+            scores = (logits - lse).exp()
+        else:
+            scores = logits.sigmoid()
         select = scores + self.expert_bias if self.balance == "bias" else scores
         chosen = select.topk(self.top_k, dim=-1).indices
         gates = scores.gather(-1, chosen)
         if self.top_k > 1:
             gates = gates / gates.sum(-1, keepdim=True)
-        return logits, scores, chosen, gates
+        return Routing(logits, scores, chosen, gates, lse)
 
     def forward(self, x, state=None):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         n_tokens = flat.shape[0]
         n_assign = n_tokens * self.top_k
-        logits, scores, chosen, gates = self.route(flat)
+        routing = self.route(flat)
+        chosen, gates = routing.chosen, routing.gates
         plan = dispatch(chosen, self.n_experts, capacity_for(self.capacity_factor, n_assign, self.n_experts))
         gates = gates.t().contiguous()  # (top_k, tokens), slot-major like the plan
         if plan.kept is not None:
@@ -172,7 +180,7 @@ class MoE(nn.Module):
         if self.training and self.balance == "bias" and torch.is_grad_enabled():
             self._update_bias(plan.counts)
         if state is not None:
-            self._report(state, logits, scores, plan, rows, n_assign)
+            self._report(state, routing, plan, rows, n_assign)
         return self.dropout(out.view(shape))
 
     def forward_flops_per_token(self, seq_len: int) -> float:
@@ -192,16 +200,18 @@ class MoE(nn.Module):
             torch.distributed.all_reduce(load)  # every rank must move its copy of the bias the same way
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
-    def _report(self, state, logits, scores, plan, rows, n_assign) -> None:
+    def _report(self, state, routing: "Routing", plan, rows, n_assign) -> None:
         """Trace records, losses, and the statistics as tensors (read by the trainer at log time only)."""
-        state.record("router_logits", logits)
+        state.record("router_logits", routing.logits)
         state.record("expert_load", plan.counts)
         state.record("expert_in", rows)  # every assignment's row, sorted by expert
         if self.training:
             if self.aux_loss_coef > 0 and self.balance == "aux_loss":
-                state.add_aux_loss("moe_balance", self.aux_loss_coef * switch_loss(scores, plan.counts, n_assign))
+                probs = routing.scores if routing.lse is not None else routing.scores / routing.scores.sum(-1, keepdim=True)
+                state.add_aux_loss("moe_balance", self.aux_loss_coef * switch_loss(probs, plan.counts, n_assign))
             if self.z_loss_coef > 0:
-                state.add_aux_loss("moe_z", self.z_loss_coef * torch.logsumexp(logits, -1).pow(2).mean())
+                lse = routing.lse if routing.lse is not None else routing.logits.logsumexp(-1, keepdim=True)
+                state.add_aux_loss("moe_z", self.z_loss_coef * lse.pow(2).mean())
         with torch.no_grad():
             max_load = plan.counts.max() * (self.n_experts / n_assign)
             dropped = (1.0 - plan.kept.float().mean()) if plan.kept is not None else torch.zeros_like(max_load,
@@ -210,9 +220,16 @@ class MoE(nn.Module):
             state.stats[name] = torch.maximum(state.stats[name], value) if name in state.stats else value
 
 
-def switch_loss(scores: torch.Tensor, counts: torch.Tensor, n_assign: int) -> torch.Tensor:
+def switch_loss(probs: torch.Tensor, counts: torch.Tensor, n_assign: int) -> torch.Tensor:
     """Switch Transformer balance loss n_experts * sum_i f_i * P_i: f_i the fraction of assignments
-    routed to expert i (before capacity), P_i its mean router probability (sigmoid scores are
-    normalised over all experts first). Equals 1 under uniform routing."""
-    probs = scores / scores.sum(-1, keepdim=True)
-    return scores.shape[-1] * (counts.to(probs.dtype) / n_assign * probs.mean(0)).sum()
+    routed to expert i (before capacity), P_i its mean router probability (`probs` rows sum to 1:
+    sigmoid scores are normalised over all experts first). Equals 1 under uniform routing."""
+    return probs.shape[-1] / n_assign * torch.dot(counts.to(probs.dtype), probs.mean(0))
+
+
+class Routing(NamedTuple):
+    logits: torch.Tensor
+    scores: torch.Tensor
+    chosen: torch.Tensor
+    gates: torch.Tensor
+    lse: torch.Tensor | None  # softmax router only

@@ -187,7 +187,7 @@ def test_bias_balancing_moves_load_off_the_busy_expert():
     # the bias picks the expert, the gate stays the unbiased probability
     with torch.no_grad():
         block.expert_bias.copy_(torch.tensor([-1.0, 1.0, 0.0]))
-    _, scores, chosen, gates = block.route(x[0])
+    _, scores, chosen, gates, _ = block.route(x[0])
     assert chosen[:, 0].tolist() == [1, 1, 1, 1, 1]
     torch.testing.assert_close(gates[:, 0], scores[:, 1])
 
@@ -394,7 +394,7 @@ def gathered_reference(block, x):
     """The same active matmuls as the block, token by token: each token's top_k experts' weights are
     gathered and applied with bmm, so FlopCounterMode counts them with torch's own bmm formula."""
     flat = x.reshape(-1, x.shape[-1])
-    _, _, chosen, gates = block.route(flat)
+    _, _, chosen, gates, _ = block.route(flat)
     rows = flat.repeat_interleave(block.top_k, 0).unsqueeze(1)  # (tokens * top_k, 1, d_model)
     experts = chosen.reshape(-1)
     h = torch.bmm(rows, block.w_in[experts])
