@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -9,3 +10,13 @@ def data_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("cache")
     os.environ["MICRO_ARCH_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    there one thread is fastest, and immune to a busy machine's thread contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,13 +13,7 @@ from micro_arch.state import BlockState
 D_MODEL, N_HEADS = 32, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine's thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def make_attn(seed=0, n_heads=N_HEADS, n_kv_heads=None, positions="none", max_seq_len=64, **kwargs):

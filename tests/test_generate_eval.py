@@ -15,13 +15,7 @@ from micro_arch.registry import list_blocks
 VOCAB = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def tiny_model(spec="Norm->Attn->+->Norm->MLP->+", seed=0, **overrides):

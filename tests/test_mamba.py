@@ -8,14 +8,7 @@ from micro_arch.errors import MicroArchError
 from micro_arch.registry import Dims, build_block
 from micro_arch.state import BlockState
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only add synchronisation, which is slow on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def reference_scan(x, dt, A, B, C, h0=None):

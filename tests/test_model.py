@@ -20,13 +20,7 @@ DEFAULTS = {"Norm": "rmsnorm", "Attn": "attention", "MLP": "swiglu"}
 DIMS = Dims(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, max_seq_len=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy machine's thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def chain(spec, seed=0):

@@ -2,15 +2,14 @@
 exact resume, and which parameters it takes."""
 
 import copy
-import json
 import math
 import shutil
 
 import pytest
 import torch
-from helpers import ROOT, run_cli, run_torchrun
+from helpers import ROOT, run_torchrun
 from muon_shard_worker import grads_for, mixed_params, three_muon_steps
-from test_train import make_experiment, read_metrics
+from test_train import make_experiment, read_metrics, run_on_one_and_two_processes
 
 from micro_arch.config import TrainConfig
 from micro_arch.errors import MicroArchError
@@ -125,12 +124,7 @@ def test_muon_run_on_two_processes_equals_one_process(tmp_path):
     exp = make_experiment(tmp_path)
     common = ["train.optimizer=muon", "train.muon_ns_dtype=fp32", "train.max_steps=6", "train.log_every=2",
               "train.eval_every=6", "train.checkpoint_every=6"]
-    one = run_experiment(exp, runs_root=tmp_path / "one", overrides=common + ["train.batch_size=8"])
-    result = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "two", "--set", *common,
-                     "train.batch_size=4", env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    (two,) = (tmp_path / "two" / "tiny").iterdir()
-    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    one, two = run_on_one_and_two_processes(exp, tmp_path, common)
     sa = torch.load(one / "checkpoints/latest.pt", weights_only=True)["model"]
     sb = torch.load(two / "checkpoints/latest.pt", weights_only=True)["model"]
     for k in sa:

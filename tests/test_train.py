@@ -48,6 +48,18 @@ def read_metrics(run_dir):
         return list(csv.DictReader(f))
 
 
+def run_on_one_and_two_processes(exp, tmp_path, overrides):
+    """The experiment run with a global batch of 8: in this process, and by `micro-arch run --nproc 2` with 4 per
+    rank. Returns the two run directories."""
+    one = run_experiment(exp, runs_root=tmp_path / "one", overrides=overrides + ["train.batch_size=8"])
+    result = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "two", "--set", *overrides,
+                     "train.batch_size=4", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (two,) = (tmp_path / "two" / "tiny").iterdir()
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    return one, two
+
+
 def test_run_leaves_a_complete_run_directory(tmp_path):
     exp = make_experiment(tmp_path)
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs")
@@ -97,12 +109,7 @@ def test_resume_matches_the_uninterrupted_run(tmp_path):
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, spec):
     exp = make_experiment(tmp_path, TINY.replace("Norm->Attn->+->Norm->MLP->+", spec))
     common = ["train.max_steps=8", "train.log_every=2", "train.eval_every=4", "train.checkpoint_every=8"]
-    one = run_experiment(exp, runs_root=tmp_path / "one", overrides=common + ["train.batch_size=8"])
-    result = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "two", "--set", *common,
-                     "train.batch_size=4", env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    (two,) = (tmp_path / "two" / "tiny").iterdir()
-    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    one, two = run_on_one_and_two_processes(exp, tmp_path, common)
     a, b = read_metrics(one), read_metrics(two)
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
     for ra, rb in zip(a, b):
