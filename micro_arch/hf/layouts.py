@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from micro_arch.errors import MicroArchError
-from micro_arch.hf.match import setting_difference
+from micro_arch.hf.match import block_difference
 from micro_arch.registry import list_blocks
 
 QK_NORM_EPS = 1e-6  # blocks/attention.py normalises q and k with this eps
@@ -109,12 +109,10 @@ def _check_chain(i: int, chain, names) -> tuple:
 
 def _describe_difference(i, first, other) -> str:
     for a, b in zip(first, other):
-        if type(a) is not type(b):
-            return f"layer {i} has {type(b).__name__} where layer 0 has {type(a).__name__} (a hybrid)"
-        differs = setting_difference(a, b)
+        differs = block_difference(a, b, "layer {i} has {b} where layer 0 has {a} (a hybrid)",
+                                   "layer {i}'s {kind} has {key}={b} but layer 0's has {a}", i=i, kind=type(b).__name__)
         if differs:
-            key, first_value, value = differs
-            return f"layer {i}'s {type(b).__name__} has {key}={value!r} but layer 0's has {first_value!r}"
+            return differs
         shapes_a = {k: tuple(v.shape) for k, v in a.state_dict().items()}
         shapes_b = {k: tuple(v.shape) for k, v in b.state_dict().items()}
         if shapes_a != shapes_b:

@@ -54,7 +54,6 @@ def settings(module: nn.Module) -> dict:
             if not k.startswith("_") and k not in TRAINING_ONLY and isinstance(v, SCALARS)}
 
 
-
 def setting_difference(a: nn.Module, b: nn.Module) -> tuple[str, object, object] | None:
     """The first setting (by name) on which two blocks differ: (name, a's value, b's value), or None."""
     sa, sb = settings(a), settings(b)
@@ -62,6 +61,19 @@ def setting_difference(a: nn.Module, b: nn.Module) -> tuple[str, object, object]
         if sa.get(key) != sb.get(key):
             return key, sa.get(key), sb.get(key)
     return None
+
+
+def block_difference(a: nn.Module, b: nn.Module, other_class: str, other_setting: str, **names) -> str | None:
+    """None when two blocks compute alike; else one line: `other_class` worded with {a} and {b} (their class
+    names) when their classes differ, or `other_setting` with {key}, {a} and {b} (the values' reprs) for the
+    first setting that differs. `names` fill the wording's other fields."""
+    if type(a) is not type(b):
+        return other_class.format(a=type(a).__name__, b=type(b).__name__, **names)
+    differs = setting_difference(a, b)
+    if differs is None:
+        return None
+    key, first, second = differs
+    return other_setting.format(key=key, a=repr(first), b=repr(second), **names)
 
 
 def first_difference(source_cfg: ModelConfig, source: nn.Module, target_cfg: ModelConfig,
@@ -80,13 +92,11 @@ def first_difference(source_cfg: ModelConfig, source: nn.Module, target_cfg: Mod
     for name, module in tgt_modules.items():
         if name not in src_modules:
             return f"{where(name, module)} is here but not in the source"
-        other = src_modules[name]
-        if type(other) is not type(module):
-            return f"{where(name)} is {type(other).__name__} in the source, {type(module).__name__} here"
-        differs = setting_difference(other, module)
+        differs = block_difference(src_modules[name], module, "{place} is {a} in the source, {b} here",
+                                   "{block}: {key} is {a} in the source, {b} here", place=where(name),
+                                   block=where(name, module))
         if differs:
-            key, theirs, ours = differs
-            return f"{where(name, module)}: {key} is {theirs!r} in the source, {ours!r} here"
+            return differs
     for name, module in src_modules.items():
         if name not in tgt_modules:
             return f"{where(name, module)} is in the source but not here"

@@ -1,4 +1,8 @@
-"""Weights between micro-arch names and transformers' in-memory names, both ways, per layout family.
+"""Weights between micro-arch names and transformers' in-memory names, per layout family, both ways.
+
+Each family is one table of rules (`rules(layout)`); `to_hf` reads it left to right, `from_hf` right to left,
+so a name is written once. A rule whose source tensors are not all there is skipped (biases, QK-norms and
+norm biases are optional).
 
 RoPE: blocks/attention.py rotates interleaved pairs (2j, 2j+1) of each head; transformers' Llama family
 rotates halves (j, j + head_dim/2). Both use frequency j for pair j, so the q and k rows of each head are
@@ -6,6 +10,9 @@ permuted (even rows first, then odd rows), as transformers' own Llama conversion
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -22,142 +29,131 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int) -> torch
     return w.reshape(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(shape)
 
 
+def _same(*tensors):
+    return tensors
+
+
+def _transposed(w):  # GPT-2's Conv1D stores (in, out); MoE experts are stored (experts, in, out) there
+    return (w.transpose(-2, -1).contiguous(),)
+
+
+def _zero_bias(w):
+    return (w.new_zeros(w.shape[0]),)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Our tensors <-> theirs: `out` maps ours to theirs (export), `back` theirs to ours (import); None where
+    that direction writes nothing. `prefix`: every name under ours[0] is theirs[0] + the same rest."""
+    ours: tuple[str, ...]
+    theirs: tuple[str, ...]
+    out: Callable | None = _same
+    back: Callable | None = _same
+    prefix: bool = False
+
+
+def one(ours: str, theirs: str, out=_same, back=_same) -> Rule:
+    return Rule((ours,), (theirs,), out, back)
+
+
 def _block(i: int, j: int) -> str:
     return f"layers.{i}.branches.0.blocks.{j}."
 
 
-def _ends(sd: dict, prefix: str, final: str) -> dict:
-    out = {f"{prefix}{final}.weight": sd["final_norm.blocks.0.weight"], "lm_head.weight": sd["head.weight"]}
-    if "final_norm.blocks.0.bias" in sd:
-        out[f"{prefix}{final}.bias"] = sd["final_norm.blocks.0.bias"]
+def _ends(norm: str) -> list[Rule]:
+    return [one("final_norm.blocks.0.weight", f"{norm}.weight"), one("final_norm.blocks.0.bias", f"{norm}.bias"),
+            one("head.weight", "lm_head.weight")]
+
+
+def _llama_rules(layout: Layout) -> list[Rule]:
+    """Llama, Qwen3, Mistral, Mixtral and Qwen2-MoE."""
+    H, KV, D = layout.dims["n_heads"], layout.dims["n_kv_heads"], layout.dims["head_dim"]
+
+    def split_qkv(w):
+        q, k, v = w.split([H * D, KV * D, KV * D])
+        return interleaved_to_halves(q, H, D), interleaved_to_halves(k, KV, D), v
+
+    def join_qkv(q, k, v):
+        return (torch.cat([halves_to_interleaved(q, H, D), halves_to_interleaved(k, KV, D), v]),)
+
+    def no_shared_expert(router):  # Qwen2-MoE's shared expert at width 0 (and gate 0): it adds exactly nothing
+        d = router.shape[1]
+        return torch.zeros(0, d), torch.zeros(0, d), torch.zeros(d, 0), torch.zeros(1, d)
+
+    rules = [one("embed.weight", "model.embed_tokens.weight"), *_ends("model.norm")]
+    for i in range(layout.n_layers):
+        p, f, h = _block(i, 1), _block(i, 3), f"model.layers.{i}."
+        a = h + "self_attn."
+        rules += [one(_block(i, 0) + "weight", h + "input_layernorm.weight"),
+                  one(_block(i, 2) + "weight", h + "post_attention_layernorm.weight")]
+        for kind in ("weight", "bias"):
+            rules += [Rule((p + f"qkv_proj.{kind}",), tuple(a + f"{n}_proj.{kind}" for n in "qkv"), split_qkv, join_qkv),
+                      one(p + f"out_proj.{kind}", a + f"o_proj.{kind}")]
+        for n in "qk":
+            rules.append(one(p + f"{n}_norm", a + f"{n}_norm.weight", lambda w: (interleaved_to_halves(w, 1, D),),
+                             lambda w: (halves_to_interleaved(w, 1, D),)))
+        if layout.family not in ("mixtral", "qwen2_moe"):
+            for kind in ("weight", "bias"):
+                rules += [Rule((f + f"in_proj.{kind}",), (h + f"mlp.gate_proj.{kind}", h + f"mlp.up_proj.{kind}"),
+                               lambda w: w.chunk(2), lambda gate, up: (torch.cat([gate, up]),)),
+                          one(f + f"out_proj.{kind}", h + f"mlp.down_proj.{kind}")]
+            continue
+        rules += [one(f + "router.weight", h + "mlp.gate.weight"),
+                  one(f + "w_in", h + "mlp.experts.gate_up_proj", _transposed, _transposed),
+                  one(f + "w_out", h + "mlp.experts.down_proj", _transposed, _transposed),
+                  one(f + "expert_bias", h + "mlp.gate.weight", None, lambda g: (torch.zeros(g.shape[0]),))]
+        if layout.family == "qwen2_moe":
+            shared = tuple(h + f"mlp.shared_expert.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))
+            rules.append(Rule((f + "router.weight",), (*shared, h + "mlp.shared_expert_gate.weight"),
+                              no_shared_expert, None))
+    return rules
+
+
+def _gpt2_rules(layout: Layout) -> list[Rule]:
+    """Biases micro-arch left out export as zeros: each zero-filling rule comes before the bias it stands for."""
+    rules = [one("embed.weight", "transformer.wte.weight"), one("pos_embed.weight", "transformer.wpe.weight"),
+             one("final_norm.blocks.0.weight", "transformer.ln_f.bias", _zero_bias, None), *_ends("transformer.ln_f")]
+    for i in range(layout.n_layers):
+        for theirs, j, ours in (("ln_1", 0, None), ("attn.c_attn", 1, "qkv_proj"), ("attn.c_proj", 1, "out_proj"),
+                                ("ln_2", 2, None), ("mlp.c_fc", 3, "up_proj"), ("mlp.c_proj", 3, "out_proj")):
+            p, t = _block(i, j) + (f"{ours}." if ours else ""), f"transformer.h.{i}.{theirs}."
+            weight = _same if ours is None else _transposed
+            rules += [one(p + "weight", t + "weight", weight, weight), one(p + "weight", t + "bias", _zero_bias, None),
+                      one(p + "bias", t + "bias")]
+    return rules
+
+
+def _mamba_rules(layout: Layout) -> list[Rule]:
+    rules = [one("embed.weight", "backbone.embeddings.weight"), *_ends("backbone.norm_f")]
+    for i in range(layout.n_layers):
+        rules += [one(_block(i, 0) + "weight", f"backbone.layers.{i}.norm.weight"),
+                  Rule((_block(i, 1),), (f"backbone.layers.{i}.mixer.",), prefix=True)]
+    return rules
+
+
+def rules(layout: Layout) -> list[Rule]:
+    return {"gpt2": _gpt2_rules, "mamba": _mamba_rules}.get(layout.family, _llama_rules)(layout)
+
+
+def _apply(table: list[Rule], state: dict, export: bool) -> dict:
+    state = {k: v.detach().clone() for k, v in state.items()}
+    out = {}
+    for rule in table:
+        source, target, fn = (rule.ours, rule.theirs, rule.out) if export else (rule.theirs, rule.ours, rule.back)
+        if rule.prefix:
+            out.update({target[0] + k[len(source[0]):]: v for k, v in state.items() if k.startswith(source[0])})
+        elif fn is not None and all(k in state for k in source):
+            out.update(zip(target, fn(*(state[k] for k in source)), strict=True))
     return out
 
 
 def to_hf(layout: Layout, sd: dict) -> dict:
     """micro-arch state dict -> the transformers model's state dict (every tensor a fresh copy)."""
-    sd = {k: v.detach().clone() for k, v in sd.items()}
-    if layout.family == "gpt2":
-        return _gpt2_to_hf(layout, sd)
-    if layout.family == "mamba":
-        out = {"backbone.embeddings.weight": sd["embed.weight"], **_ends(sd, "backbone.", "norm_f")}
-        for i in range(layout.n_layers):
-            out[f"backbone.layers.{i}.norm.weight"] = sd[_block(i, 0) + "weight"]
-            mixer = _block(i, 1)
-            for key, value in sd.items():
-                if key.startswith(mixer):
-                    out[f"backbone.layers.{i}.mixer.{key[len(mixer):]}"] = value
-        return out
-    H, KV, D = layout.dims["n_heads"], layout.dims["n_kv_heads"], layout.dims["head_dim"]
-    out = {"model.embed_tokens.weight": sd["embed.weight"], **_ends(sd, "model.", "norm")}
-    for i in range(layout.n_layers):
-        p, attn, hf = _block(i, 1), f"model.layers.{i}.self_attn.", f"model.layers.{i}."
-        out[hf + "input_layernorm.weight"] = sd[_block(i, 0) + "weight"]
-        out[hf + "post_attention_layernorm.weight"] = sd[_block(i, 2) + "weight"]
-        for kind in ("weight", "bias"):
-            if p + f"qkv_proj.{kind}" not in sd:
-                continue
-            q, k, v = sd[p + f"qkv_proj.{kind}"].split([H * D, KV * D, KV * D])
-            out[attn + f"q_proj.{kind}"] = interleaved_to_halves(q, H, D)
-            out[attn + f"k_proj.{kind}"] = interleaved_to_halves(k, KV, D)
-            out[attn + f"v_proj.{kind}"] = v
-            out[attn + f"o_proj.{kind}"] = sd[p + f"out_proj.{kind}"]
-        if p + "q_norm" in sd:
-            out[attn + "q_norm.weight"] = interleaved_to_halves(sd[p + "q_norm"], 1, D)
-            out[attn + "k_norm.weight"] = interleaved_to_halves(sd[p + "k_norm"], 1, D)
-        f = _block(i, 3)
-        if layout.family in ("mixtral", "qwen2_moe"):
-            out[hf + "mlp.gate.weight"] = sd[f + "router.weight"]
-            out[hf + "mlp.experts.gate_up_proj"] = sd[f + "w_in"].transpose(1, 2).contiguous()
-            out[hf + "mlp.experts.down_proj"] = sd[f + "w_out"].transpose(1, 2).contiguous()
-            if layout.family == "qwen2_moe":  # a shared expert of width 0: it adds exactly nothing
-                d = sd[f + "router.weight"].shape[1]
-                for name, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
-                    out[hf + f"mlp.shared_expert.{name}.weight"] = torch.zeros(shape)
-                out[hf + "mlp.shared_expert_gate.weight"] = torch.zeros(1, d)
-            continue
-        for kind in ("weight", "bias"):
-            if f + f"in_proj.{kind}" in sd:
-                gate, up = sd[f + f"in_proj.{kind}"].chunk(2)
-                out[hf + f"mlp.gate_proj.{kind}"], out[hf + f"mlp.up_proj.{kind}"] = gate, up
-                out[hf + f"mlp.down_proj.{kind}"] = sd[f + f"out_proj.{kind}"]
-    return out
-
-
-def _gpt2_to_hf(layout: Layout, sd: dict) -> dict:
-    """GPT-2 stores Conv1D weights as (in, out); biases micro-arch left out are zeros there."""
-    out = {"transformer.wte.weight": sd["embed.weight"], "transformer.wpe.weight": sd["pos_embed.weight"]}
-    final = {"transformer.ln_f.weight": sd["final_norm.blocks.0.weight"], "lm_head.weight": sd["head.weight"]}
-    final["transformer.ln_f.bias"] = sd.get("final_norm.blocks.0.bias", torch.zeros_like(final["transformer.ln_f.weight"]))
-    out.update(final)
-    for i in range(layout.n_layers):
-        h = f"transformer.h.{i}."
-        pairs = (("ln_1", 0, None), ("attn.c_attn", 1, "qkv_proj"), ("attn.c_proj", 1, "out_proj"),
-                 ("ln_2", 2, None), ("mlp.c_fc", 3, "up_proj"), ("mlp.c_proj", 3, "out_proj"))
-        for hf_name, j, ours in pairs:
-            p = _block(i, j) + (f"{ours}." if ours else "")
-            weight = sd[p + "weight"]
-            out[h + hf_name + ".weight"] = weight if ours is None else weight.t().contiguous()
-            bias = sd.get(p + "bias")
-            out[h + hf_name + ".bias"] = bias if bias is not None else weight.new_zeros(weight.shape[0])
-    return out
+    return _apply(rules(layout), sd, export=True)
 
 
 def from_hf(layout: Layout, hf: dict) -> dict:
     """A transformers model's state dict -> micro-arch names (the model built from config_from_hf)."""
-    hf = {k: v.detach().clone() for k, v in hf.items()}
-    out = {}
-    if layout.family == "gpt2":
-        out = {"embed.weight": hf["transformer.wte.weight"], "pos_embed.weight": hf["transformer.wpe.weight"],
-               "final_norm.blocks.0.weight": hf["transformer.ln_f.weight"],
-               "final_norm.blocks.0.bias": hf["transformer.ln_f.bias"]}
-        for i in range(layout.n_layers):
-            h = f"transformer.h.{i}."
-            for hf_name, j, ours in (("ln_1", 0, None), ("attn.c_attn", 1, "qkv_proj"), ("attn.c_proj", 1, "out_proj"),
-                                     ("ln_2", 2, None), ("mlp.c_fc", 3, "up_proj"), ("mlp.c_proj", 3, "out_proj")):
-                p = _block(i, j) + (f"{ours}." if ours else "")
-                weight = hf[h + hf_name + ".weight"]
-                out[p + "weight"] = weight if ours is None else weight.t().contiguous()
-                out[p + "bias"] = hf[h + hf_name + ".bias"]
-    elif layout.family == "mamba":
-        out = {"embed.weight": hf["backbone.embeddings.weight"], "final_norm.blocks.0.weight": hf["backbone.norm_f.weight"]}
-        for i in range(layout.n_layers):
-            out[_block(i, 0) + "weight"] = hf[f"backbone.layers.{i}.norm.weight"]
-            mixer = f"backbone.layers.{i}.mixer."
-            for key, value in hf.items():
-                if key.startswith(mixer):
-                    out[_block(i, 1) + key[len(mixer):]] = value
-    else:
-        out = _llama_from_hf(layout, hf)
-    out["head.weight"] = hf.get("lm_head.weight", out["embed.weight"])
-    return out
-
-
-def _llama_from_hf(layout: Layout, hf: dict) -> dict:
-    H, KV, D = layout.dims["n_heads"], layout.dims["n_kv_heads"], layout.dims["head_dim"]
-    out = {"embed.weight": hf["model.embed_tokens.weight"], "final_norm.blocks.0.weight": hf["model.norm.weight"]}
-    for i in range(layout.n_layers):
-        p, attn, h = _block(i, 1), f"model.layers.{i}.self_attn.", f"model.layers.{i}."
-        out[_block(i, 0) + "weight"] = hf[h + "input_layernorm.weight"]
-        out[_block(i, 2) + "weight"] = hf[h + "post_attention_layernorm.weight"]
-        for kind in ("weight", "bias"):
-            if attn + f"q_proj.{kind}" not in hf:
-                continue
-            q = halves_to_interleaved(hf[attn + f"q_proj.{kind}"], H, D)
-            k = halves_to_interleaved(hf[attn + f"k_proj.{kind}"], KV, D)
-            out[p + f"qkv_proj.{kind}"] = torch.cat([q, k, hf[attn + f"v_proj.{kind}"]])
-            out[p + f"out_proj.{kind}"] = hf[attn + f"o_proj.{kind}"]
-        if attn + "q_norm.weight" in hf:
-            out[p + "q_norm"] = halves_to_interleaved(hf[attn + "q_norm.weight"], 1, D)
-            out[p + "k_norm"] = halves_to_interleaved(hf[attn + "k_norm.weight"], 1, D)
-        f = _block(i, 3)
-        if layout.family in ("mixtral", "qwen2_moe"):
-            out[f + "router.weight"] = hf[h + "mlp.gate.weight"]
-            out[f + "w_in"] = hf[h + "mlp.experts.gate_up_proj"].transpose(1, 2).contiguous()
-            out[f + "w_out"] = hf[h + "mlp.experts.down_proj"].transpose(1, 2).contiguous()
-            out[f + "expert_bias"] = torch.zeros(layout.dims["n_experts"])
-            continue
-        for kind in ("weight", "bias"):
-            if h + f"mlp.gate_proj.{kind}" in hf:
-                out[f + f"in_proj.{kind}"] = torch.cat([hf[h + f"mlp.gate_proj.{kind}"], hf[h + f"mlp.up_proj.{kind}"]])
-                out[f + f"out_proj.{kind}"] = hf[h + f"mlp.down_proj.{kind}"]
+    out = _apply(rules(layout), hf, export=False)
+    out.setdefault("head.weight", out["embed.weight"])  # tied: transformers may leave lm_head out
     return out
