@@ -1,14 +1,16 @@
 """Peak memory of one training step, estimated without allocating it, and measured for real to check.
 
 `estimate_memory` builds the model and optimizer under FakeTensorMode (tensors with shapes, dtypes
-and devices but no storage) and runs two training steps exactly as the trainer does (forward under
-autocast, backward, gradient clipping, optimizer step, zero_grad), under a MemTracker that adds up
-the bytes of every tensor storage alive at each moment. Two steps, because the optimizer state only
-exists from the first step on, and the steady state (state alive during forward and backward) is
-what every later step sees. Every built-in block traces (static shapes, no host reads). A block
-that cannot run on fake tensors gets the analytic formula instead, which guesses high; the estimate
-then says so: `method` is "analytic formula" and `fallback_reason` holds the trace's error, and the
-sweep and the dry run print `warning`.
+and devices but no storage) and runs two steps of the trainer's own train_step.TrainStep (forward
+under autocast, the stage's loss with the auxiliary losses, backward, gradient clipping, optimizer
+step, zero_grad) with the stage's loss function, on random batches of the shape the stage's batch
+source yields, under a MemTracker that adds up the bytes of every tensor storage alive at each
+moment. So a change to the step is in the estimate without touching this file. Two steps, because
+the optimizer state only exists from the first step on, and the steady state (state alive during
+forward and backward) is what every later step sees. Every built-in block traces (static shapes, no
+host reads). A block that cannot run on fake tensors gets the analytic formula instead, which
+guesses high; the estimate then says so: `method` is "analytic formula" and `fallback_reason` holds
+the trace's error, and the sweep and the dry run print `warning`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ import torch
 from torch import nn
 
 from micro_arch.config import ExperimentConfig
-from micro_arch.device import autocast
 from micro_arch.errors import MicroArchError
-from micro_arch.state import BlockState
+from micro_arch.train_step import LossFn, TrainStep, lm_loss
 
 MiB = 2**20
 
@@ -61,30 +62,45 @@ class MemoryEstimate:
 _SHORT = {"parameters": "params", "gradients": "grads"}
 
 
-def training_steps(model: nn.Module, optimizer, cfg: ExperimentConfig, device: torch.device, steps: int = 2,
-                   reference: nn.Module | None = None):
-    """What the trainer's step does to memory, on random tokens: grad_accum micro-batches of
-    forward + backward, gradient clipping, optimizer step, zero_grad(set_to_none=True). DPO: a chosen
-    and a rejected row per pair, and the frozen reference's forward (without grad) before the policy's."""
+def stage_loss(cfg: ExperimentConfig, reference: nn.Module | None) -> LossFn:
+    """The loss_fn the trainer's step runs for cfg.train.stage: pretraining's lm_loss, or the one that
+    stages.setup.Stage hands the trainer (SFT's masked loss; DPO's against the frozen `reference`, or
+    against log-probabilities computed ahead when `reference` is None)."""
+    from micro_arch.stages.losses import dpo_loss_fn, sft_loss
+
+    t = cfg.train
+    if t.stage == "sft":
+        return sft_loss
+    if t.stage == "dpo":
+        return dpo_loss_fn(reference, t.dpo_beta)
+    return lm_loss
+
+
+def synthetic_batch(cfg: ExperimentConfig, device: torch.device) -> tuple:
+    """Random tokens in the form the stage's batch source yields, at full width (a stage's source trims
+    a batch after its last learned position; every target here is learned, the widest case):
+    pretraining (x, y); SFT (x, y, scale); DPO (x, y, reference log-probabilities or None), with a
+    chosen and a rejected row per pair."""
     t, vocab = cfg.train, cfg.model.vocab_size
     rows = t.batch_size * (2 if t.stage == "dpo" else 1)
-    for _ in range(steps):
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(t.grad_accum):
-            x = torch.randint(0, vocab, (rows, t.seq_len), device=device)
-            y = torch.randint(0, vocab, (rows, t.seq_len), device=device)
-            if reference is not None:
-                with torch.no_grad(), autocast(device, t.precision):
-                    reference(x, y, state=BlockState())
-            with autocast(device, t.precision):
-                out = model(x, y, state=BlockState())
-            (out.loss / t.grad_accum).backward()
-            loss_sum += out.ce_loss.detach()
-            del out, x, y
-        if t.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    x = torch.randint(0, vocab, (rows, t.seq_len), device=device)
+    y = torch.randint(0, vocab, (rows, t.seq_len), device=device)
+    if t.stage == "sft":
+        return x, y, 1 / (rows * t.seq_len)
+    if t.stage == "dpo":
+        ref_logps = torch.zeros(rows, device=device) if t.dpo_precompute_reference else None
+        return x, y, ref_logps
+    return x, y
+
+
+def training_steps(model: nn.Module, optimizer, cfg: ExperimentConfig, device: torch.device, steps: int = 2,
+                   reference: nn.Module | None = None) -> None:
+    """`steps` steps of the trainer's own TrainStep (one process, not compiled) with the stage's loss,
+    each on grad_accum random micro-batches prepared ahead, as the trainer's prefetcher does."""
+    step = TrainStep(model, model, optimizer, cfg.train, device, distributed=False, total_steps=steps,
+                     loss_fn=stage_loss(cfg, reference))
+    for index in range(steps):
+        step(index, [synthetic_batch(cfg, device) for _ in range(cfg.train.grad_accum)])
 
 
 def _build(cfg: ExperimentConfig, device: torch.device, fused: bool):

@@ -1,9 +1,11 @@
 """estimate_memory against the real peak of a training step on this CPU: synthetic sizes, every shipped
-experiment in fp32 and bf16, a 7B shape, and the analytic fallback (which must say so and err high)."""
+experiment in fp32 and bf16, a 7B shape, and the analytic fallback (which must say so and err high); and
+that the estimate traces the trainer's own step, with each stage's loss and batches."""
 
 import functools
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -15,6 +17,12 @@ from micro_arch.config import ExperimentConfig, LayerGroup, ModelConfig, TrainCo
 from micro_arch.experiment import load_experiment
 from micro_arch.memory import ANALYTIC, TRACE, analytic_estimate, estimate_memory, measure_memory
 from micro_arch.model import Model
+from micro_arch.prefetch import TokenWindows
+from micro_arch.stages.dpo_data import Pairs
+from micro_arch.stages.losses import dpo_loss_fn, sft_loss
+from micro_arch.stages.setup import PairBatches
+from micro_arch.stages.sft_data import ConversationBatches, Examples
+from micro_arch.train_step import TrainStep, lm_loss
 
 CPU = torch.device("cpu")
 DENSE = "Norm->Attn->+->Norm->MLP->+"
@@ -102,7 +110,8 @@ def test_fallback_says_so_and_errs_high(name, precision, monkeypatch):
 
 def test_dpo_counts_its_reference_and_both_rows_of_each_pair():
     """A DPO step runs a chosen and a rejected row per pair through the policy, after the frozen reference's
-    forward: as much activation memory as an SFT step of twice the batch, plus the reference's weights."""
+    forward: as much activation memory as an SFT step of twice the batch, plus the reference's weights (less the
+    log-probabilities that a batch carries when they were computed ahead)."""
     def peak(name, *overrides):
         return estimate_memory(load_experiment(EXPERIMENTS_DIR / name, TINY + list(overrides)), CPU).peak_bytes
 
@@ -111,8 +120,74 @@ def test_dpo_counts_its_reference_and_both_rows_of_each_pair():
     dpo = peak("shakespeare-dpo", "train.batch_size=2")
     precomputed = peak("shakespeare-dpo", "train.batch_size=2", "train.dpo_precompute_reference=true")
     sft = peak("shakespeare-sft", "train.batch_size=4")
-    assert dpo - precomputed == weights
+    logps_ahead = 2 * 2 * 4  # the batch's reference log-probabilities: two rows per pair, fp32
+    assert dpo - precomputed == weights - logps_ahead
     assert precomputed == pytest.approx(sft, rel=0.01)
+
+
+def source_batch(cfg: ExperimentConfig) -> tuple:
+    """What the stage's own batch source yields for cfg, from random tokens (every target learned)."""
+    t, vocab = cfg.train, cfg.model.vocab_size
+    rows = functools.partial(torch.randint, 0, vocab, (3 * t.batch_size, t.seq_len))
+    if t.stage == "sft":
+        return ConversationBatches(Examples(rows(), rows()), t.batch_size, t.seed).batch(0)
+    if t.stage == "dpo":
+        pairs = Pairs(rows(), rows(), rows(), rows())
+        table = (torch.zeros(len(pairs)), torch.zeros(len(pairs))) if t.dpo_precompute_reference else None
+        return PairBatches(pairs, t.batch_size, t.seed, reference_table=table).batch(0)
+    return TokenWindows(np.random.randint(0, vocab, 10 * t.seq_len).astype(np.uint16), t).batch(0)
+
+
+def layout(batch: tuple) -> list:
+    return [(v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v) for v in batch]
+
+
+@pytest.mark.parametrize("name, overrides, expected_loss", [
+    ("shakespeare-char", [], lm_loss),
+    ("shakespeare-sft", [], sft_loss),
+    ("shakespeare-dpo", [], dpo_loss_fn),
+    ("shakespeare-dpo", ["train.dpo_precompute_reference=true"], dpo_loss_fn),
+], ids=["pretrain", "sft", "dpo", "dpo-precomputed"])
+def test_the_estimate_runs_the_trainers_step_with_the_stages_loss_and_batches(name, overrides, expected_loss,
+                                                                             monkeypatch):
+    """The trace goes through train_step.TrainStep itself, twice, with the loss the stage trains (DPO's a
+    closure of dpo_loss_fn) and grad_accum batches laid out as the stage's batch source lays them out."""
+    cfg = load_experiment(EXPERIMENTS_DIR / name, TINY + ["train.grad_accum=2", *overrides])
+    calls = []
+    run_step = TrainStep.__call__
+
+    def spy(self, step, batches):
+        calls.append((step, self.loss_fn, [layout(b) for b in batches]))
+        return run_step(self, step, batches)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    assert estimate_memory(cfg, CPU).method == TRACE
+    assert [step for step, _, _ in calls] == [0, 1]
+    for _, loss_fn, batches in calls:
+        if expected_loss is dpo_loss_fn:
+            assert loss_fn.__code__ is dpo_loss_fn(None, 0.1).__code__
+        else:
+            assert loss_fn is expected_loss
+        assert batches == [layout(source_batch(cfg))] * 2
+
+
+def test_memory_the_trainers_step_keeps_shows_in_the_estimate(monkeypatch):
+    """A step that holds 1 MiB more (say a new buffer in TrainStep) is estimated 1 MiB higher, as it is
+    measured: the estimate cannot miss a change to the trainer's step."""
+    cfg = config(d=32, layers=1, batch=2, seq=16)
+    before = estimate_memory(cfg, CPU).peak_bytes, measure_memory(cfg, CPU)
+    run_step = TrainStep.__call__
+
+    def step_holding_a_buffer(self, step, batches):
+        buffer = torch.empty(2**20, dtype=torch.uint8, device=self.device)
+        metrics = run_step(self, step, batches)
+        del buffer
+        return metrics
+
+    monkeypatch.setattr(TrainStep, "__call__", step_holding_a_buffer)
+    after = estimate_memory(cfg, CPU).peak_bytes, measure_memory(cfg, CPU)
+    assert after[0] - before[0] == 2**20
+    assert after[1] - before[1] == 2**20
 
 
 def test_summary_line():
