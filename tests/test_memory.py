@@ -19,9 +19,8 @@ from micro_arch.memory import ANALYTIC, TRACE, analytic_estimate, estimate_memor
 from micro_arch.model import Model
 from micro_arch.prefetch import TokenWindows
 from micro_arch.stages.dpo_data import Pairs
-from micro_arch.stages.losses import dpo_loss_fn, sft_loss
-from micro_arch.stages.setup import PairBatches
-from micro_arch.stages.sft_data import ConversationBatches, Examples
+from micro_arch.stages.setup import Stage, StageData
+from micro_arch.stages.sft_data import Examples
 from micro_arch.train_step import TrainStep, lm_loss
 
 CPU = torch.device("cpu")
@@ -125,34 +124,35 @@ def test_dpo_counts_its_reference_and_both_rows_of_each_pair():
     assert precomputed == pytest.approx(sft, rel=0.01)
 
 
-def source_batch(cfg: ExperimentConfig) -> tuple:
-    """What the stage's own batch source yields for cfg, from random tokens (every target learned)."""
+def trainer_pieces(cfg: ExperimentConfig) -> tuple:
+    """(loss_fn, one batch) as the trainer gets them for cfg, on random tokens: pretraining's lm_loss and
+    token windows, or the loss and batch source of the stage's own Stage (every target is learned, so no
+    batch is trimmed; DPO's reference is random weights, as model.init_from is unset)."""
     t, vocab = cfg.train, cfg.model.vocab_size
+    if t.stage == "pretrain":
+        return lm_loss, TokenWindows(np.random.randint(0, vocab, 10 * t.seq_len).astype(np.uint16), t).batch(0)
     rows = functools.partial(torch.randint, 0, vocab, (3 * t.batch_size, t.seq_len))
-    if t.stage == "sft":
-        return ConversationBatches(Examples(rows(), rows()), t.batch_size, t.seed).batch(0)
-    if t.stage == "dpo":
-        pairs = Pairs(rows(), rows(), rows(), rows())
-        table = (torch.zeros(len(pairs)), torch.zeros(len(pairs))) if t.dpo_precompute_reference else None
-        return PairBatches(pairs, t.batch_size, t.seed, reference_table=table).batch(0)
-    return TokenWindows(np.random.randint(0, vocab, 10 * t.seq_len).astype(np.uint16), t).batch(0)
+    split = Examples(rows(), rows()) if t.stage == "sft" else Pairs(rows(), rows(), rows(), rows())
+    stage = Stage(cfg, StageData(None, split, split, ""), CPU)
+    return stage.loss, stage.source.batch(0)
 
 
 def layout(batch: tuple) -> list:
     return [(v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v) for v in batch]
 
 
-@pytest.mark.parametrize("name, overrides, expected_loss", [
-    ("shakespeare-char", [], lm_loss),
-    ("shakespeare-sft", [], sft_loss),
-    ("shakespeare-dpo", [], dpo_loss_fn),
-    ("shakespeare-dpo", ["train.dpo_precompute_reference=true"], dpo_loss_fn),
+@pytest.mark.parametrize("name, overrides", [
+    ("shakespeare-char", []),
+    ("shakespeare-sft", []),
+    ("shakespeare-dpo", []),
+    ("shakespeare-dpo", ["train.dpo_precompute_reference=true"]),
 ], ids=["pretrain", "sft", "dpo", "dpo-precomputed"])
-def test_the_estimate_runs_the_trainers_step_with_the_stages_loss_and_batches(name, overrides, expected_loss,
-                                                                             monkeypatch):
-    """The trace goes through train_step.TrainStep itself, twice, with the loss the stage trains (DPO's a
-    closure of dpo_loss_fn) and grad_accum batches laid out as the stage's batch source lays them out."""
+def test_the_estimate_runs_the_trainers_step_with_the_stages_loss_and_batches(name, overrides, monkeypatch):
+    """The trace goes through train_step.TrainStep itself, twice, with the loss the stage hands the trainer
+    (the same function; DPO's a closure of the same code) and grad_accum batches laid out as the stage's
+    batch source lays them out."""
     cfg = load_experiment(EXPERIMENTS_DIR / name, TINY + ["train.grad_accum=2", *overrides])
+    loss_fn, batch = trainer_pieces(cfg)
     calls = []
     run_step = TrainStep.__call__
 
@@ -163,12 +163,9 @@ def test_the_estimate_runs_the_trainers_step_with_the_stages_loss_and_batches(na
     monkeypatch.setattr(TrainStep, "__call__", spy)
     assert estimate_memory(cfg, CPU).method == TRACE
     assert [step for step, _, _ in calls] == [0, 1]
-    for _, loss_fn, batches in calls:
-        if expected_loss is dpo_loss_fn:
-            assert loss_fn.__code__ is dpo_loss_fn(None, 0.1).__code__
-        else:
-            assert loss_fn is expected_loss
-        assert batches == [layout(source_batch(cfg))] * 2
+    for _, traced_loss, batches in calls:
+        assert traced_loss.__code__ is loss_fn.__code__
+        assert batches == [layout(batch)] * 2
 
 
 def test_memory_the_trainers_step_keeps_shows_in_the_estimate(monkeypatch):
