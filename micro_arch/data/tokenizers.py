@@ -151,4 +151,8 @@ def load_tokenizer(run_dir):
         return CharTokenizer(meta["chars"])
     if meta.get("type") == "sentencepiece":
         return SentencePieceTokenizer.from_file(run_dir / meta.get("model", "tokenizer.model"), meta.get("name"))
+    if meta.get("type") == "huggingface":  # an SFT/DPO run from a Hugging Face folder: that folder's tokenizer
+        from micro_arch.hf.folder_tokenizer import FolderTokenizer
+
+        return FolderTokenizer.load(run_dir, meta)
     raise MicroArchError(f"{meta_path}: unknown tokenizer type {meta.get('type')!r}")

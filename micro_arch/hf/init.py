@@ -97,6 +97,17 @@ def adapt_state_dict(state: dict, source: ModelConfig, target: ModelConfig) -> t
     return state, changed
 
 
+def model_section(cfg: ModelConfig) -> str:
+    """The settings of `cfg` that differ from the defaults, as one line of YAML to paste into a model section."""
+    import yaml
+
+    from micro_arch.config import to_dict
+
+    default, mine = to_dict(ModelConfig()), to_dict(cfg)
+    keep = {k: v for k, v in mine.items() if v != default[k] and k not in ("vocab_size", "init_from")}
+    return yaml.safe_dump(keep, default_flow_style=True, sort_keys=False, width=1 << 20).strip()
+
+
 def load_initial_weights(model, cfg: ModelConfig, run_dir: str | Path | None = None) -> dict | None:
     """Load cfg.init_from's weights into `model` (built from `cfg`) in place, after checking that the two
     models match; returns the provenance (also written to run_dir/parent.json), or None when init_from is
@@ -111,9 +122,11 @@ def load_initial_weights(model, cfg: ModelConfig, run_dir: str | Path | None = N
         source_model = Model(source_cfg)
     difference = first_difference(source_cfg, source_model, cfg, model)
     if difference:
+        shown = f"; the folder's model section: {model_section(source_cfg)}" \
+            if provenance["type"] == "huggingface" else ""
         raise MicroArchError(f"model.init_from {cfg.init_from}: the experiment's model does not match the source: "
                              f"{difference}; make the model section match it (only max_seq_len, a larger "
-                             "vocab_size and dropout may differ)")
+                             f"vocab_size and dropout may differ){shown}")
     state, changed = adapt_state_dict(state, source_cfg, cfg)
     try:
         model.load_state_dict(state)

@@ -109,21 +109,29 @@ def config_from_hf(folder, hf) -> tuple[Layout, ModelConfig]:
     return Layout(kind, HF_CLASSES[kind], {}, hf.num_hidden_layers, dims), cfg
 
 
-def read_hf_folder(folder) -> tuple[ModelConfig, dict, dict]:
-    """(micro-arch model config, state dict in micro-arch names, provenance) from a local transformers folder."""
+def read_hf_config(folder):
+    """(the transformers config, the layout, the micro-arch ModelConfig) of a local folder: config.json only,
+    so an architecture micro-arch cannot import is refused before any weights are read."""
     from micro_arch.hf.init import offline
 
     offline()
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from micro_arch.hf.weights import from_hf
-
-    folder = Path(folder)
     try:
         hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise MicroArchError(f"{folder}: not a readable Hugging Face model folder ({str(err).splitlines()[0]})") from None
-    layout, cfg = config_from_hf(folder, hf_config)
+    return (hf_config, *config_from_hf(folder, hf_config))
+
+
+def read_hf_folder(folder) -> tuple[ModelConfig, dict, dict]:
+    """(micro-arch model config, state dict in micro-arch names, provenance) from a local transformers folder."""
+    from transformers import AutoModelForCausalLM
+
+    from micro_arch.hf.weights import from_hf
+
+    folder = Path(folder)
+    hf_config, layout, cfg = read_hf_config(folder)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     state = from_hf(layout, hf_model.state_dict())
     provenance = {"type": "huggingface", "path": str(folder.resolve()), "hf_class": type(hf_model).__name__,

@@ -1,5 +1,6 @@
 """A run's tokenizer as a `tokenizers` model that transformers' AutoTokenizer loads, with the same ids.
 
+- a Hugging Face folder's tokenizer (SFT/DPO from a folder): its own `tokenizers` model, unchanged;
 - char: a WordLevel vocabulary over single characters (every character its own pre-token), decoded by
   joining; a character outside the vocabulary is an error, as in micro-arch.
 - SentencePiece BPE (what `tokenizer: bpe` trains: identity normalisation, no dummy prefix, byte fallback,
@@ -54,15 +55,18 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ messa
 def hf_tokenizer(tokenizer, special_tokens: list[str] | None = None):
     """A transformers fast tokenizer for a micro-arch CharTokenizer or SentencePieceTokenizer; special_tokens
     (a chat run's) get the ids right after the base vocabulary, and the chat template comes with them."""
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     if getattr(tokenizer, "name", None) == "char":
         tok = _char_tokenizer(tokenizer.chars)
     elif hasattr(tokenizer, "sp"):
         tok = _sentencepiece_tokenizer(tokenizer.sp)
+    elif hasattr(tokenizer, "tok"):  # a Hugging Face folder's tokenizer (micro_arch.hf.folder_tokenizer): as it was
+        tok = Tokenizer.from_str(tokenizer.tok.to_str())
     else:
-        raise MicroArchError(f"cannot export tokenizer {type(tokenizer).__name__}: only char and SentencePiece map")
+        raise MicroArchError(f"cannot export tokenizer {type(tokenizer).__name__}: only char, SentencePiece and a "
+                             "Hugging Face folder's tokenizer map")
     extra = {}
     if special_tokens:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])

@@ -7,16 +7,15 @@ measurement, built from the experiment config.
     stage.loss(model, batch)                       # (loss, metrics), the trainer's loss_fn contract
     stage.held_out(model)                          # (val_loss, further metrics)
 
-Both stages start from model.init_from, a micro-arch run: its tokenizer is kept (the template's special tokens
-are appended after its vocabulary, and init_from's loader grows the embedding to match), and for DPO its
-weights are the frozen reference.
+Both stages start from model.init_from, a micro-arch run or a local Hugging Face folder: its tokenizer is kept
+(a folder's from its tokenizer files; the template's special tokens are appended after its vocabulary, and
+init_from's loader grows the embedding to match), and for DPO its weights are the frozen reference.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -40,20 +39,25 @@ class StageData:
     notes: list[str] = field(default_factory=list)  # what was skipped or cut, for the console
 
 
-def parent_run_dir(cfg: ExperimentConfig) -> Path:
-    """The run directory model.init_from names (sft and dpo continue a micro-arch run and keep its tokenizer)."""
+def stage_tokenizer(cfg: ExperimentConfig) -> ChatTokenizer:
+    """model.init_from's tokenizer with the chat template's tokens after its vocabulary: a micro-arch run's own
+    tokenizer, or a local Hugging Face folder's tokenizer files (after the model's embedding rows)."""
     stage = cfg.train.stage
     if not cfg.model.init_from:
-        raise MicroArchError(f"train.stage={stage} needs model.init_from: the run to fine-tune (its weights and "
-                             "tokenizer), e.g. model.init_from: runs/shakespeare-char/<run-id>")
+        raise MicroArchError(f"train.stage={stage} needs model.init_from: the run or local Hugging Face folder to "
+                             "fine-tune (its weights and tokenizer), e.g. model.init_from: runs/shakespeare-char/<run-id>")
     from micro_arch.hf.init import resolve_source
 
     kind, path = resolve_source(cfg.model.init_from)
     if kind == "huggingface":
-        raise MicroArchError(f"model.init_from {cfg.model.init_from!r}: train.stage={stage} starts from a micro-arch "
-                             "run directory (for its tokenizer); import the Hugging Face folder with a pretrain "
-                             "run first, then fine-tune that run")
-    return path.parent.parent if kind == "checkpoint" else path
+        from micro_arch.hf.folder_tokenizer import folder_tokenizer
+        from micro_arch.hf.load import read_hf_config
+
+        hf_config, _, _ = read_hf_config(path)  # an architecture the importer refuses stops here
+        return ChatTokenizer(folder_tokenizer(path, hf_config.vocab_size, f"train.stage={stage}"))
+    from micro_arch.data import load_tokenizer
+
+    return ChatTokenizer(load_tokenizer(path.parent.parent if kind == "checkpoint" else path))
 
 
 def _source_text(source) -> str:
@@ -70,11 +74,10 @@ def _describe(source: str) -> list:
 
 
 def prepare_stage_data(cfg: ExperimentConfig) -> StageData:
-    from micro_arch.data import load_tokenizer
     from micro_arch.data.shards import cache_root, digest
 
     t, d = cfg.train, cfg.data
-    tok = ChatTokenizer(load_tokenizer(parent_run_dir(cfg)))
+    tok = stage_tokenizer(cfg)
     what = "conversations" if t.stage == "sft" else "preference pairs"
     source = _source_text(d.source)
     root = cache_root(d.cache_dir)
