@@ -24,7 +24,8 @@ from torch import nn
 
 from micro_arch.config import ExperimentConfig
 from micro_arch.errors import MicroArchError
-from micro_arch.train_step import LossFn, TrainStep, lm_loss
+from micro_arch.stages.losses import stage_loss
+from micro_arch.train_step import TrainStep
 
 MiB = 2**20
 
@@ -62,20 +63,6 @@ class MemoryEstimate:
 _SHORT = {"parameters": "params", "gradients": "grads"}
 
 
-def stage_loss(cfg: ExperimentConfig, reference: nn.Module | None) -> LossFn:
-    """The loss_fn the trainer's step runs for cfg.train.stage: pretraining's lm_loss, or the one that
-    stages.setup.Stage hands the trainer (SFT's masked loss; DPO's against the frozen `reference`, or
-    against log-probabilities computed ahead when `reference` is None)."""
-    from micro_arch.stages.losses import dpo_loss_fn, sft_loss
-
-    t = cfg.train
-    if t.stage == "sft":
-        return sft_loss
-    if t.stage == "dpo":
-        return dpo_loss_fn(reference, t.dpo_beta)
-    return lm_loss
-
-
 def synthetic_batch(cfg: ExperimentConfig, device: torch.device) -> tuple:
     """Random tokens in the form the stage's batch source yields, at full width (a stage's source trims
     a batch after its last learned position; every target here is learned, the widest case):
@@ -98,7 +85,7 @@ def training_steps(model: nn.Module, optimizer, cfg: ExperimentConfig, device: t
     """`steps` steps of the trainer's own TrainStep (one process, not compiled) with the stage's loss,
     each on grad_accum random micro-batches prepared ahead, as the trainer's prefetcher does."""
     step = TrainStep(model, model, optimizer, cfg.train, device, distributed=False, total_steps=steps,
-                     loss_fn=stage_loss(cfg, reference))
+                     loss_fn=stage_loss(cfg.train, reference))
     for index in range(steps):
         step(index, [synthetic_batch(cfg, device) for _ in range(cfg.train.grad_accum)])
 

@@ -25,7 +25,7 @@ from micro_arch.errors import MicroArchError
 from .chat_template import ChatTokenizer
 from .dpo_data import Pairs, encode_pairs
 from .heldout import assistant_loss, pair_logprobs, preference_metrics
-from .losses import dpo_loss_fn, sft_loss
+from .losses import stage_loss
 from .records import read_records, split_records
 from .sft_data import ConversationBatches, Examples, conversation_messages, encode_conversations, global_rows
 
@@ -137,7 +137,7 @@ class Stage:
         self.eval_batch = t.batch_size * world_size
         if t.stage == "sft":
             self.source = ConversationBatches(data.train, t.batch_size, t.seed, rank, world_size)
-            self.loss = sft_loss
+            self.loss = stage_loss(t, None)
             self.reference = None
             return
         self.reference = build_reference(cfg, device)
@@ -145,7 +145,7 @@ class Stage:
         if t.dpo_precompute_reference:
             table = pair_logprobs(self.reference, data.train, t.batch_size, device, t.precision)
         self.source = PairBatches(data.train, t.batch_size, t.seed, rank, world_size, table)
-        self.loss = dpo_loss_fn(self.reference, t.dpo_beta)
+        self.loss = stage_loss(t, self.reference)
         self.val_pairs = first_rows(data.val, self.eval_rows)
         self.val_reference = pair_logprobs(self.reference, self.val_pairs, self.eval_batch, device, t.precision)
 
