@@ -37,6 +37,13 @@ def tokens_per_step(cfg: ExperimentConfig, world_size: int) -> int:
     return t.batch_size * t.seq_len * t.grad_accum * world_size
 
 
+def tokens_in(batches: list, world_size: int) -> int:
+    """Input positions of one step, from the shapes (no device read): batch x seq_len when pretraining; a
+    stage's batches are trimmed to their longest row (DPO's hold chosen and rejected rows), so fewer. Under
+    DDP this rank's count stands for every rank's."""
+    return sum(b[0].numel() for b in batches) * world_size
+
+
 def wrap_model(model, cfg: ExperimentConfig, dist: Dist, device: torch.device):
     """What the step calls: the model, under DDP when distributed, compiled when asked."""
     forward = model
@@ -116,13 +123,13 @@ class Trainer:
         return self.state.times["wall"]
 
     def train(self, run_dir: Path, resume_command: str | None = None) -> None:
-        per_step = tokens_per_step(self.cfg, self.dist.world_size)
         state, log_every = self.state, self.cfg.train.log_every
         self.model.train()
         with StopRequests(self.dist, self.device) as stop, Bookkeeper(self, run_dir, resume_command) as books:
             try:
                 while state.step < self.total_steps:
                     batches = self.batches.take(state.step)
+                    per_step = tokens_in(batches, self.dist.world_size)
                     metrics = self.step_fn(state.step, batches)
                     state.step += 1
                     state.tokens += per_step

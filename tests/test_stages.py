@@ -567,8 +567,22 @@ def check_resume_is_exact(exp, overrides, full, tmp_path):
     (stopped / "checkpoints/step_0000008.pt").unlink()
     run_experiment(exp, runs_root=tmp_path / "runs", overrides=overrides, resume=stopped)
     torch.testing.assert_close(losses(stopped), losses(full), rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert [r["tokens"] for r in read_metrics(stopped)] == [r["tokens"] for r in read_metrics(full)]
     weights = [torch.load(run / "checkpoints/latest.pt", weights_only=True)["model"] for run in (stopped, full)]
     torch.testing.assert_close(*weights, rtol=1e-5, atol=1e-6)
+
+
+def assert_tokens_count_trimmed_batches(pretrain, stage_run, rows_per_step):
+    """Pretraining counts batch x seq_len per step; a stage counts the positions of its batches, which are
+    trimmed to their longest row: fewer than batch x seq_len, and rows_per_step rows each time."""
+    pre = [int(r["tokens"]) for r in read_metrics(pretrain)]
+    assert pre == [int(r["step"]) * 4 * 32 for r in read_metrics(pretrain)]
+    rows = read_metrics(stage_run)
+    tokens = [int(r["tokens"]) for r in rows]
+    assert all(a < b for a, b in zip([0] + tokens, tokens))
+    assert all(t % rows_per_step == 0 and t < int(r["step"]) * rows_per_step * 160 for t, r in zip(tokens, rows))
+    summary = json.loads((stage_run / "summary.json").read_text())
+    assert summary["tokens_seen"] == tokens[-1]
 
 
 def read_metrics(run_dir):
@@ -600,12 +614,14 @@ def test_sft_then_dpo_runs_resume_exactly_and_chat(chain, tmp_path):
         len(load_chat_tokenizer(sft).base.chars), load_chat_tokenizer(sft).vocab_size]
     rows = read_metrics(sft)
     assert [bool(r["val_loss"]) for r in rows] == [False, True, False, True]
+    assert_tokens_count_trimmed_batches(parent, sft, rows_per_step=4)
     check_resume_is_exact(root / "sft", sft_over, sft, tmp_path / "sft-resume")
 
     dpo_over = [f"model.init_from={sft}"]
     dpo = run_experiment(root / "dpo", runs_root=tmp_path / "runs", overrides=dpo_over)
     rows = read_metrics(dpo)
     assert rows[0]["dpo/reward_margin"] and rows[1]["val/preference_accuracy"]
+    assert_tokens_count_trimmed_batches(parent, dpo, rows_per_step=8)  # chosen and rejected rows
     check_resume_is_exact(root / "dpo", dpo_over, dpo, tmp_path / "dpo-resume")
 
     out = run_cli("chat", sft, "--prompt", "Who goes there?", "--prompt", "Speak!", "--max-new-tokens", "8",
