@@ -131,6 +131,13 @@ LAYOUTS = {  # name: (model config, the transformers class it must map to)
                       "layers": [{"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 2}]}, "MixtralForCausalLM"),
     "qwen2-moe-switch": ({"n_kv_heads": 2, "defaults": {"MoE": "moe(n_experts=4, top_k=1, d_ff=48)"},
                           "layers": [{"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 2}]}, "Qwen2MoeForCausalLM"),
+    "qwen3-moe-top2": ({"n_kv_heads": 2, "head_dim": 16, "defaults": {
+        "Norm": "rmsnorm(eps=1e-6)", "Attn": "attention(qk_norm=true)", "MoE": "moe(n_experts=4, top_k=2, d_ff=48)"},
+        "layers": [{"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 2}]}, "Qwen3MoeForCausalLM"),
+    "qwen3-moe-switch-window-biases": ({"n_kv_heads": 1, "tie_embeddings": False, "defaults": {
+        "Norm": "rmsnorm(eps=1e-6)", "Attn": "attention(qk_norm=true, window=7, bias=true)",
+        "MoE": "moe(n_experts=4, top_k=1, d_ff=48)"}, "layers": [{"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 2}]},
+        "Qwen3MoeForCausalLM"),
     "gpt2": ({"positions": "learned", "defaults": {"Norm": "layernorm", "Attn": "attention(bias=true)",
                                                    "MLP": "gelu_mlp"}}, "GPT2LMHeadModel"),
     "gpt2-no-biases-untied": ({"positions": "learned", "tie_embeddings": False,
@@ -237,19 +244,67 @@ def test_shipped_experiments_map_or_are_refused_in_one_line(experiment):
     assert REFUSED[experiment] in text
 
 
-@pytest.mark.parametrize("moe, reason", [
-    ("moe(router=sigmoid)", "router='sigmoid'"),
-    ("moe(balance=bias)", "balance='bias'"),
-    ("moe(capacity_factor=1.25)", "capacity_factor=1.25 drops tokens"),
-    ("moe(n_shared_experts=1)", "shared experts"),
+QWEN3_ATTN = {"Norm": "rmsnorm(eps=1e-6)", "Attn": "attention(qk_norm=true)"}
+
+
+@pytest.mark.parametrize("attn, moe, nearest, reason", [
+    ({}, "moe(router=sigmoid)", "Mixtral", "router='sigmoid'"),
+    ({}, "moe(balance=bias)", "Mixtral", "balance='bias'"),
+    ({}, "moe(capacity_factor=1.25)", "Mixtral", "capacity_factor=1.25 drops tokens"),
+    ({}, "moe(n_shared_experts=1)", "Mixtral", "shared experts"),
+    (QWEN3_ATTN, "moe(n_shared_experts=1, top_k=1)", "Qwen3-MoE", "MoE shared experts (Qwen3-MoE has none)"),
+    (QWEN3_ATTN, "moe(expert=gelu)", "Qwen3-MoE", "expert='gelu' (Qwen3-MoE experts are SwiGLU)"),
+    ({"Attn": "attention(qk_norm=true)"}, "moe", "Qwen3-MoE", "norm eps 1e-05 (Qwen3-MoE uses one eps"),
 ])
-def test_moe_routing_that_mixtral_cannot_express_is_refused(moe, reason):
+def test_moe_routing_that_the_moe_layouts_cannot_express_is_refused(attn, moe, nearest, reason):
     from micro_arch.hf.layouts import layout_of
 
-    settings = {"defaults": {"MoE": moe}, "layers": [{"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 1}]}
-    with pytest.raises(MicroArchError, match="nearest supported layout: Mixtral") as err:
+    settings = {"defaults": {**attn, "MoE": moe}, "layers": [{"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 1}]}
+    with pytest.raises(MicroArchError, match=f"nearest supported layout: {nearest} ") as err:
         layout_of(random_model(settings))
-    assert reason in str(err.value)
+    assert reason in str(err.value) and "\n" not in str(err.value)
+
+
+def tiny_qwen3_moe(**overrides):
+    """A Qwen3-MoE config written with transformers directly: what a downloaded checkpoint's config.json says."""
+    from transformers import Qwen3MoeConfig
+
+    settings = {"vocab_size": 50, "hidden_size": 32, "intermediate_size": 80, "moe_intermediate_size": 24,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                "num_experts": 6, "num_experts_per_tok": 2, "norm_topk_prob": True, "max_position_embeddings": 64,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, **overrides}
+    return Qwen3MoeConfig(**settings)
+
+
+def test_a_qwen3_moe_folder_written_by_transformers_imports_with_the_same_logits(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
+
+    from micro_arch.hf.load import load_hf_model
+
+    randomise_hf(Qwen3MoeForCausalLM(tiny_qwen3_moe())).save_pretrained(tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    ours = load_hf_model(tmp_path)
+    moe = ours.layers[1].branches[0].blocks[3]
+    assert (moe.n_experts, moe.top_k, moe.hidden, ours.cfg.tie_embeddings) == (6, 2, 24, False)
+    idx = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx).logits, theirs(input_ids=idx).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    ({"norm_topk_prob": False}, "norm_topk_prob=False with top_k=2: micro-arch's moe renormalises the gates exactly "
+                                "when top_k > 1"),
+    ({"mlp_only_layers": [1]}, "dense layers among the MoE layers (num_experts=6, decoder_sparse_step=1, "
+                               "mlp_only_layers=[1]); micro-arch maps MoE in every layer"),
+    ({"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05: micro-arch's qk-norm uses eps 1e-06"),
+])
+def test_a_qwen3_moe_folder_micro_arch_cannot_reproduce_is_refused(overrides, reason, tmp_path):
+    from micro_arch.hf.load import read_hf_config
+
+    tiny_qwen3_moe(**overrides).save_pretrained(tmp_path)
+    with pytest.raises(MicroArchError) as err:
+        read_hf_config(tmp_path)
+    assert str(err.value) == f"{tmp_path}: cannot import: {reason}"
 
 
 # --- the command: export a run, refuse a run, tokenizers, init_from a Hugging Face folder ----------------
@@ -312,6 +367,41 @@ def test_init_from_an_exported_folder_gives_back_the_same_model(llama_run, tmp_p
     cfg = child_config(exp, tmp_path / "hf", vocab, "model.n_kv_heads=2")
     with pytest.raises(MicroArchError, match="model.n_kv_heads is 1 in the source, 2 here"):
         load_initial_weights(Model(cfg.model), cfg.model)
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3_moe")
+    exp = root / "tiny-qwen3-moe"
+    exp.mkdir()
+    model = ("positions: rope\n  n_kv_heads: 1\n  defaults: {Norm: 'rmsnorm(eps=1e-6)', Attn: 'attention(qk_norm=true)', "
+             "MoE: 'moe(n_experts=4, top_k=2, d_ff=24)'}")
+    text = textwrap.dedent(TINY).replace("positions: learned", model).replace("Norm->MLP", "Norm->MoE")
+    (exp / "config.yaml").write_text(text)
+    return exp, run_experiment(exp, runs_root=root / "runs")
+
+
+def test_a_qwen3_moe_run_exports_and_its_folder_starts_the_same_model(qwen3_moe_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from micro_arch.hf.export import export_run
+    from micro_arch.rundir import load_run
+
+    exp, run_dir = qwen3_moe_run
+    result = export_run(run_dir, tmp_path / "hf")
+    assert result["hf_class"] == "Qwen3MoeForCausalLM" and result["max_abs_diff"] <= result["tolerance"]
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (written["model_type"], written["num_experts_per_tok"], written["norm_topk_prob"]) == ("qwen3_moe", 2, True)
+    _, ours, tokenizer = load_run(run_dir)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    idx = torch.tensor([tokenizer.encode("ROMEO:\nWhat light")])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=idx).logits, ours(idx).logits, atol=1e-5, rtol=0)
+    cfg = child_config(exp, tmp_path / "hf", f"model.vocab_size={read_run_config(run_dir).model.vocab_size}")
+    model = Model(cfg.model)
+    assert load_initial_weights(model, cfg.model)["hf_class"] == "Qwen3MoeForCausalLM"
+    for key, value in ours.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_a_refused_export_says_why_in_one_line_and_leaves_no_folder(parent_run, tmp_path):

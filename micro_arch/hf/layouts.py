@@ -9,6 +9,8 @@ function. Supported (every layer the same single pre-norm chain, a final norm of
       + attention(window=W) in every layer  -> MistralForCausalLM
     rmsnorm, attention, moe, rope           -> MixtralForCausalLM (softmax router, top_k >= 2, no extras)
       + moe(top_k=1) (Switch: the raw gate)  -> Qwen2MoeForCausalLM (norm_topk_prob off, no shared expert)
+      + attention(qk_norm=true), any top_k  -> Qwen3MoeForCausalLM (norm eps 1e-6; norm_topk_prob iff top_k > 1;
+                                               attention biases and one window for every layer allowed)
     layernorm, attention, gelu_mlp, learned -> GPT2LMHeadModel    (MHA; missing biases export as zeros)
     rmsnorm, mamba (Norm->Mamba->+)         -> MambaForCausalLM
 
@@ -29,7 +31,7 @@ PRE_NORM = "Norm->Attn->+->Norm->MLP->+"
 
 @dataclass
 class Layout:
-    family: str  # llama, qwen3, mistral, mixtral, gpt2, mamba
+    family: str  # llama, qwen3, mistral, mixtral, qwen2_moe, qwen3_moe, gpt2, mamba
     hf_class: str  # e.g. LlamaForCausalLM
     config: dict  # keyword arguments of the transformers config class
     n_layers: int
@@ -41,8 +43,8 @@ class Layout:
 
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
-              "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "gpt2": "GPT2LMHeadModel",
-              "mamba": "MambaForCausalLM"}
+              "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+              "qwen3_moe": "Qwen3MoeForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba": "MambaForCausalLM"}
 NEAREST = {
     "llama": f"Llama (LlamaForCausalLM): every layer {PRE_NORM} with rmsnorm, attention, swiglu and RoPE",
     "gpt2": f"GPT-2 (GPT2LMHeadModel): every layer {PRE_NORM} with layernorm, attention, gelu_mlp and learned "
@@ -54,6 +56,8 @@ NEAREST = {
     "mamba": "Mamba-1 (MambaForCausalLM): every layer Norm->Mamba->+ with rmsnorm and no MLP",
     "mistral": "Mistral (MistralForCausalLM): the Llama layout with one sliding window in every layer",
     "qwen3": "Qwen3 (Qwen3ForCausalLM): the Llama layout with attention(qk_norm=true) and norm eps 1e-6",
+    "qwen3_moe": "Qwen3-MoE (Qwen3MoeForCausalLM): the Mixtral layout with attention(qk_norm=true), norm eps 1e-6 "
+                 "and any top_k",
 }
 
 
@@ -204,7 +208,7 @@ def _transformer(model, first, common) -> Layout:
               "rms_norm_eps": norm.eps, "rope_parameters": _rope(cfg),
               "attention_dropout": 0.0}
     if ffn_kind == "moe":
-        return _mixtral(ffn, attn, bias, config, len(model.layers), dims)
+        return _moe(ffn, attn, bias, norm.eps, config, len(model.layers), dims)
     mlp_bias = ffn.in_proj.bias is not None
     config["intermediate_size"] = ffn.hidden
     if attn.qk_norm:
@@ -231,22 +235,42 @@ def _rope(cfg) -> dict:
     return {"rope_type": "linear", "factor": cfg.rope_scaling, "rope_theta": cfg.rope_theta}
 
 
-def _mixtral(moe, attn, bias, config, n_layers, dims) -> Layout:
+def _moe(moe, attn, bias, eps, config, n_layers, dims) -> Layout:
+    """Mixtral, Qwen2-MoE (top_k=1) or, with QK-norm, Qwen3-MoE: all three route alike (softmax, top-k, no
+    drops, SwiGLU experts), so one list of refusals, named after the layout the attention points to."""
+    family = "qwen3_moe" if attn.qk_norm else "mixtral"
+    name = "Qwen3-MoE" if attn.qk_norm else "Mixtral"
     problems = []
     if moe.expert != "swiglu":
-        problems.append(f"expert={moe.expert!r} (Mixtral experts are SwiGLU)")
+        problems.append(f"expert={moe.expert!r} ({name} experts are SwiGLU)")
     if moe.router_kind != "softmax":
-        problems.append(f"router={moe.router_kind!r} (Mixtral's router is a softmax)")
+        problems.append(f"router={moe.router_kind!r} ({name}'s router is a softmax)")
     if moe.balance == "bias":
-        problems.append("balance='bias' adds a learned per-expert bias to expert selection, which Mixtral has not")
+        problems.append(f"balance='bias' adds a learned per-expert bias to expert selection, which {name} has not")
     if moe.capacity_factor is not None:
-        problems.append(f"capacity_factor={moe.capacity_factor} drops tokens over capacity; Mixtral never drops")
+        problems.append(f"capacity_factor={moe.capacity_factor} drops tokens over capacity; {name} never drops")
     if moe.shared is not None:
-        problems.append("shared experts (Mixtral has none; Qwen2-MoE's are sigmoid-gated, not mapped)")
-    if attn.qk_norm or bias:
-        problems.append("attention with " + ("QK-norm" if attn.qk_norm else "biases"))
+        problems.append("shared experts (Qwen3-MoE has none)" if attn.qk_norm else
+                        "shared experts (Mixtral has none; Qwen2-MoE's are sigmoid-gated, not mapped)")
+    if attn.qk_norm and eps != QK_NORM_EPS:
+        problems.append(f"norm eps {eps} (Qwen3-MoE uses one eps for every norm, and the qk-norm's is {QK_NORM_EPS}; "
+                        "set model.defaults.Norm: rmsnorm(eps=1e-6))")
+    if bias and not attn.qk_norm:
+        problems.append("attention with biases")
     if problems:
-        raise refuse("MoE " + "; ".join(problems), "mixtral")
+        raise refuse("MoE " + "; ".join(problems), family)
+    dims = {**dims, "n_experts": moe.n_experts}
+    if attn.qk_norm:  # the top-k gates renormalised exactly when micro-arch's moe renormalises them
+        config = {**config, "intermediate_size": moe.hidden, "moe_intermediate_size": moe.hidden,
+                  "num_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.top_k > 1,
+                  "attention_bias": bias, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "use_sliding_window": attn.window is not None, "sliding_window": attn.window,
+                  "router_aux_loss_coef": moe.aux_loss_coef}
+        return Layout("qwen3_moe", HF_CLASSES["qwen3_moe"], config, n_layers, dims)
+    return _mixtral(moe, attn, config, n_layers, dims)
+
+
+def _mixtral(moe, attn, config, n_layers, dims) -> Layout:
     if moe.top_k == 1:  # Switch: the raw probability is the gate, which Mixtral would renormalise to 1
         if attn.window is not None:
             raise refuse("MoE with top_k=1 and a sliding window", "qwen2_moe")
@@ -254,8 +278,8 @@ def _mixtral(moe, attn, bias, config, n_layers, dims) -> Layout:
                   "shared_expert_intermediate_size": 0, "num_experts": moe.n_experts, "num_experts_per_tok": 1,
                   "norm_topk_prob": False, "qkv_bias": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
                   "use_sliding_window": False, "router_aux_loss_coef": moe.aux_loss_coef}
-        return Layout("qwen2_moe", HF_CLASSES["qwen2_moe"], config, n_layers, {**dims, "n_experts": moe.n_experts})
+        return Layout("qwen2_moe", HF_CLASSES["qwen2_moe"], config, n_layers, dims)
     config = {**config, "intermediate_size": moe.hidden, "num_local_experts": moe.n_experts,
               "num_experts_per_tok": moe.top_k, "router_aux_loss_coef": moe.aux_loss_coef,
               "router_jitter_noise": 0.0, "sliding_window": attn.window}
-    return Layout("mixtral", HF_CLASSES["mixtral"], config, n_layers, {**dims, "n_experts": moe.n_experts})
+    return Layout("mixtral", HF_CLASSES["mixtral"], config, n_layers, dims)

@@ -1,8 +1,8 @@
 """A local Hugging Face folder -> the micro-arch model config that computes the same function, and weights.
 
-The inverse of micro_arch.hf.layouts: Llama, Qwen3, Mistral, Mixtral, GPT-2 and Mamba configs map; any
-setting micro-arch's blocks cannot reproduce exactly (a RoPE scaling, another activation, a layer-dependent
-window, ...) is refused with its name. Never touches the network.
+The inverse of micro_arch.hf.layouts: Llama, Qwen3, Mistral, Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-2 and Mamba
+configs map; any setting micro-arch's blocks cannot reproduce exactly (a RoPE scaling, another activation, a
+layer-dependent window, ...) is refused with its name. Never touches the network.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _need(folder, ok: bool, what: str) -> None:
 def config_from_hf(folder, hf) -> tuple[Layout, ModelConfig]:
     """(the layout, a micro-arch ModelConfig) for a transformers config object `hf`."""
     kind = hf.model_type
-    families = {"llama", "qwen3", "mistral", "mixtral", "qwen2_moe", "gpt2", "mamba"}
+    families = {"llama", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2", "mamba"}
     _need(folder, kind in families, f"model_type {kind!r} has no micro-arch layout; supported: {', '.join(sorted(families))}")
     common = {"vocab_size": hf.vocab_size, "tie_embeddings": bool(getattr(hf, "tie_word_embeddings", True))}
     if kind == "gpt2":
@@ -70,24 +70,28 @@ def config_from_hf(folder, hf) -> tuple[Layout, ModelConfig]:
         attn["bias"] = True
     if getattr(hf, "mlp_bias", False):
         mlp["bias"] = True
-    if kind == "qwen3":
-        _need(folder, not hf.use_sliding_window, "use_sliding_window=true (layer-dependent windows are not mapped)")
+    if kind in ("qwen3", "qwen3_moe"):
+        _need(folder, kind == "qwen3_moe" or not hf.use_sliding_window,
+              "use_sliding_window=true (layer-dependent windows are not mapped)")
         _need(folder, hf.rms_norm_eps == QK_NORM_EPS, f"rms_norm_eps={hf.rms_norm_eps}: micro-arch's qk-norm "
               f"uses eps {QK_NORM_EPS}")
         attn["qk_norm"] = True
+    if kind in ("qwen2_moe", "qwen3_moe"):
+        _need(folder, hf.num_experts > 0 and hf.decoder_sparse_step == 1 and not hf.mlp_only_layers,
+              f"dense layers among the MoE layers (num_experts={hf.num_experts}, decoder_sparse_step="
+              f"{hf.decoder_sparse_step}, mlp_only_layers={hf.mlp_only_layers}); micro-arch maps MoE in every layer")
+        _need(folder, hf.norm_topk_prob == (hf.num_experts_per_tok > 1), f"norm_topk_prob={hf.norm_topk_prob} with "
+              f"top_k={hf.num_experts_per_tok}: micro-arch's moe renormalises the gates exactly when top_k > 1")
     if kind == "qwen2_moe":
         _need(folder, hf.shared_expert_intermediate_size == 0, "a sigmoid-gated shared expert (micro-arch's "
               "shared experts are ungated)")
-        _need(folder, hf.decoder_sparse_step == 1 and not hf.mlp_only_layers, "dense layers between MoE layers")
         _need(folder, not hf.use_sliding_window and not hf.qkv_bias, "a sliding window or q/k/v biases without an "
               "output bias")
-        _need(folder, hf.norm_topk_prob == (hf.num_experts_per_tok > 1), f"norm_topk_prob={hf.norm_topk_prob} with "
-              f"top_k={hf.num_experts_per_tok}: micro-arch's moe renormalises the gates exactly when top_k > 1")
-    if kind in ("mistral", "mixtral") and hf.sliding_window is not None:
-        attn["window"] = hf.sliding_window
+    if kind in ("mistral", "mixtral", "qwen3_moe") and hf.sliding_window is not None:
+        attn["window"] = hf.sliding_window  # Qwen3-MoE: one window for every layer, and None unless use_sliding_window
     ffn_role, ffn = "MLP", _call("swiglu", **mlp)
     dims = {"n_heads": hf.num_attention_heads, "n_kv_heads": hf.num_key_value_heads, "head_dim": head_dim}
-    if kind == "qwen2_moe":
+    if kind in ("qwen2_moe", "qwen3_moe"):
         ffn_role = "MoE"
         ffn = _call("moe", n_experts=hf.num_experts, top_k=hf.num_experts_per_tok, d_ff=hf.moe_intermediate_size,
                     aux_loss_coef=hf.router_aux_loss_coef)
