@@ -118,6 +118,9 @@ def test_a_run_started_from_a_parent_records_it_and_starts_from_its_weights(pare
 # --- layouts: micro-arch -> transformers and back ------------------------------------------------------
 
 PRE_NORM = [{"spec": "Norm->Attn->+->Norm->MLP->+", "repeat": 2}]
+QWEN3_ATTN = {"Norm": "rmsnorm(eps=1e-6)", "Attn": "attention(qk_norm=true)"}
+MIXED = [{"spec": "Norm->Attn->+->Norm->MLP->+", "repeat": 1}, {"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 2},
+         {"spec": "Norm->Attn->+->Norm->MLP->+", "repeat": 1}]  # dense layers 0 and 3 among the MoE layers
 LAYOUTS = {  # name: (model config, the transformers class it must map to)
     "llama-gqa-untied": ({"n_kv_heads": 2, "tie_embeddings": False, "rope_theta": 500.0}, "LlamaForCausalLM"),
     "llama-interpolated": ({"rope_scaling": 4.0}, "LlamaForCausalLM"),  # RoPE position interpolation: 'linear'
@@ -138,6 +141,10 @@ LAYOUTS = {  # name: (model config, the transformers class it must map to)
         "Norm": "rmsnorm(eps=1e-6)", "Attn": "attention(qk_norm=true, window=7, bias=true)",
         "MoE": "moe(n_experts=4, top_k=1, d_ff=48)"}, "layers": [{"spec": "Norm->Attn->+->Norm->MoE->+", "repeat": 2}]},
         "Qwen3MoeForCausalLM"),
+    "qwen3-moe-dense-layers": ({"n_kv_heads": 2, "head_dim": 16, "d_ff": 40, "defaults": {**QWEN3_ATTN,
+                                "MoE": "moe(n_experts=4, top_k=2, d_ff=24)"}, "layers": MIXED}, "Qwen3MoeForCausalLM"),
+    "qwen2-moe-switch-dense-layers": ({"n_kv_heads": 2, "d_ff": 40, "defaults": {"MoE": "moe(n_experts=4, top_k=1, "
+                                       "d_ff=24)"}, "layers": MIXED}, "Qwen2MoeForCausalLM"),
     "gpt2": ({"positions": "learned", "defaults": {"Norm": "layernorm", "Attn": "attention(bias=true)",
                                                    "MLP": "gelu_mlp"}}, "GPT2LMHeadModel"),
     "gpt2-no-biases-untied": ({"positions": "learned", "tie_embeddings": False,
@@ -244,8 +251,6 @@ def test_shipped_experiments_map_or_are_refused_in_one_line(experiment):
     assert REFUSED[experiment] in text
 
 
-QWEN3_ATTN = {"Norm": "rmsnorm(eps=1e-6)", "Attn": "attention(qk_norm=true)"}
-
 
 @pytest.mark.parametrize("attn, moe, nearest, reason", [
     ({}, "moe(router=sigmoid)", "Mixtral", "router='sigmoid'"),
@@ -265,6 +270,44 @@ def test_moe_routing_that_the_moe_layouts_cannot_express_is_refused(attn, moe, n
     assert reason in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("settings, reason", [
+    ({"defaults": {"MoE": "moe(n_experts=4, top_k=2)"}},
+     "dense SwiGLU layers [0, 3] among MoE layers with top_k=2: Mixtral has none"),
+    ({"defaults": {**QWEN3_ATTN, "MLP": "swiglu(bias=true)"}},
+     "MoE biases in the dense SwiGLU layers [0, 3] (Qwen-MoE's dense MLPs have none)"),
+    ({"defaults": QWEN3_ATTN, "layers": [*MIXED[:2], {"spec": "Norm->Attn->+->Norm->MLP(d_ff=64)->+", "repeat": 1}]},
+     "dense SwiGLU layers of different widths (40 in layer 0, 64 in layer 3); Qwen-MoE configs have one "
+     "intermediate_size"),
+])
+def test_dense_layers_among_moe_layers_that_no_layout_expresses_are_refused(settings, reason):
+    from micro_arch.hf.layouts import layout_of
+
+    with pytest.raises(MicroArchError, match="nearest supported layout: Qwen3-MoE ") as err:
+        layout_of(random_model({"d_ff": 40, "layers": MIXED, **settings}))
+    assert reason in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe-dense-layers", "qwen2-moe-switch-dense-layers"])
+def test_dense_layers_among_moe_layers_export_as_mlp_only_layers_and_import_with_identical_weights(name, tmp_path):
+    from micro_arch.hf.export import build_hf_model
+    from micro_arch.hf.layouts import layout_of
+    from micro_arch.hf.load import read_hf_folder
+    from micro_arch.hf.weights import to_hf
+
+    ours = random_model(LAYOUTS[name][0])
+    layout = layout_of(ours)
+    build_hf_model(layout, to_hf(layout, ours.state_dict())).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert [written[k] for k in ("mlp_only_layers", "decoder_sparse_step", "intermediate_size",
+                                 "moe_intermediate_size")] == [[0, 3], 1, 40, 24]
+    cfg, state, _ = read_hf_folder(tmp_path)
+    assert [(g.spec, g.repeat) for g in cfg.layers] == [(g["spec"], g["repeat"]) for g in MIXED]
+    Model(cfg).load_state_dict(state)  # strict: the imported config has exactly these weights
+    assert state.keys() == ours.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
 def tiny_qwen3_moe(**overrides):
     """A Qwen3-MoE config written with transformers directly: what a downloaded checkpoint's config.json says."""
     from transformers import Qwen3MoeConfig
@@ -276,16 +319,24 @@ def tiny_qwen3_moe(**overrides):
     return Qwen3MoeConfig(**settings)
 
 
-def test_a_qwen3_moe_folder_written_by_transformers_imports_with_the_same_logits(tmp_path):
+@pytest.mark.parametrize("overrides, ffns", [
+    ({}, ["MoE", "MoE"]),
+    ({"mlp_only_layers": [0, 2], "num_hidden_layers": 4}, ["SwiGLU", "MoE", "SwiGLU", "MoE"]),
+    ({"decoder_sparse_step": 2, "mlp_only_layers": [3], "num_hidden_layers": 5}, ["SwiGLU", "MoE", *["SwiGLU"] * 3]),
+])
+def test_a_qwen3_moe_folder_written_by_transformers_imports_with_the_same_logits(overrides, ffns, tmp_path):
     from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
 
     from micro_arch.hf.load import load_hf_model
 
-    randomise_hf(Qwen3MoeForCausalLM(tiny_qwen3_moe())).save_pretrained(tmp_path)
+    randomise_hf(Qwen3MoeForCausalLM(tiny_qwen3_moe(**overrides))).save_pretrained(tmp_path)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert ["SwiGLU" if hasattr(layer.mlp, "gate_proj") else "MoE" for layer in theirs.model.layers] == ffns
     ours = load_hf_model(tmp_path)
-    moe = ours.layers[1].branches[0].blocks[3]
-    assert (moe.n_experts, moe.top_k, moe.hidden, ours.cfg.tie_embeddings) == (6, 2, 24, False)
+    blocks = [layer.branches[0].blocks[3] for layer in ours.layers]
+    assert [type(b).__name__ for b in blocks] == ffns
+    assert [b.hidden for b in blocks] == [80 if f == "SwiGLU" else 24 for f in ffns]  # intermediate_size, experts'
+    assert (blocks[1].n_experts, blocks[1].top_k, ours.cfg.tie_embeddings) == (6, 2, False)
     idx = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx).logits, theirs(input_ids=idx).logits, atol=1e-5, rtol=0)
@@ -294,8 +345,6 @@ def test_a_qwen3_moe_folder_written_by_transformers_imports_with_the_same_logits
 @pytest.mark.parametrize("overrides, reason", [
     ({"norm_topk_prob": False}, "norm_topk_prob=False with top_k=2: micro-arch's moe renormalises the gates exactly "
                                 "when top_k > 1"),
-    ({"mlp_only_layers": [1]}, "dense layers among the MoE layers (num_experts=6, decoder_sparse_step=1, "
-                               "mlp_only_layers=[1]); micro-arch maps MoE in every layer"),
     ({"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05: micro-arch's qk-norm uses eps 1e-06"),
 ])
 def test_a_qwen3_moe_folder_micro_arch_cannot_reproduce_is_refused(overrides, reason, tmp_path):
@@ -376,7 +425,9 @@ def qwen3_moe_run(tmp_path_factory):
     exp.mkdir()
     model = ("positions: rope\n  n_kv_heads: 1\n  defaults: {Norm: 'rmsnorm(eps=1e-6)', Attn: 'attention(qk_norm=true)', "
              "MoE: 'moe(n_experts=4, top_k=2, d_ff=24)'}")
-    text = textwrap.dedent(TINY).replace("positions: learned", model).replace("Norm->MLP", "Norm->MoE")
+    mixed = '[{spec: "Norm->Attn->+->Norm->MLP->+", repeat: 1}, {spec: "Norm->Attn->+->Norm->MoE->+", repeat: 1}]'
+    text = textwrap.dedent(TINY).replace("positions: learned", model).replace(
+        '[{spec: "Norm->Attn->+->Norm->MLP->+", repeat: 2}]', mixed)  # a dense layer, then an MoE layer
     (exp / "config.yaml").write_text(text)
     return exp, run_experiment(exp, runs_root=root / "runs")
 
@@ -391,7 +442,8 @@ def test_a_qwen3_moe_run_exports_and_its_folder_starts_the_same_model(qwen3_moe_
     result = export_run(run_dir, tmp_path / "hf")
     assert result["hf_class"] == "Qwen3MoeForCausalLM" and result["max_abs_diff"] <= result["tolerance"]
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert (written["model_type"], written["num_experts_per_tok"], written["norm_topk_prob"]) == ("qwen3_moe", 2, True)
+    assert [written[k] for k in ("model_type", "num_experts_per_tok", "norm_topk_prob", "mlp_only_layers")] == \
+        ["qwen3_moe", 2, True, [0]]
     _, ours, tokenizer = load_run(run_dir)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     idx = torch.tensor([tokenizer.encode("ROMEO:\nWhat light")])

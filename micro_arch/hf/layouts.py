@@ -2,7 +2,8 @@
 
 `layout_of(model)` reads the built model (the blocks and their settings, not how the config spells them)
 and returns a Layout: the transformers class and the config arguments that make it compute the same
-function. Supported (every layer the same single pre-norm chain, a final norm of the same kind):
+function. Supported (every layer the same single pre-norm chain, a final norm of the same kind; the Qwen MoE layouts
+also take dense SwiGLU layers among the MoE layers):
 
     rmsnorm, attention, swiglu, rope        -> LlamaForCausalLM   (GQA/MQA, head_dim, theta, biases, tying)
       + attention(qk_norm=true)             -> Qwen3ForCausalLM   (norm eps must be 1e-6, the qk-norm's)
@@ -11,6 +12,7 @@ function. Supported (every layer the same single pre-norm chain, a final norm of
       + moe(top_k=1) (Switch: the raw gate)  -> Qwen2MoeForCausalLM (norm_topk_prob off, no shared expert)
       + attention(qk_norm=true), any top_k  -> Qwen3MoeForCausalLM (norm eps 1e-6; norm_topk_prob iff top_k > 1;
                                                attention biases and one window for every layer allowed)
+      + dense swiglu layers among the MoE -> Qwen3-MoE / Qwen2-MoE with mlp_only_layers (one dense width, no biases)
     layernorm, attention, gelu_mlp, learned -> GPT2LMHeadModel    (MHA; missing biases export as zeros)
     rmsnorm, mamba (Norm->Mamba->+)         -> MambaForCausalLM
 
@@ -35,7 +37,8 @@ class Layout:
     hf_class: str  # e.g. LlamaForCausalLM
     config: dict  # keyword arguments of the transformers config class
     n_layers: int
-    dims: dict = field(default_factory=dict)  # what the weight maps need: n_heads, n_kv_heads, head_dim, ...
+    dims: dict = field(default_factory=dict)  # what the weight maps need: n_heads, n_kv_heads, head_dim,
+    # n_experts, dense_layers (the MoE families' layers with a dense MLP: Qwen-MoE's mlp_only_layers)
 
     @property
     def config_class(self) -> str:
@@ -57,7 +60,7 @@ NEAREST = {
     "mistral": "Mistral (MistralForCausalLM): the Llama layout with one sliding window in every layer",
     "qwen3": "Qwen3 (Qwen3ForCausalLM): the Llama layout with attention(qk_norm=true) and norm eps 1e-6",
     "qwen3_moe": "Qwen3-MoE (Qwen3MoeForCausalLM): the Mixtral layout with attention(qk_norm=true), norm eps 1e-6 "
-                 "and any top_k",
+                 "and any top_k; dense SwiGLU layers of one width allowed among the MoE layers",
 }
 
 
@@ -111,17 +114,30 @@ def _check_chain(i: int, chain, names) -> tuple:
     raise refuse(f"layer {i} is {spec}: {what}", "llama")
 
 
-def _describe_difference(i, first, other) -> str:
-    for a, b in zip(first, other):
-        differs = block_difference(a, b, "layer {i} has {b} where layer 0 has {a} (a hybrid)",
-                                   "layer {i}'s {kind} has {key}={b} but layer 0's has {a}", i=i, kind=type(b).__name__)
+def _describe_difference(i, first, other, ffn_from: int = 0) -> str:
+    """How layer i's blocks differ from `first`: layer 0's, except the FFN, which is layer `ffn_from`'s."""
+    for position, (a, b) in enumerate(zip(first, other)):
+        j = ffn_from if position == 3 else 0
+        differs = block_difference(a, b, "layer {i} has {b} where layer {j} has {a} (a hybrid)",
+                                   "layer {i}'s {kind} has {key}={b} but layer {j}'s has {a}", i=i, j=j,
+                                   kind=type(b).__name__)
         if differs:
             return differs
         shapes_a = {k: tuple(v.shape) for k, v in a.state_dict().items()}
         shapes_b = {k: tuple(v.shape) for k, v in b.state_dict().items()}
         if shapes_a != shapes_b:
-            return f"layer {i}'s {type(b).__name__} has other parameter shapes than layer 0's"
+            return f"layer {i}'s {type(b).__name__} has other parameter shapes than layer {j}'s"
     return ""
+
+
+def _ffn_groups(parts, names) -> dict[str, int]:
+    """{'swiglu': first dense layer, 'moe': first MoE layer} when dense SwiGLU and MoE layers mix, else {}."""
+    if any(len(p) != 4 for p in parts):
+        return {}
+    firsts = {}
+    for i, p in enumerate(parts):
+        firsts.setdefault(_kind(p[3], names), i)
+    return firsts if set(firsts) == {"swiglu", "moe"} else {}
 
 
 def layout_of(model) -> Layout:
@@ -136,14 +152,25 @@ def layout_of(model) -> Layout:
                          "causal-LM class sums parallel residual branches", "llama")
         parts.append(_check_chain(i, layer.branches[0], names))
     first = parts[0]
+    mixed = _ffn_groups(parts, names)
+    dense_layers = [i for i, p in enumerate(parts) if mixed and _kind(p[3], names) == "swiglu"]
+    widths = {}
+    for i in dense_layers:
+        widths.setdefault(parts[i][3].hidden, i)
+    if len(widths) > 1:
+        shown = ", ".join(f"{w} in layer {i}" for w, i in widths.items())
+        raise refuse(f"dense SwiGLU layers of different widths ({shown}); Qwen-MoE configs have one "
+                     "intermediate_size for every dense layer", "qwen3_moe")
     for i, blocks in enumerate(parts[1:], start=1):
-        if len(blocks) != len(first) or _describe_difference(i, first, blocks):
-            what = _describe_difference(i, first, blocks) if len(blocks) == len(first) else \
+        j = mixed.get(_kind(blocks[3], names), 0) if mixed else 0
+        reference = (*first[:3], parts[j][3]) if mixed else first
+        if len(blocks) != len(first) or _describe_difference(i, reference, blocks, j):
+            what = _describe_difference(i, reference, blocks, j) if len(blocks) == len(first) else \
                 f"layer {i} and layer 0 are different kinds of layer (a hybrid)"
             windows = [getattr(b, "window", "-") for b in (first[1], blocks[1])] if len(blocks) == 4 else None
             if windows and windows[0] != windows[1] and "window" in what:
                 raise refuse(f"{what}: sliding windows in some layers only", "mistral")
-            raise refuse(what, "mamba" if len(first) == 2 else "llama")
+            raise refuse(what, "mamba" if len(first) == 2 else "qwen3_moe" if mixed else "llama")
     norm = first[0]
     if model.final_norm is None or len(model.final_norm.plan) != 1 or \
             type(model.final_norm.blocks[0]) is not type(norm):
@@ -159,6 +186,9 @@ def layout_of(model) -> Layout:
               "eos_token_id": None, "pad_token_id": None}
     if len(first) == 2:
         return _mamba(model, first, common)
+    if mixed:  # the MoE layers' blocks, and the dense MLP the other layers share
+        return _transformer(model, (*first[:3], parts[mixed["moe"]][3]), common, parts[mixed["swiglu"]][3],
+                            dense_layers)
     return _transformer(model, first, common)
 
 
@@ -177,7 +207,7 @@ def _mamba(model, first, common) -> Layout:
     return Layout("mamba", HF_CLASSES["mamba"], config, len(model.layers))
 
 
-def _transformer(model, first, common) -> Layout:
+def _transformer(model, first, common, dense=None, dense_layers=()) -> Layout:
     cfg, names = model.cfg, _block_names()
     norm, attn, _, ffn = first
     norm_kind, ffn_kind = _kind(norm, names), _kind(ffn, names)
@@ -208,7 +238,7 @@ def _transformer(model, first, common) -> Layout:
               "rms_norm_eps": norm.eps, "rope_parameters": _rope(cfg),
               "attention_dropout": 0.0}
     if ffn_kind == "moe":
-        return _moe(ffn, attn, bias, norm.eps, config, len(model.layers), dims)
+        return _moe(ffn, attn, bias, norm.eps, config, len(model.layers), dims, dense, dense_layers)
     mlp_bias = ffn.in_proj.bias is not None
     config["intermediate_size"] = ffn.hidden
     if attn.qk_norm:
@@ -235,11 +265,16 @@ def _rope(cfg) -> dict:
     return {"rope_type": "linear", "factor": cfg.rope_scaling, "rope_theta": cfg.rope_theta}
 
 
-def _moe(moe, attn, bias, eps, config, n_layers, dims) -> Layout:
+def _moe(moe, attn, bias, eps, config, n_layers, dims, dense=None, dense_layers=()) -> Layout:
     """Mixtral, Qwen2-MoE (top_k=1) or, with QK-norm, Qwen3-MoE: all three route alike (softmax, top-k, no
-    drops, SwiGLU experts), so one list of refusals, named after the layout the attention points to."""
+    drops, SwiGLU experts), so one list of refusals, named after the layout the attention points to. `dense`:
+    the SwiGLU of the `dense_layers` among the MoE layers (the Qwen families' mlp_only_layers)."""
     family = "qwen3_moe" if attn.qk_norm else "mixtral"
     name = "Qwen3-MoE" if attn.qk_norm else "Mixtral"
+    if dense_layers and not attn.qk_norm and moe.top_k > 1:
+        raise refuse(f"dense SwiGLU layers {dense_layers} among MoE layers with top_k={moe.top_k}: Mixtral has none "
+                     "(Qwen3-MoE, with attention(qk_norm=true) and norm eps 1e-6, and Qwen2-MoE, with top_k=1, list "
+                     "them in mlp_only_layers)", "qwen3_moe")
     problems = []
     if moe.expert != "swiglu":
         problems.append(f"expert={moe.expert!r} ({name} experts are SwiGLU)")
@@ -257,27 +292,28 @@ def _moe(moe, attn, bias, eps, config, n_layers, dims) -> Layout:
                         "set model.defaults.Norm: rmsnorm(eps=1e-6))")
     if bias and not attn.qk_norm:
         problems.append("attention with biases")
+    if dense is not None and dense.in_proj.bias is not None:
+        problems.append(f"biases in the dense SwiGLU layers {dense_layers} (Qwen-MoE's dense MLPs have none)")
     if problems:
         raise refuse("MoE " + "; ".join(problems), family)
-    dims = {**dims, "n_experts": moe.n_experts}
+    dims = {**dims, "n_experts": moe.n_experts, "dense_layers": tuple(dense_layers)}
+    sparse = {"intermediate_size": moe.hidden if dense is None else dense.hidden, "moe_intermediate_size": moe.hidden,
+              "num_experts": moe.n_experts, "decoder_sparse_step": 1, "mlp_only_layers": list(dense_layers),
+              "router_aux_loss_coef": moe.aux_loss_coef}
     if attn.qk_norm:  # the top-k gates renormalised exactly when micro-arch's moe renormalises them
-        config = {**config, "intermediate_size": moe.hidden, "moe_intermediate_size": moe.hidden,
-                  "num_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.top_k > 1,
-                  "attention_bias": bias, "decoder_sparse_step": 1, "mlp_only_layers": [],
-                  "use_sliding_window": attn.window is not None, "sliding_window": attn.window,
-                  "router_aux_loss_coef": moe.aux_loss_coef}
+        config = {**config, **sparse, "num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.top_k > 1,
+                  "attention_bias": bias, "use_sliding_window": attn.window is not None,
+                  "sliding_window": attn.window}
         return Layout("qwen3_moe", HF_CLASSES["qwen3_moe"], config, n_layers, dims)
-    return _mixtral(moe, attn, config, n_layers, dims)
+    return _mixtral(moe, attn, config, n_layers, dims, sparse)
 
 
-def _mixtral(moe, attn, config, n_layers, dims) -> Layout:
+def _mixtral(moe, attn, config, n_layers, dims, sparse) -> Layout:
     if moe.top_k == 1:  # Switch: the raw probability is the gate, which Mixtral would renormalise to 1
         if attn.window is not None:
             raise refuse("MoE with top_k=1 and a sliding window", "qwen2_moe")
-        config = {**config, "intermediate_size": moe.hidden, "moe_intermediate_size": moe.hidden,
-                  "shared_expert_intermediate_size": 0, "num_experts": moe.n_experts, "num_experts_per_tok": 1,
-                  "norm_topk_prob": False, "qkv_bias": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
-                  "use_sliding_window": False, "router_aux_loss_coef": moe.aux_loss_coef}
+        config = {**config, **sparse, "shared_expert_intermediate_size": 0, "num_experts_per_tok": 1,
+                  "norm_topk_prob": False, "qkv_bias": False, "use_sliding_window": False}
         return Layout("qwen2_moe", HF_CLASSES["qwen2_moe"], config, n_layers, dims)
     config = {**config, "intermediate_size": moe.hidden, "num_local_experts": moe.n_experts,
               "num_experts_per_tok": moe.top_k, "router_aux_loss_coef": moe.aux_loss_coef,

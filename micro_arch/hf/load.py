@@ -2,11 +2,14 @@
 
 The inverse of micro_arch.hf.layouts: Llama, Qwen3, Mistral, Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-2 and Mamba
 configs map; any setting micro-arch's blocks cannot reproduce exactly (a RoPE scaling, another activation, a
-layer-dependent window, ...) is refused with its name. Never touches the network.
+layer-dependent window, ...) is refused with its name. Qwen-MoE's dense layers (mlp_only_layers, and every
+layer but each decoder_sparse_step-th) become `Norm->Attn->+->Norm->MLP->+` groups among the MoE ones. Never
+touches the network.
 """
 
 from __future__ import annotations
 
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -76,41 +79,48 @@ def config_from_hf(folder, hf) -> tuple[Layout, ModelConfig]:
         _need(folder, hf.rms_norm_eps == QK_NORM_EPS, f"rms_norm_eps={hf.rms_norm_eps}: micro-arch's qk-norm "
               f"uses eps {QK_NORM_EPS}")
         attn["qk_norm"] = True
+    n_layers = hf.num_hidden_layers
+    roles = ["MoE" if kind == "mixtral" else "MLP"] * n_layers  # each layer's feed-forward role
     if kind in ("qwen2_moe", "qwen3_moe"):
-        _need(folder, hf.num_experts > 0 and hf.decoder_sparse_step == 1 and not hf.mlp_only_layers,
-              f"dense layers among the MoE layers (num_experts={hf.num_experts}, decoder_sparse_step="
-              f"{hf.decoder_sparse_step}, mlp_only_layers={hf.mlp_only_layers}); micro-arch maps MoE in every layer")
+        roles = ["MoE" if _sparse(hf, i) else "MLP" for i in range(n_layers)]
+    if "MoE" in roles and kind in ("qwen2_moe", "qwen3_moe"):
         _need(folder, hf.norm_topk_prob == (hf.num_experts_per_tok > 1), f"norm_topk_prob={hf.norm_topk_prob} with "
               f"top_k={hf.num_experts_per_tok}: micro-arch's moe renormalises the gates exactly when top_k > 1")
-    if kind == "qwen2_moe":
+    if "MoE" in roles and kind == "qwen2_moe":
         _need(folder, hf.shared_expert_intermediate_size == 0, "a sigmoid-gated shared expert (micro-arch's "
               "shared experts are ungated)")
+    if kind == "qwen2_moe":
         _need(folder, not hf.use_sliding_window and not hf.qkv_bias, "a sliding window or q/k/v biases without an "
               "output bias")
     if kind in ("mistral", "mixtral", "qwen3_moe") and hf.sliding_window is not None:
         attn["window"] = hf.sliding_window  # Qwen3-MoE: one window for every layer, and None unless use_sliding_window
-    ffn_role, ffn = "MLP", _call("swiglu", **mlp)
+    ffns = {"MLP": _call("swiglu", **mlp)}
     dims = {"n_heads": hf.num_attention_heads, "n_kv_heads": hf.num_key_value_heads, "head_dim": head_dim}
     if kind in ("qwen2_moe", "qwen3_moe"):
-        ffn_role = "MoE"
-        ffn = _call("moe", n_experts=hf.num_experts, top_k=hf.num_experts_per_tok, d_ff=hf.moe_intermediate_size,
-                    aux_loss_coef=hf.router_aux_loss_coef)
+        ffns["MoE"] = _call("moe", n_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                            d_ff=hf.moe_intermediate_size, aux_loss_coef=hf.router_aux_loss_coef)
         dims["n_experts"] = hf.num_experts
+        dims["dense_layers"] = tuple(i for i, role in enumerate(roles) if role == "MLP")
     if kind == "mixtral":
         _need(folder, hf.num_experts_per_tok >= 2, "num_experts_per_tok=1: Mixtral renormalises the one gate to 1, "
               "micro-arch's moe keeps the raw probability (Switch)")
-        ffn_role = "MoE"
-        ffn = _call("moe", n_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
-                    aux_loss_coef=hf.router_aux_loss_coef)
+        ffns["MoE"] = _call("moe", n_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                            aux_loss_coef=hf.router_aux_loss_coef)
         dims["n_experts"] = hf.num_local_experts
+    layers = [LayerGroup(PRE_NORM.replace("MLP", role), len(list(run))) for role, run in groupby(roles)]
     cfg = ModelConfig(d_model=hf.hidden_size, n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads,
                       head_dim=head_dim, d_ff=hf.intermediate_size, max_seq_len=hf.max_position_embeddings,
                       positions="rope", rope_theta=float(rope.get("rope_theta", 10000.0)),
                       rope_scaling=float(rope.get("factor", 1.0)) if rope.get("rope_type") == "linear" else 1.0,
-                      layers=[LayerGroup(PRE_NORM.replace("MLP", ffn_role), hf.num_hidden_layers)],
-                      defaults={"Norm": _call("rmsnorm", eps=hf.rms_norm_eps), "Attn": _call("attention", **attn),
-                                ffn_role: ffn}, **common)
-    return Layout(kind, HF_CLASSES[kind], {}, hf.num_hidden_layers, dims), cfg
+                      layers=layers, defaults={"Norm": _call("rmsnorm", eps=hf.rms_norm_eps),
+                                               "Attn": _call("attention", **attn),
+                                               **{role: ffns[role] for role in dict.fromkeys(roles)}}, **common)
+    return Layout(kind, HF_CLASSES[kind], {}, n_layers, dims), cfg
+
+
+def _sparse(hf, i: int) -> bool:
+    """Whether a Qwen-MoE config gives layer i experts: transformers' own rule, mlp_only_layers and the step."""
+    return i not in hf.mlp_only_layers and hf.num_experts > 0 and (i + 1) % hf.decoder_sparse_step == 0
 
 
 def read_hf_config(folder):

@@ -66,7 +66,8 @@ def _ends(norm: str) -> list[Rule]:
 
 
 def _llama_rules(layout: Layout) -> list[Rule]:
-    """Llama, Qwen3, Mistral, Mixtral, Qwen2-MoE and Qwen3-MoE (the three MoE families store experts alike)."""
+    """Llama, Qwen3, Mistral, Mixtral, Qwen2-MoE and Qwen3-MoE (the three MoE families store experts alike; the
+    Qwen-MoE dense layers, dims['dense_layers'], store their MLP as Llama does)."""
     H, KV, D = layout.dims["n_heads"], layout.dims["n_kv_heads"], layout.dims["head_dim"]
 
     def split_qkv(w):
@@ -92,7 +93,7 @@ def _llama_rules(layout: Layout) -> list[Rule]:
         for n in "qk":
             rules.append(one(p + f"{n}_norm", a + f"{n}_norm.weight", lambda w: (interleaved_to_halves(w, 1, D),),
                              lambda w: (halves_to_interleaved(w, 1, D),)))
-        if layout.family not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        if layout.family not in ("mixtral", "qwen2_moe", "qwen3_moe") or i in layout.dims.get("dense_layers", ()):
             for kind in ("weight", "bias"):
                 rules += [Rule((f + f"in_proj.{kind}",), (h + f"mlp.gate_proj.{kind}", h + f"mlp.up_proj.{kind}"),
                                lambda w: w.chunk(2), lambda gate, up: (torch.cat([gate, up]),)),
