@@ -4,7 +4,8 @@ Each variant is a micro-arch Trainer on experiments/shakespeare-char (batch 12 x
 only the optimizer settings changed. The variants take turns in rounds (A, B, C, A, B, C, ...) so that
 machine noise hits them alike; each round times `--steps` training steps (Trainer.train_step: data,
 forward, backward, clipping, optimizer) and, separately, `--steps` calls of optimizer.step() alone on
-the gradients of the last step. Printed: medians per step and the ratio to AdamW.
+the gradients of the last step. Printed: medians per step, and the ratio to AdamW as the median (and
+range) of each round's ratio to the AdamW steps timed in the same round.
 
 Variants: adamw (the default), muon (micro_arch.muon.Muon, Newton-Schulz in the dtype `auto` picks),
 muon with the iteration forced to fp32 and to bf16, and the previous implementation
@@ -105,11 +106,16 @@ def main() -> None:
             opt_t[n].append(timed(tr.optimizer.step, args.steps, device))
             tr.optimizer.zero_grad(set_to_none=True)
         print(f"round {r + 1}: " + "; ".join(f"{n} {step_t[n][-1] * 1e3:.1f} ms" for n in names), flush=True)
-    ref_step, ref_opt = statistics.median(step_t["adamw"]), statistics.median(opt_t["adamw"])
-    print(f"\n{'optimizer':28s} {'train step (ms)':>16s} {'ratio':>7s} {'optimizer.step (ms)':>20s} {'ratio':>7s}")
+    # Each round's ratio pairs a variant with the AdamW steps timed next to it, so a slow spell of the
+    # machine that spans a round cancels; the median and range of those ratios are printed.
+    ratios = {n: [a / b for a, b in zip(step_t[n], step_t["adamw"])] for n in names}
+    ref_opt = statistics.median(opt_t["adamw"])
+    print(f"\n{'optimizer':28s} {'train step (ms)':>16s} {'ratio':>7s} {'per-round range':>16s} "
+          f"{'optimizer.step (ms)':>20s} {'ratio':>7s}")
     for n in names:
-        s, o = statistics.median(step_t[n]), statistics.median(opt_t[n])
-        print(f"{n:28s} {s * 1e3:16.1f} {s / ref_step:7.2f} {o * 1e3:20.2f} {o / ref_opt:7.2f}")
+        s, o, r = statistics.median(step_t[n]), statistics.median(opt_t[n]), ratios[n]
+        print(f"{n:28s} {s * 1e3:16.1f} {statistics.median(r):7.2f} {min(r):7.2f} - {max(r):5.2f} "
+              f"{o * 1e3:20.2f} {o / ref_opt:7.2f}")
 
 
 if __name__ == "__main__":
