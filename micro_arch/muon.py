@@ -60,10 +60,11 @@ def newton_schulz_many(gs: list[torch.Tensor], steps: int = 5, dtype: torch.dtyp
             for i, gram in zip(idx, grams.split(sizes)):
                 left, right = (xs[i].mT, xs[i]) if tall[i] else (xs[i], xs[i].mT)
                 torch.bmm(left, right, out=gram)
+            pair = paired and steps - done >= 2
             polys = _quintic(grams)
-            if paired and steps - done >= 2:
+            if pair:
                 polys = torch.bmm(_quintic(torch.bmm(polys, torch.bmm(polys, grams))), polys)
-            done += 2 if paired and steps - done >= 2 else 1
+            done += 2 if pair else 1
             for i, poly in zip(idx, polys.split(sizes)):
                 xs[i] = torch.bmm(xs[i], poly.mT) if tall[i] else torch.bmm(poly, xs[i])
     return [x.reshape(g.shape) for g, x in zip(gs, xs)]
@@ -192,11 +193,12 @@ def _sharded(stacks: list[torch.Tensor], world: int, ns: dict) -> list[torch.Ten
     rank, mine = dist.get_rank(), []
     for stack in stacks:
         k = -(-stack.size(0) // world)
-        padded = torch.cat([stack, stack.new_zeros(world * k - stack.size(0), *stack.shape[1:])])
-        mine.append(padded[rank * k:(rank + 1) * k])
+        if stack.size(0) < world * k:
+            stack = torch.cat([stack, stack.new_zeros(world * k - stack.size(0), *stack.shape[1:])])
+        mine.append(stack[rank * k:(rank + 1) * k])
     out = []
-    for stack, part in zip(stacks, newton_schulz_many(mine, **ns)):
+    for n, part in zip([s.size(0) for s in stacks], newton_schulz_many(mine, **ns)):
         parts = [torch.empty_like(part, memory_format=torch.contiguous_format) for _ in range(world)]
         dist.all_gather(parts, part.contiguous())
-        out.append(torch.cat(parts)[:stack.size(0)])
+        out.append(torch.cat(parts)[:n])
     return out
