@@ -207,7 +207,8 @@ class MoE(nn.Module):
         state.record("expert_in", rows)  # every assignment's row, sorted by expert
         if self.training:
             if self.aux_loss_coef > 0 and self.balance == "aux_loss":
-                probs = routing.scores if routing.lse is not None else routing.scores / routing.scores.sum(-1, keepdim=True)
+                scores = routing.scores  # softmax rows already sum to 1; sigmoid scores are normalised here
+                probs = scores if self.router_kind == "softmax" else scores / scores.sum(-1, keepdim=True)
                 state.add_aux_loss("moe_balance", self.aux_loss_coef * switch_loss(probs, plan.counts, n_assign))
             if self.z_loss_coef > 0:
                 lse = routing.lse if routing.lse is not None else routing.logits.logsumexp(-1, keepdim=True)
