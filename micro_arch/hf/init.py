@@ -46,6 +46,11 @@ def resolve_source(path_text: str) -> tuple[str, Path]:
     raise MicroArchError(f"model.init_from {path_text!r}: no such file or folder{hint}")
 
 
+def run_dir_of(kind: str, path: Path) -> Path:
+    """The run directory of a resolved 'run' or 'checkpoint' source (a checkpoint lies in RUN/checkpoints/)."""
+    return path.parent.parent if kind == "checkpoint" else path
+
+
 def read_source(path_text: str) -> tuple[ModelConfig, dict, dict]:
     """(the source's model config, its state dict in micro-arch names, provenance) for an init_from PATH."""
     kind, path = resolve_source(path_text)
@@ -57,7 +62,7 @@ def read_source(path_text: str) -> tuple[ModelConfig, dict, dict]:
     from micro_arch.registry import load_experiment_blocks
     from micro_arch.rundir import read_run_config
 
-    run_dir = path.parent.parent if kind == "checkpoint" else path
+    run_dir = run_dir_of(kind, path)
     file = path if kind == "checkpoint" else latest_checkpoint(run_dir)
     cfg = read_run_config(run_dir)
     if (run_dir / "blocks.py").is_file():

@@ -46,7 +46,7 @@ def stage_tokenizer(cfg: ExperimentConfig) -> ChatTokenizer:
     if not cfg.model.init_from:
         raise MicroArchError(f"train.stage={stage} needs model.init_from: the run or local Hugging Face folder to "
                              "fine-tune (its weights and tokenizer), e.g. model.init_from: runs/shakespeare-char/<run-id>")
-    from micro_arch.hf.init import resolve_source
+    from micro_arch.hf.init import resolve_source, run_dir_of
 
     kind, path = resolve_source(cfg.model.init_from)
     if kind == "huggingface":
@@ -57,7 +57,7 @@ def stage_tokenizer(cfg: ExperimentConfig) -> ChatTokenizer:
         return ChatTokenizer(folder_tokenizer(path, hf_config.vocab_size, f"train.stage={stage}"))
     from micro_arch.data import load_tokenizer
 
-    return ChatTokenizer(load_tokenizer(path.parent.parent if kind == "checkpoint" else path))
+    return ChatTokenizer(load_tokenizer(run_dir_of(kind, path)))
 
 
 def _source_text(source) -> str:
