@@ -32,14 +32,9 @@ TINY = ["model.vocab_size=96", "model.d_model=32", "train.batch_size=2", "train.
         "model.max_seq_len=24"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared 2-core machine idle intra-op threads spin: one thread is 10-40x less CPU time here.
-    (bench/memory_estimate.py measures with the default threads.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: on a shared 2-core machine idle intra-op threads spin, 10-40x more CPU time here
+# (bench/memory_estimate.py measures with the default threads).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(d=64, layers=2, batch=8, seq=64, vocab=65, spec=DENSE, heads=4, **train) -> ExperimentConfig:
