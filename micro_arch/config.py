@@ -98,7 +98,7 @@ class TrainConfig:
     muon_lr: float = 0.005  # best 2-seed mean at 2000 steps of the default; docs/benchmarks.md
     muon_momentum: float = 0.95  # Nesterov momentum as in the reference Muon
     muon_nesterov: bool = True
-    muon_ns_steps: int = 5  # quintic Newton-Schulz iterations
+    muon_ns_steps: int = 4  # Newton-Schulz steps (Polar Express coefficients; see micro_arch/muon.py)
     muon_ns_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs and CPUs with bf16 units, else fp32
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
