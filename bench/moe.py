@@ -11,7 +11,8 @@ clipping, AdamW step, zero_grad, on random tokens (the same for every model). Mo
   host reads before the grouped rewrite, `--old bae0690^`), on the same weights.
 Each round times every model for --steps steps after --warmup steps, in turn; the table shows medians
 over rounds of steps/s and the ratio to the dense step. With --compile every model is compiled (in the
-warmup, so leave it enough steps).
+warmup, so leave it enough steps). With --phases a second table gives each model's median forward,
+backward, clipping and optimizer (step + zero_grad) times: where the MoE step's extra time goes.
 
 CPU (the experiments as they are):   python bench/moe.py --threads 1   (on a busy shared machine)
 GPU (nanoGPT's GPU setting: 6 layers, 6 heads, width 384, context 256, batch 64, dropout 0.2, bf16
@@ -56,7 +57,10 @@ def old_block_class(rev: str):
     return module.MoE
 
 
-def make_step(cfg, model, optimizer, device: torch.device, precision: str, compile_model: bool = False):
+def make_step(cfg, model, optimizer, device: torch.device, precision: str, compile_model: bool = False,
+              phases: dict[str, list[float]] | None = None):
+    """A training step on random tokens. With `phases`, each step appends its forward, backward, clipping and
+    optimizer times (ms) there, synchronising the device between them (so only for the breakdown)."""
     from micro_arch.device import autocast
     from micro_arch.state import BlockState
 
@@ -66,16 +70,31 @@ def make_step(cfg, model, optimizer, device: torch.device, precision: str, compi
     batches = [torch.randint(0, 65, (t.batch_size, t.seq_len + 1), generator=gen).to(device) for _ in range(8)]
     calls = [0]
 
+    def mark(name: str | None, since: float) -> float:
+        if phases is None:
+            return since
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        if name:
+            phases.setdefault(name, []).append((now - since) * 1e3)
+        return now
+
     def step():
         tokens = batches[calls[0] % len(batches)]
         calls[0] += 1
+        now = mark(None, 0.0)
         with autocast(device, precision):
             out = forward(tokens[:, :-1], tokens[:, 1:], state=BlockState())
+        now = mark("forward", now)
         out.loss.backward()
+        now = mark("backward", now)
         if t.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        now = mark("clip", now)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        mark("optimizer", now)
 
     return step
 
@@ -112,6 +131,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--old", metavar="REV", help="also time the MoE block of this git revision")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (compiled in the warmup)")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time forward, backward, clipping and optimizer apart (syncs the device between them)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,7 +155,7 @@ def main() -> None:
 
     if args.old:
         variants[f"moe (blocks/moe.py at {args.old})"] = ("moe", moe_base)
-    steps, flops = {}, {}
+    steps, flops, phases = {}, {}, {}
     for name, (experiment, overrides) in variants.items():
         cfg, model, optimizer = build(experiment, overrides, device)
         flops[name] = model.flops_per_token(cfg.train.seq_len)  # the old block counted every expert
@@ -145,13 +166,16 @@ def main() -> None:
             for module in model.modules():
                 if isinstance(module, MoE):
                     module.__class__ = old  # same parameters and buffers, the old forward
-        steps[name] = make_step(cfg, model, optimizer, device, precision, args.compile)
+        phases[name] = {} if args.phases else None
+        steps[name] = make_step(cfg, model, optimizer, device, precision, args.compile, phases[name])
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f", {torch.get_num_threads()} threads") + f", precision {precision}")
-    for step in steps.values():
+    for name, step in steps.items():
         for _ in range(args.warmup):
             step()
+        if args.phases:
+            phases[name].clear()
     rates = {name: [] for name in steps}
     for r in range(args.rounds):
         for name, step in steps.items():
@@ -162,6 +186,11 @@ def main() -> None:
     for name, values in rates.items():
         med = statistics.median(values)
         print(f"{name:40s} {flops[name]:17,.0f} {med:17.2f} {med / dense:15.2f}")
+    if args.phases:
+        names = list(phases["dense"])
+        print(f"\n{'ms per step (median)':40s} " + " ".join(f"{n:>10s}" for n in names))
+        for name, times in phases.items():
+            print(f"{name:40s} " + " ".join(f"{statistics.median(times[n]):10.2f}" for n in names))
 
 
 if __name__ == "__main__":
