@@ -1,7 +1,8 @@
 """Muon: momentum, then each 2-D update replaced by its nearest semi-orthogonal matrix.
 
-The orthogonalisation is the quintic Newton-Schulz iteration of Keller Jordan's Muon, batched over
-parameters of the same shape (one batched matmul per shape instead of one per parameter) and run
+The orthogonalisation is the quintic Newton-Schulz iteration of Keller Jordan's Muon with a quintic of its
+own for each step (Polar Express's coefficients, NS_COEFFICIENTS below), batched over parameters of the
+same shape (one batched matmul per shape instead of one per parameter) and run
 in the dtype that is fast on the device. Under torch.distributed every rank holds the same gradients
 (DDP has averaged them), so each rank orthogonalises only its share of each shape's stack and the
 results are all-gathered, instead of every rank repeating the whole computation.
