@@ -48,28 +48,33 @@ class ChatSession:
         self.fed += ids
         return logits
 
-    def _prompt_ids(self) -> list[int]:
-        ids, _ = render(self.tok, self.messages, add_generation_prompt=True)
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        ids, _ = render(self.tok, messages, add_generation_prompt=True)
         return ids.tolist()
 
-    def _fit(self) -> list[int]:
-        """The prompt ids, dropping the oldest exchanges until a reply has room; resets the cache if the
-        conversation no longer continues what it holds."""
-        limit = self.model.cfg.max_seq_len - self.max_new_tokens
-        ids = self._prompt_ids()
-        while len(ids) > limit:
-            first = next((i for i, m in enumerate(self.messages) if m["role"] != "system"), None)
-            later_user = [i for i, m in enumerate(self.messages) if m["role"] == "user" and i > (first or 0)]
+    def _fit(self) -> tuple[list[int], int]:
+        """(the prompt ids, the reply's budget in tokens). The oldest exchanges are dropped until a reply of
+        max_new_tokens and its closing <|end|> fit in model.max_seq_len; when the newest message alone leaves
+        less, the reply gets the room that is left. Resets the cache if the conversation no longer continues
+        what it holds. A message too long for any reply changes nothing."""
+        size = self.model.cfg.max_seq_len
+        messages = list(self.messages)
+        ids = self._prompt_ids(messages)
+        while len(ids) + self.max_new_tokens + 1 > size:
+            first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+            later_user = [i for i, m in enumerate(messages) if m["role"] == "user" and i > (first or 0)]
             if first is None or not later_user:
-                raise MicroArchError(f"the message is too long: {len(ids)} tokens, and model.max_seq_len="
-                                     f"{self.model.cfg.max_seq_len} leaves {limit} after room for a "
-                                     f"{self.max_new_tokens}-token reply; shorten it or lower --max-new-tokens")
-            del self.messages[first:later_user[0]]
-            ids = self._prompt_ids()
-            self.state = None
+                break
+            del messages[first:later_user[0]]
+            ids = self._prompt_ids(messages)
+        room = size - len(ids) - 1  # the reply's tokens and its <|end|> are fed after the prompt
+        if room < 1:
+            raise MicroArchError(f"the message is too long: the conversation is {len(ids)} tokens with it, and "
+                                 f"model.max_seq_len={size} leaves no room for a reply; shorten it")
+        self.messages = messages
         if self.state is not None and ids[: len(self.fed)] != self.fed:
             self.state = None
-        return ids
+        return ids, min(self.max_new_tokens, room)
 
     @torch.no_grad()
     def reply(self, text: str, on_text=None) -> str:
@@ -80,13 +85,13 @@ class ChatSession:
             raise MicroArchError(f"the message cannot be encoded by the run's tokenizer ({err})") from None
         self.messages.append({"role": "user", "content": text})
         try:
-            ids = self._fit()
+            ids, budget = self._fit()
         except MicroArchError:
             self.messages.pop()
             raise
         logits = self._feed(ids[len(self.fed) if self.state is not None else 0:])
         answer, shown = [], ""
-        for _ in range(self.max_new_tokens):
+        for _ in range(budget):
             logits = logits.masked_fill(~self.allowed, float("-inf"))
             token = int(next_token(logits[None], generator=self.generator, **self.sampling)[0, 0])
             if token == self.tok.end_id:

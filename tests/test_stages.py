@@ -360,10 +360,28 @@ def test_chat_drops_the_oldest_exchange_when_the_context_is_full(tok):
         assert len(session.fed) <= 96 and session.fed == render(tok, session.messages)[0].tolist()
     assert session.messages[0]["role"] == "system" and session.messages[-1]["role"] == "assistant"
     assert len(session.messages) < 13
+    before = list(session.messages)
     with pytest.raises(MicroArchError, match="the message is too long"):
         session.reply("x" * 200)
+    assert session.messages == before  # a refused message drops no history
     with pytest.raises(MicroArchError, match="cannot be encoded"):
         session.reply("é")
+
+
+@pytest.mark.parametrize("max_new_tokens", [6, 200])
+def test_chat_reply_gets_the_room_the_context_has_left(tok, max_new_tokens):
+    """README's example: a 58-token first turn in a small context, a budget the context cannot hold (200: was
+    refused) or can hold but for the closing <|end|> (6: the end overflowed max_seq_len). The reply is cut at
+    the context's end and its <|end|> still fits."""
+    from micro_arch.chat import ChatSession
+
+    model = tiny_model(tok.vocab_size, seq=64).eval()
+    session = ChatSession(model, tok, system="CAPTAIN answers VIOLA.", temperature=1.0,
+                          max_new_tokens=max_new_tokens)
+    session.allowed[tok.end_id] = False  # a model that never stops on its own: the reply uses all its room
+    reply = session.reply("What country, friends, is this?")
+    assert len(reply) == 64 - 58 - 1  # 58 prompt tokens, then the reply, then <|end|>
+    assert session.fed == render(tok, session.messages)[0].tolist() and len(session.fed) == 64
 
 
 # --- eval and compare on any text --------------------------------------------------------------------
