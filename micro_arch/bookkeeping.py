@@ -211,7 +211,7 @@ class Bookkeeper:
         times = st.times
         write_json(self.run_dir / "summary.json", {
             "format_version": SUMMARY_FORMAT_VERSION, "experiment": t.cfg.name, "run_id": self.run_dir.name,
-            "status": status, **extra,
+            "status": status, **extra, "resume_command": self.resume_command,
             "params_total": model.num_params(), "params_non_embedding": model.num_params(non_embedding=True),
             "flops_per_token": model.flops_per_token(self.cfg.seq_len), "steps": st.step,
             "total_steps": t.total_steps, "tokens_seen": st.tokens, "wall_time_s": round(times["wall"], 2),

@@ -90,7 +90,9 @@ def run_state(path: Path, summary: dict) -> str:
     """
     status, step, total = summary.get("status"), summary.get("steps"), summary.get("total_steps")
     at = f"step {step} of {total}" if total else f"step {step}"
-    resume = f"`micro-arch run experiments/{summary.get('experiment')} --resume {path}`"
+    # the trainer's own command keeps the run's --set overrides; without them a resume could change the run
+    command = summary.get("resume_command") or f"micro-arch run experiments/{summary.get('experiment')} --resume {path}"
+    resume = f"`{command}`"
     if status == "interrupted":
         return f"interrupted at {at} (checkpoint saved); resume it with {resume}"
     if status == "stopped":  # the trainer stopped on an error, which it names

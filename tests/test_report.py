@@ -5,6 +5,7 @@ import html
 import json
 import math
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -229,6 +230,20 @@ def test_compare_and_eval_tell_interrupted_running_and_crashed_runs_apart(runs, 
     main(["eval", str(run), "--max-batches", "1", "--device", "cpu"])
     printed = " ".join(capsys.readouterr().out.split())
     assert words[0] in printed, printed
+
+
+def test_an_unfinished_runs_resume_command_keeps_the_settings_it_was_started_with(runs, tmp_path):
+    from micro_arch.report_runs import unfinished_state
+
+    experiment = runs["short"].parents[2] / "short"
+    run = run_experiment(experiment, ["train.max_steps=4", "train.eval_every=2"], runs_root=tmp_path / "runs")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps(summary | {"status": "interrupted"}))
+    command = unfinished_state(run).split("`")[1]
+    assert "train.max_steps=4" in command, command
+    resumed = run_cli(*shlex.split(command)[1:])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "this run is complete (4 of 4 steps)" in " ".join(resumed.stdout.split()), resumed.stdout
 
 
 def test_different_tokenizers_are_ranked_on_bits_per_byte(runs, tmp_path):
