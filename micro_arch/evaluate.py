@@ -83,9 +83,9 @@ def evaluate(model, tokens, seq_len: int, batch_size: int, device, max_batches: 
 def evaluation_stamp(run_dir, checkpoint=None, batch_size: int = 32, max_batches: int | None = None) -> dict:
     """What an evaluation was computed from: which state of the checkpoint file, and how much of the split.
     Equal stamps mean eval.json can be reused as it is."""
-    from micro_arch.checkpoint import latest_checkpoint
+    from micro_arch.checkpoint import latest_checkpoint, resolve_checkpoint
 
-    stat = (Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)).stat()
+    stat = (resolve_checkpoint(run_dir, checkpoint) if checkpoint else latest_checkpoint(run_dir)).stat()
     return {"checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
             "batch_size": batch_size, "max_batches": max_batches}
 

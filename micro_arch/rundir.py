@@ -55,7 +55,7 @@ def read_run_config(run_dir: str | Path) -> ExperimentConfig:
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu"):
     """(config, model with trained weights in eval mode, tokenizer) from a run directory alone."""
-    from micro_arch.checkpoint import latest_checkpoint, load_checkpoint
+    from micro_arch.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
     from micro_arch.data import load_tokenizer
     from micro_arch.model import Model
     from micro_arch.registry import load_experiment_blocks
@@ -64,7 +64,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="
     cfg = read_run_config(run_dir)
     if (run_dir / "blocks.py").is_file():
         load_experiment_blocks(run_dir)
-    payload = load_checkpoint(Path(checkpoint) if checkpoint else latest_checkpoint(run_dir), device)
+    payload = load_checkpoint(resolve_checkpoint(run_dir, checkpoint) if checkpoint else latest_checkpoint(run_dir),
+                              device)
     model = Model(cfg.model)
     try:
         model.load_state_dict(payload["model"])

@@ -406,6 +406,25 @@ def make_run(folder, seed=0, chars=TEXT, extra=None):
     return folder, model, base
 
 
+def test_a_checkpoint_named_inside_the_run_is_found_by_chat_generate_and_eval(tmp_path):
+    """--checkpoint step_N.pt (a name in RUN_DIR/checkpoints, as `run --resume --checkpoint` takes it) was
+    looked up in the current folder by load_run (chat, generate, eval) and by eval.json's stamp."""
+    from micro_arch.checkpoint import save_checkpoint
+    from micro_arch.evaluate import evaluation_stamp
+    from micro_arch.rundir import load_run
+
+    run, model, _ = make_run(tmp_path / "run")
+    other = tiny_model(model.cfg.vocab_size, seed=1, seq=64)
+    save_checkpoint(run / "checkpoints/step_0000002.pt", {"model": other.state_dict()})
+    _, loaded, _ = load_run(run, "step_0000002.pt")
+    for key, value in other.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    stamp = evaluation_stamp(run, "step_0000002.pt")
+    assert stamp["checkpoint_bytes"] == (run / "checkpoints/step_0000002.pt").stat().st_size
+    with pytest.raises(MicroArchError, match="no such checkpoint in .*it has: step_0000002.pt, latest.pt"):
+        load_run(run, "step_0000009.pt")
+
+
 def test_eval_on_any_text_counts_what_the_tokenizer_cannot_encode(tmp_path):
     from helpers import run_cli
 

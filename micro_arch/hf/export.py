@@ -79,7 +79,7 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
     offline()
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from micro_arch.checkpoint import latest_checkpoint, load_checkpoint
+    from micro_arch.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
     from micro_arch.hf.card import provenance, write_card
     from micro_arch.hf.layouts import layout_of
     from micro_arch.hf.tokenizer import check_tokenizer, hf_tokenizer
@@ -91,9 +91,7 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MicroArchError(f"--out {out}: exists and is not an empty folder; choose a new folder or remove it")
-    ckpt_path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if checkpoint and not ckpt_path.is_file() and (run_dir / "checkpoints" / checkpoint).is_file():
-        ckpt_path = run_dir / "checkpoints" / checkpoint
+    ckpt_path = resolve_checkpoint(run_dir, checkpoint) if checkpoint else latest_checkpoint(run_dir)
     cfg, model, tokenizer = load_run(run_dir, ckpt_path)
     model.float()
     layout = layout_of(model)  # a refusal leaves nothing behind
