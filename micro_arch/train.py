@@ -7,6 +7,7 @@ checkpoints, summary.json, timing), stop (Ctrl-C: save and stop between steps).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -41,11 +42,14 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
     """A run may be resumed with a longer budget or other cadences, never with another model or data."""
     old = to_dict(read_run_config(run_dir))
     new = to_dict(cfg)
-    diffs = [f"{section}.{k}" for section in ("model", "data", "train") for k in new[section]
-             if old[section].get(k) != new[section][k] and not (section == "train" and k in CHANGEABLE)]
+    diffs = {f"{section}.{k}": (old[section].get(k), new[section][k]) for section in ("model", "data", "train")
+             for k in new[section]
+             if old[section].get(k) != new[section][k] and not (section == "train" and k in CHANGEABLE)}
     if diffs:
-        raise MicroArchError(f"{run_dir}: its config.yaml differs from this experiment in {', '.join(diffs)}; "
-                             "resume with the run's own settings, or start a new run without --resume")
+        values = "; ".join(f"{key}: the run has {was!r}, this experiment {now!r}" for key, (was, now) in diffs.items())
+        fix = shlex.join(["--set", *(f"{key}={json.dumps(was)}" for key, (was, _) in diffs.items())])
+        raise MicroArchError(f"{run_dir}: its config.yaml differs from this experiment ({values}); resume with the "
+                             f"run's own settings (add {fix}), or start a new run without --resume")
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -243,7 +247,7 @@ def _trace(model, cfg, device) -> str:
 
 def _announce(cfg, trainer, run_dir, resume) -> None:
     m = trainer.model
-    verb = f"resuming at step {trainer.step}" if resume else "training"
+    verb = f"resuming at step {trainer.step:,}, training" if resume else "training"
     console.print(f"[bold]{cfg.name}[/]: {verb} {m.num_params():,} parameters "
                   f"({m.num_params(non_embedding=True):,} without embeddings) for {trainer.total_steps:,} steps "
                   f"on {trainer.device} x{trainer.dist.world_size} -> {run_dir}")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shlex
 import shutil
 import textwrap
 
@@ -186,8 +187,12 @@ def test_bad_input_stops_with_a_message(tmp_path, override, message):
 def test_resume_refuses_corrupt_checkpoints_and_other_configs(tmp_path):
     exp = make_experiment(tmp_path)
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=4"])
-    with pytest.raises(MicroArchError, match="model.d_model"):
+    with pytest.raises(MicroArchError, match="model.d_model: the run has 32, this experiment 64") as refused:
         run_experiment(exp, runs_root=tmp_path / "runs", overrides=["model.d_model=64"], resume=run_dir)
+    suggested = shlex.split(str(refused.value).split("(add ")[1].split(")")[0])
+    assert suggested[0] == "--set"  # and what it sets makes the settings the run's again
+    again = ["train.max_steps=4", "model.d_model=64", *suggested[1:]]
+    assert run_experiment(exp, runs_root=tmp_path / "runs", overrides=again, resume=run_dir) == run_dir
     for name in ("latest.pt", "step_0000004.pt"):  # with one intact, resume would fall back to it
         path = run_dir / "checkpoints" / name
         path.write_bytes(path.read_bytes()[:1000])
