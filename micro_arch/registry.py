@@ -82,7 +82,8 @@ def register_block(name: str, kind: str = "other"):
         key = name.lower()
         source = inspect.getsourcefile(cls) or cls.__module__
         old = _REGISTRY.get(key)
-        if old is not None and (old.source, old.cls.__qualname__) != (source, cls.__qualname__):
+        if old is not None and (old.source, old.cls.__qualname__) != (source, cls.__qualname__) \
+                and not _same_definition(old, cls, source):
             raise MicroArchError(
                 f"block name {name!r} is registered twice: by {old.cls.__qualname__} in {old.source} "
                 f"and by {cls.__qualname__} in {source}; rename one of them"
@@ -91,6 +92,17 @@ def register_block(name: str, kind: str = "other"):
         return cls
 
     return decorate
+
+
+def _same_definition(old: BlockEntry, cls: type, source: str) -> bool:
+    """The same class from a copy of the same file: a run directory keeps a copy of its experiment's
+    blocks.py, and a process may load both (a sweep evaluating its trials, compare over several runs)."""
+    if old.cls.__qualname__ != cls.__qualname__:
+        return False
+    try:
+        return Path(old.source).read_bytes() == Path(source).read_bytes()
+    except OSError:
+        return False
 
 
 def get_entry(name: str) -> BlockEntry:

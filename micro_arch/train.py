@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 from micro_arch import checkpoint as ckpt
-from micro_arch.config import ExperimentConfig, to_dict
+from micro_arch.config import ExperimentConfig, experiment_path, to_dict
 from micro_arch.device import resolve_device, set_threads
 from micro_arch.distributed import Dist, init_distributed, launch, shutdown
 from micro_arch.errors import MicroArchError
@@ -171,6 +171,7 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
                 write_config(run_dir, cfg)  # on resume too: the run's config records its new budget
                 if not resume:
                     data.tokenizer.save(run_dir)
+                    _keep_experiment_blocks(target, run_dir)
                     (run_dir / "trace.txt").write_text(trace)
                 if trainer.parent is not None:
                     write_json(run_dir / PARENT_FILE, trainer.parent)
@@ -180,6 +181,14 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
         return run_dir if dist.main else None
     finally:
         shutdown()
+
+
+def _keep_experiment_blocks(target, run_dir: Path) -> None:
+    """A copy of the experiment's own blocks.py, which rundir.load_run imports: eval, generate and compare
+    rebuild the model from the run directory alone."""
+    blocks_file = experiment_path(target).parent / "blocks.py"
+    if blocks_file.is_file():
+        shutil.copyfile(blocks_file, run_dir / "blocks.py")
 
 
 def _load_resume_state(run_dir: Path, cfg: ExperimentConfig, checkpoint, dist: Dist, device) -> dict:

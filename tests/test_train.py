@@ -81,6 +81,44 @@ def test_run_leaves_a_complete_run_directory(tmp_path):
     assert second != run_dir and (run_dir / "summary.json").read_text() == json.dumps(summary, indent=2) + "\n"
 
 
+SCALED_TANH = '''
+import torch
+from torch import nn
+
+from micro_arch.registry import register_block
+
+
+@register_block("zz_own_scaled_tanh", kind="other")
+class ScaledTanh(nn.Module):
+    def __init__(self, d_model: int, init: float = 1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((d_model,), init))
+
+    def forward(self, x, state=None):
+        return torch.tanh(x) * self.scale
+'''
+
+
+def test_runs_of_an_experiment_with_its_own_blocks_are_evaluated_and_compared_from_their_folders(tmp_path):
+    spec = '"Norm->Attn->+->Norm->MLP->zz_own_scaled_tanh(init=0.5)->+"'
+    exp = make_experiment(tmp_path, TINY.replace('"Norm->Attn->+->Norm->MLP->+"', spec), name="own-blocks")
+    (exp / "blocks.py").write_text(SCALED_TANH)
+    for seed in (1, 2):
+        trained = run_cli("run", exp, "--runs-dir", tmp_path / "runs", "--set", "train.max_steps=2",
+                          "train.sample.max_new_tokens=2", f"train.seed={seed}")
+        assert trained.returncode == 0, trained.stderr[-2000:]
+    runs = sorted((tmp_path / "runs" / "own-blocks").iterdir())
+    shutil.rmtree(exp)  # from here on, only the run directories
+    text = tmp_path / "other.txt"
+    text.write_text("ROMEO: Is the day so young?\n" * 40)
+    for args in (["eval", runs[0], "--max-batches", "1"], ["generate", runs[0], "--max-new-tokens", "4"],
+                 ["compare", *runs, "--data", text, "--out", tmp_path / "report"]):  # two copies in one process
+        result = run_cli(*args)
+        assert result.returncode == 0, (args[0], result.stderr[-2000:])
+    ranked = json.loads((tmp_path / "report" / "data_ranking.json").read_text())
+    assert sorted(r["run"] for r in ranked) == [str(r) for r in runs]
+
+
 def test_resume_matches_the_uninterrupted_run(tmp_path):
     exp = make_experiment(tmp_path)
     full = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["model.dropout=0.1"])
