@@ -129,8 +129,10 @@ def chat_command(args) -> None:
         for text in args.prompt:
             print(f"user: {text}")
             show("assistant: ")
-            session.reply(text, on_text=show)
-            print()
+            try:
+                session.reply(text, on_text=show)
+            finally:
+                print()  # an error then starts on a line of its own
         return
     print(f"chatting with {args.run_dir} (Ctrl-D to leave)" + (f"; system: {args.system}" if args.system else ""))
     while True:

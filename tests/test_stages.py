@@ -549,6 +549,7 @@ def test_context_extension_from_a_run_reports_both_lengths(tmp_path):
     run.mkdir()
     provenance = load_initial_weights(model, cfg, run)
     assert provenance["changed"]["max_seq_len"] == [64, 128] and extended_from(run) == 64
+    assert provenance["changed"]["rope_scaling"] == [1.0, 2.0]  # parent.json says what the run changed
     torch.testing.assert_close(model.state_dict()["embed.weight"], small.state_dict()["embed.weight"])
     tokens = base.encode_array("the quick brown fox jumps over the lazy dog. " * 20)
     lines = context_lines(run, model.eval(), tokens, 128, 8, "cpu")

@@ -9,7 +9,8 @@ The experiment's model must match the source (micro_arch.hf.match), except for w
 - max_seq_len: RoPE needs nothing; a learned position table keeps its rows, and new positions copy the
   table over again (row p takes row p mod old length, as Longformer extended RoBERTa); a shorter one is cut;
 - vocab_size may grow (new special tokens): new embedding and head rows start at the mean of the old rows;
-- dropout, init_std and training-only block arguments.
+- rope_scaling (position interpolation for a longer context), dropout, init_std and training-only block
+  arguments.
 The returned provenance dict is also written to RUN_DIR/parent.json when run_dir is given.
 """
 
@@ -96,7 +97,7 @@ def adapt_state_dict(state: dict, source: ModelConfig, target: ModelConfig) -> t
             state["head.weight"] = state["embed.weight"]
         else:
             state["head.weight"] = _grow_rows(state["head.weight"], target.vocab_size)
-    for key in ("dropout",):
+    for key in ("rope_scaling", "dropout"):
         if getattr(source, key) != getattr(target, key):
             changed[key] = [getattr(source, key), getattr(target, key)]
     return state, changed
@@ -130,8 +131,8 @@ def load_initial_weights(model, cfg: ModelConfig, run_dir: str | Path | None = N
         shown = f"; the folder's model section: {model_section(source_cfg)}" \
             if provenance["type"] == "huggingface" else ""
         raise MicroArchError(f"model.init_from {cfg.init_from}: the experiment's model does not match the source: "
-                             f"{difference}; make the model section match it (only max_seq_len, a larger "
-                             f"vocab_size and dropout may differ){shown}")
+                             f"{difference}; make the model section match it (only max_seq_len, rope_scaling, a "
+                             f"larger vocab_size and dropout may differ){shown}")
     state, changed = adapt_state_dict(state, source_cfg, cfg)
     try:
         model.load_state_dict(state)
