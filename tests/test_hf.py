@@ -524,3 +524,18 @@ def test_init_from_a_folder_of_another_model_type_is_refused(tmp_path):
     cfg = from_dict(ModelConfig, {"vocab_size": 10, "init_from": str(tmp_path)})
     with pytest.raises(MicroArchError, match="cannot import: model_type 'bert' has no micro-arch layout; supported: "):
         load_initial_weights(Model(cfg), cfg)
+
+
+def test_the_export_check_text_keeps_what_a_folders_tokenizer_can_encode(tmp_path):
+    """A run started from a folder whose tokenizer lacks some characters of the fixed check text (here a
+    character vocabulary, as micro-arch exports char runs) exported with a ValueError traceback."""
+    from micro_arch.hf.export import _check_text
+    from micro_arch.hf.folder_tokenizer import FolderTokenizer
+    from micro_arch.hf.tokenizer import _char_tokenizer, check_tokenizer, hf_tokenizer
+
+    chars = "\n :ABCDEFIRSabcdefhikmnoprstuvwy,."
+    base = FolderTokenizer(_char_tokenizer(chars), len(chars), "huggingface-chars")
+    text = _check_text(tmp_path, base)
+    assert set(text) <= set(chars) and len(text) > 40
+    hf_tokenizer(base).save_pretrained(tmp_path / "tokenizer")
+    check_tokenizer(tmp_path / "tokenizer", base, text)

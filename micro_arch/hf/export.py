@@ -58,8 +58,20 @@ def _check_text(run_dir: Path, tokenizer) -> str:
     if samples.is_file():
         text += "".join(s.get("prompt", "") + s.get("text", "") for s in json.loads(samples.read_text()))
     if getattr(tokenizer, "name", None) == "char":  # only characters the vocabulary has
-        text = "".join(c for c in text if c in set(tokenizer.chars)) + tokenizer.chars
-    return text
+        return "".join(c for c in text if c in set(tokenizer.chars)) + tokenizer.chars
+    try:
+        tokenizer.encode(text)
+        return text
+    except (KeyError, ValueError):  # e.g. a folder's character vocabulary: keep the characters it encodes
+        return "".join(c for c in text if _encodes(tokenizer, c))
+
+
+def _encodes(tokenizer, text: str) -> bool:
+    try:
+        tokenizer.encode(text)
+        return True
+    except (KeyError, ValueError):
+        return False
 
 
 def chat_tokens(run_dir: Path, tokenizer) -> list[str]:
