@@ -11,9 +11,12 @@ report (trials table, parameter importances, plots) is written beside the study.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -259,6 +262,13 @@ class Objective:
         self.trials_dir = sweep_dir(sweep, runs_root) / "trials"
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._trial(trial)
+        except KeyboardInterrupt:  # Ctrl-C: not a finished trial, so the next start runs one in its place
+            trial.set_user_attr("interrupted", True)
+            raise
+
+    def _trial(self, trial: optuna.Trial) -> float:
         from micro_arch.device import resolve_device
         from micro_arch.experiment import load_experiment, with_vocab
         from micro_arch.memory import estimate_memory
@@ -352,11 +362,38 @@ def run_sweep(path, overrides=None, n_trials: int | None = None, runs_root: str 
     console.print(f"[bold]sweep {sweep.name}[/]: {sweep.experiment}, {len(sweep.search_space)} parameters, "
                   f"{done} of {sweep.n_trials} trials done, {remaining} to run -> {folder}")
     if remaining:
-        study.optimize(Objective(sweep, Path(runs_root)), n_trials=remaining, catch=(MicroArchError,),
-                       gc_after_trial=True)
+        try:
+            with _failed_trials_logged_without_traceback():
+                study.optimize(Objective(sweep, Path(runs_root)), n_trials=remaining, catch=(MicroArchError,),
+                               gc_after_trial=True)
+        except KeyboardInterrupt:
+            again = ["micro-arch", "sweep", str(path), *(["--set", *overrides] if overrides else []),
+                     *(["--trials", str(n_trials)] if n_trials is not None else [])]
+            console.print(f"sweep {sweep.name} stopped; the interrupted trial is not counted. To continue the "
+                          f"study (not the trial's run), start the sweep again:\n  {shlex.join(again)}",
+                          soft_wrap=True, highlight=False)
+            raise
     finals = train_best(study, sweep, runs_root) if full_training and sweep.top_k else []
     write_report(study, folder, sweep, finals, console=console)
     return study
+
+
+@contextlib.contextmanager
+def _failed_trials_logged_without_traceback():
+    """Optuna logs a failed trial with its traceback; for Ctrl-C and a MicroArchError (whose message says what
+    was wrong) the one line of the error is the whole story."""
+    log = logging.getLogger("optuna.study._optimize")
+
+    def drop_traceback(record: logging.LogRecord) -> bool:
+        if record.exc_info and issubclass(record.exc_info[0], (KeyboardInterrupt, MicroArchError)):
+            record.exc_info = None
+        return True
+
+    log.addFilter(drop_traceback)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop_traceback)
 
 
 def train_best(study: optuna.Study, sweep: SweepConfig, runs_root: str | Path) -> list[dict]:

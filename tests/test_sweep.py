@@ -81,6 +81,54 @@ def test_prunes_over_budget_resumes_and_reports(tiny):
     assert full["steps"] == 3 and full["status"] == "completed"
 
 
+SIGINT_BLOCK = '''
+import os
+import signal
+
+import torch
+from torch import nn
+
+from micro_arch.registry import register_block
+
+calls = 0
+
+
+@register_block("zz_sigint_once", kind="other")
+class SigintOnce(nn.Module):
+    """The identity that sends Ctrl-C to its own process at the third real training forward of the process."""
+
+    def forward(self, x, state=None):
+        global calls
+        if self.training and type(x) is torch.Tensor:  # not under the memory estimate's fake tensors
+            calls += 1
+            if calls == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return x
+'''
+
+
+def test_a_trial_stopped_by_ctrl_c_is_not_counted_and_the_sweep_says_how_to_continue(tiny, capsys):
+    path, runs = tiny
+    exp = path.parent / "sigint_exp"
+    exp.mkdir()
+    config = yaml.safe_load((path.parent / "tinyexp" / "config.yaml").read_text())
+    config["model"]["layers"] = [{"spec": "Norm->Attn->+->Norm->MLP->zz_sigint_once->+"}]
+    (exp / "config.yaml").write_text(yaml.safe_dump(config))
+    (exp / "blocks.py").write_text(SIGINT_BLOCK)
+    sweep = yaml.safe_load(path.read_text())
+    sweep["experiment"], sweep["search_space"]["model.d_model"]["choices"] = str(exp), [16]  # every trial trains
+    path.write_text(yaml.safe_dump(sweep))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(path, overrides=["n_trials=2"], runs_root=runs)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"start the sweep again: micro-arch sweep {path} --set n_trials=2" in printed, printed
+    run_sweep(path, overrides=["n_trials=2"], runs_root=runs)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{runs / 'sweeps' / 'tiny' / 'study.db'}")
+    interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert len(interrupted) == 1 and interrupted[0].state == optuna.trial.TrialState.FAIL
+    assert len(study.trials) == 3  # the interrupted one, then the sweep's n_trials=2 in full
+
+
 @pytest.mark.parametrize("space, message", [
     ({"model.d_modl": {"type": "int", "low": 16, "high": 32}}, "search_space.model.d_modl: unknown config key 'd_modl'"),
     ({"model.d_modl": {"type": "int", "low": 16, "high": 32}}, "did you mean: d_model"),
