@@ -157,7 +157,7 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
         if cfg.train.stage != "pretrain":
             from micro_arch.stages.setup import stage_pieces
 
-            pieces = stage_pieces(cfg, data, dist, device)
+            pieces = stage_pieces(cfg, data, dist, device, resume)
             if dist.main and not resume:
                 for note in data.notes:
                     console.print(f"{cfg.train.stage}: {note}", highlight=False)

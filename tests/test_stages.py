@@ -515,6 +515,34 @@ def test_dpo_reference_stays_frozen_while_the_policy_trains(tmp_path):
         torch.testing.assert_close(ahead.loss(policy, batch)[0], stage.loss(policy, stage.source.batch(step))[0])
 
 
+def test_a_reference_that_trained_on_since_the_run_began_is_refused(tmp_path):
+    """DPO's resumed reference and eval's 'before' are init_from's weights as the run began: when the parent run
+    has trained on (its latest.pt moved), say so and name the parent's checkpoint of that step."""
+    from micro_arch.checkpoint import save_checkpoint
+    from micro_arch.hf.init import load_initial_weights
+    from micro_arch.stages.setup import build_reference
+
+    parent, model, _ = make_run(tmp_path / "parent")
+    began = {"model": model.state_dict(), "step": 5}
+    save_checkpoint(parent / "checkpoints/latest.pt", began, also=parent / "checkpoints/step_0000005.pt")
+    cfg = stage_config(tmp_path, "dpo", "unused.jsonl", parent)
+    cfg.model.vocab_size = model.cfg.vocab_size
+    child = tmp_path / "child"
+    child.mkdir()
+    load_initial_weights(Model(cfg.model), cfg.model, child)  # what a fresh run does: parent.json, step 5
+    build_reference(cfg, "cpu", child)
+    later = tiny_model(model.cfg.vocab_size, seed=1, seq=64).state_dict()
+    save_checkpoint(parent / "checkpoints/latest.pt", {"model": later, "step": 7})  # the parent trained on
+    with pytest.raises(MicroArchError, match=r"now step 7 .* began from step 5 .*model.init_from=.*step_0000005.pt"):
+        build_reference(cfg, "cpu", child)
+    with pytest.raises(MicroArchError, match=r"edit model.init_from in .*child.config.yaml to .*step_0000005.pt"):
+        build_reference(cfg, "cpu", child, evaluating=True)
+    cfg.model.init_from = str(parent / "checkpoints/step_0000005.pt")
+    reference = build_reference(cfg, "cpu", child)
+    for key, value in model.state_dict().items():
+        assert torch.equal(reference.state_dict()[key], value), key
+
+
 def test_stages_need_a_run_to_start_from(tmp_path):
     from micro_arch.stages.setup import prepare_stage_data
 

@@ -26,7 +26,7 @@ def evaluate_stage_run(run_dir, checkpoint=None, batch_size: int = 32, device: s
     device = resolve_device(device)
     cfg, model, _ = load_run(run_dir, checkpoint, device)
     data = prepare_stage_data(cfg)
-    start = build_reference(cfg, device)  # the init_from weights, as the run began
+    start = build_reference(cfg, device, run_dir, evaluating=True)  # the init_from weights, as the run began
     t = cfg.train
     if max_batches is not None:
         data.val = first_rows(data.val, max_batches * batch_size)

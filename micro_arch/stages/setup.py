@@ -14,8 +14,10 @@ init_from's loader grows the embedding to match), and for DPO its weights are th
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -114,23 +116,50 @@ class PairBatches:
         return x, y, ref
 
 
-def build_reference(cfg: ExperimentConfig, device: torch.device):
-    """The frozen DPO reference: model.init_from's weights, in eval mode, without gradients."""
+def build_reference(cfg: ExperimentConfig, device: torch.device, run_dir=None, evaluating: bool = False):
+    """The frozen DPO reference: model.init_from's weights, in eval mode, without gradients. With the run
+    directory of a run that began already (a resume; an eval, `evaluating`), they must be the weights it
+    began from."""
     from micro_arch.hf.init import load_initial_weights
     from micro_arch.model import Model
 
     reference = Model(cfg.model)
-    load_initial_weights(reference, cfg.model)
+    source = load_initial_weights(reference, cfg.model)
+    if run_dir is not None:
+        check_same_start(run_dir, source, cfg.model.init_from, evaluating)
     reference.to(device).eval()
     reference.requires_grad_(False)
     return reference
+
+
+def check_same_start(run_dir, source: dict, init_from: str, evaluating: bool = False) -> None:
+    """A clear error when init_from (a micro-arch run) has trained on since this run began from it (its
+    parent.json): its latest weights are no longer the reference or the 'before' of an evaluation."""
+    from micro_arch.checkpoint import step_checkpoints
+
+    path = Path(run_dir) / "parent.json"
+    began = json.loads(path.read_text()) if path.is_file() else {}
+    if began.get("type") != "micro-arch run" or source.get("type") != "micro-arch run":
+        return
+    if (began.get("path"), began.get("step")) == (source.get("path"), source.get("step")):
+        return
+    kept = [p for p in step_checkpoints(Path(began["path"])) if p.stem == f"step_{began['step']:07d}"]
+    if not kept:
+        fix = f"no checkpoint of step {began['step']} is left in {began['path']}/checkpoints"
+    elif evaluating:  # eval reads the run's own config
+        fix = f"edit model.init_from in {Path(run_dir) / 'config.yaml'} to {kept[0]}"
+    else:
+        fix = f"set model.init_from={kept[0]}"
+    raise MicroArchError(f"model.init_from {init_from}: its weights are now step {source.get('step')} of "
+                         f"{source.get('path')}, but {run_dir} began from step {began['step']} of {began['path']} "
+                         f"({path}); the stage's reference and 'before' are the weights it began from: {fix}")
 
 
 class Stage:
     """The stage's pieces for one process: batch source, loss and held-out measurement."""
 
     def __init__(self, cfg: ExperimentConfig, data: StageData, device: torch.device, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, run_dir=None):
         t = cfg.train
         self.cfg, self.data, self.device = cfg, data, device
         self.eval_rows = t.eval_batches * t.batch_size * world_size  # the same on every rank and world size
@@ -140,7 +169,7 @@ class Stage:
             self.loss = stage_loss(t, None)
             self.reference = None
             return
-        self.reference = build_reference(cfg, device)
+        self.reference = build_reference(cfg, device, run_dir)
         table = None
         if t.dpo_precompute_reference:
             table = pair_logprobs(self.reference, data.train, t.batch_size, device, t.precision)
@@ -170,9 +199,10 @@ def first_rows(items: Examples | Pairs, n: int):
     return Pairs(items.chosen_x[:n], items.chosen_y[:n], items.rejected_x[:n], items.rejected_y[:n])
 
 
-def stage_pieces(cfg: ExperimentConfig, data: StageData, dist, device: torch.device):
-    """The trainer's StagePieces for train.stage sft or dpo (train_loop.Trainer(..., pieces=...))."""
+def stage_pieces(cfg: ExperimentConfig, data: StageData, dist, device: torch.device, resume=None):
+    """The trainer's StagePieces for train.stage sft or dpo (train_loop.Trainer(..., pieces=...)); resume: the
+    run directory being resumed."""
     from micro_arch.train_loop import StagePieces
 
-    stage = Stage(cfg, data, device, dist.rank, dist.world_size)
+    stage = Stage(cfg, data, device, dist.rank, dist.world_size, resume)
     return StagePieces(stage.source, stage.loss, stage.held_out)
