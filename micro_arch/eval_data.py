@@ -21,28 +21,15 @@ from micro_arch.errors import MicroArchError
 
 def source_documents(source: str, text_field: str = "text") -> list[str]:
     """The documents of SOURCE (for 'shakespeare', its held-out works)."""
-    import datasets
-
     from micro_arch.data.corpus import shakespeare_documents
     from micro_arch.data.shards import cache_root
-    from micro_arch.data.sources import BuiltinSource, FileSource, column_texts, resolve_source
+    from micro_arch.data.sources import BuiltinSource, FileSource, resolve_source
 
     src = resolve_source(source, text_field, cache_root(None))
     if isinstance(src, BuiltinSource):
         return shakespeare_documents()[1]
     if isinstance(src, FileSource):
-        options = {"sample_by": "paragraph"} if src.builder == "text" else {}
-        was_enabled = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
-        try:
-            table = datasets.load_dataset(src.builder, data_files=src.files, split="train",
-                                          cache_dir=str(src.cache_dir), **options)
-        except Exception as err:  # datasets wraps parse errors in several types; all mean "cannot read"
-            raise MicroArchError(f"{source}: cannot read as {src.builder} ({type(err).__name__})") from None
-        finally:
-            if was_enabled:
-                datasets.enable_progress_bars()
-        docs = column_texts(table, text_field, source)
+        docs = src.documents(option="--data")
     else:
         train, val = src.split(0.5)
         docs = train + val

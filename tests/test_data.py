@@ -19,6 +19,7 @@ from micro_arch.data import (
 from micro_arch.data import prepare as prepare_module
 from micro_arch.data.corpus import read_works, split_works
 from micro_arch.errors import MicroArchError
+from micro_arch.eval_data import source_documents
 
 
 @pytest.fixture
@@ -275,6 +276,12 @@ def test_empty_and_non_utf8_files_say_which_and_what_to_do(cache, tmp_path, name
         prepare_data(DataConfig(source=str(tmp_path / name)))
     message = str(info.value)
     assert "DatasetGenerationError" not in message and len(message.splitlines()) == 1, message
+    for word in words:
+        assert word in message, (word, message)
+    with pytest.raises(MicroArchError) as info:  # the same file given to `eval --data` / `compare --data`
+        source_documents(str(tmp_path / name))
+    message = str(info.value)
+    assert "leave it out of --data" in message, message
     for word in words:
         assert word in message, (word, message)
 

@@ -76,11 +76,15 @@ class FileSource:
         return f"files:{self.builder}:{self.text_field}:{stats}"
 
     def split(self, val_fraction: float) -> tuple[list[str], list[str]]:
+        return hold_out(self.documents(), val_fraction, self.pattern)
+
+    def documents(self, option: str = "data.source") -> list[str]:
+        """Every document of the files, in order; a file that cannot be read says why, naming `option`."""
         import datasets
 
         if self.builder in ("text", "json"):
             for file in self.files:
-                check_text_file(file)
+                check_text_file(file, option=option)
         options = {"sample_by": "paragraph"} if self.builder == "text" else {}
         was_enabled = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
@@ -100,7 +104,7 @@ class FileSource:
             log.setLevel(level)
             if was_enabled:
                 datasets.enable_progress_bars()
-        return hold_out(column_texts(table, self.text_field, self.pattern), val_fraction, self.pattern)
+        return column_texts(table, self.text_field, self.pattern)
 
 
 @dataclass
@@ -177,14 +181,13 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def check_text_file(path: str, chunk_size: int = 1 << 20) -> None:
+def check_text_file(path: str, chunk_size: int = 1 << 20, option: str = "data.source") -> None:
     """An empty (or whitespace-only) file, or one that is not UTF-8 text, is an error that says which,
     with the offset of the first bad byte. Compressed files are left to the reader."""
     if path.lower().endswith(COMPRESSION):
         return
     decoder, offset, blank = codecs.getincrementaldecoder("utf-8")(), 0, True
-    fix = ("convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8) or leave it out of "
-           "data.source")
+    fix = f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8) or leave it out of {option}"
     with open(path, "rb") as f:
         while True:
             chunk = f.read(chunk_size)
@@ -208,7 +211,7 @@ def check_text_file(path: str, chunk_size: int = 1 << 20) -> None:
             offset += len(chunk)
     if blank:
         what = "0 bytes" if offset == 0 else "only whitespace"
-        raise MicroArchError(f"{path}: the file is empty ({what}); put text in it, or leave it out of data.source")
+        raise MicroArchError(f"{path}: the file is empty ({what}); put text in it, or leave it out of {option}")
 
 
 def check_json_lines(path: str) -> None:
