@@ -818,6 +818,8 @@ def test_sft_from_a_hugging_face_folder_learns_with_its_tokenizer(llama_folder, 
     assert result["after"]["assistant_loss"] < result["before"]["assistant_loss"] - 0.5
     # exported again, the folder already holds the template's tokens: a further stage reuses their ids
     export_run(run, tmp_path / "exported")
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert f"| started from | {llama_folder.resolve()} (LlamaForCausalLM) |" in card and "| pid |" not in card
     cfg = load_experiment(exp, [f"model.init_from={tmp_path / 'exported'}"])
     again = stage_tokenizer(cfg)
     assert again.vocab_size == chat.vocab_size and again.ids == chat.ids and again.encode(text) == chat.encode(text)

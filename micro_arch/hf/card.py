@@ -67,10 +67,12 @@ def write_card(folder: Path, run_dir: Path, info: dict, layout, check: dict) -> 
     for key in ("experiment", "run_id", "checkpoint", "step", "tokens_seen", "held_out_loss", "best_held_out_loss",
                 "micro_arch_version"):
         lines.append(f"| {key} | {info.get(key)} |")
-    if info.get("parent"):
-        lines.append(f"| started from | {info['parent'].get('path')} (step {info['parent'].get('step')}) |")
-    metrics = {k: v for k, v in {**summary, **held_out}.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("format_version", "world_size")}
+    parent = info.get("parent") or {}
+    if parent:  # a run (at a step) or a Hugging Face folder (of a class)
+        at = f"step {parent['step']}" if parent.get("step") is not None else parent.get("hf_class", parent.get("type"))
+        lines.append(f"| started from | {parent.get('path')} ({at}) |")
+    metrics = {k: v for k, v in {**summary, **held_out}.items() if isinstance(v, (int, float))
+               and not isinstance(v, bool) and k not in ("format_version", "world_size", "pid")}
     if metrics:
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
