@@ -49,7 +49,10 @@ def read_run_config(run_dir: str | Path) -> ExperimentConfig:
     if not run_dir.is_dir():
         raise MicroArchError(f"{run_dir}: no such run directory")
     if not path.is_file():
-        raise MicroArchError(f"{run_dir}: not a run directory (no config.yaml); pass a folder under runs/")
+        inside = sorted(p.parent.name for p in run_dir.glob("*/config.yaml"))
+        hint = (f"it holds runs: pass one of them, e.g. {run_dir / inside[-1]} (the newest of {len(inside)})"
+                if inside else "pass a run folder such as runs/<experiment>/<run-id>")
+        raise MicroArchError(f"{run_dir}: not a run directory (no config.yaml); {hint}")
     return from_dict(ExperimentConfig, read_yaml(path), where=str(path))
 
 

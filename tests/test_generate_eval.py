@@ -214,3 +214,6 @@ def test_run_then_generate_and_eval_from_the_command_line(tmp_path):
                 "data_fingerprint"):
         assert key in metrics
     assert len(metrics["batch_losses"]) == 3 and metrics["bits_per_byte"] > 0
+
+    above = run_cli("generate", run_dir.parent, "--prompt", "ROMEO:")  # the experiment's folder, not a run's
+    assert above.returncode == 2 and f"pass one of them, e.g. {run_dir}" in above.stderr, above.stderr
