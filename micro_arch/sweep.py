@@ -15,6 +15,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import shlex
 from dataclasses import dataclass, field
@@ -204,20 +205,25 @@ def memory_budget_mb(device: torch.device) -> float:
     raise MicroArchError("cannot tell this machine's memory; set memory_budget_mb in the sweep file")
 
 
+def grid_points(sweep: SweepConfig) -> dict[str, list]:
+    """The grid sampler's values of each key."""
+    grid = {}
+    for key, r in sweep.search_space.items():
+        if r.type == "categorical":
+            grid[key] = list(r.choices)
+        elif r.type == "int":
+            grid[key] = list(range(int(r.low), int(r.high) + 1, int(r.step or 1)))
+        else:
+            n = int(round((r.high - r.low) / r.step))
+            grid[key] = [r.low + i * r.step for i in range(n + 1)]
+    return grid
+
+
 def _sampler(sweep: SweepConfig, seed: int):
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if sweep.sampler == "grid":
-        grid = {}
-        for key, r in sweep.search_space.items():
-            if r.type == "categorical":
-                grid[key] = list(r.choices)
-            elif r.type == "int":
-                grid[key] = list(range(int(r.low), int(r.high) + 1, int(r.step or 1)))
-            else:
-                n = int(round((r.high - r.low) / r.step))
-                grid[key] = [r.low + i * r.step for i in range(n + 1)]
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        return optuna.samplers.GridSampler(grid_points(sweep), seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 
 
@@ -354,6 +360,12 @@ def run_sweep(path, overrides=None, n_trials: int | None = None, runs_root: str 
             raise MicroArchError(f"--trials / n_trials={n_trials}: must be at least 1; a sweep of no trials has nothing "
                                  "to report")
         sweep.n_trials = n_trials
+    if sweep.sampler == "grid":  # past its last point the grid sampler would train points it has trained
+        size = math.prod(len(values) for values in grid_points(sweep).values())
+        if sweep.n_trials > size:
+            console.print(f"note: the grid has {size:,} points, so n_trials={sweep.n_trials:,} is lowered to {size:,}",
+                          highlight=False)
+            sweep.n_trials = size
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(sweep, runs_root)
     done = sum(_counted(t) for t in study.trials)

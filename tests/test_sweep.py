@@ -129,6 +129,19 @@ def test_a_trial_stopped_by_ctrl_c_is_not_counted_and_the_sweep_says_how_to_cont
     assert len(study.trials) == 3  # the interrupted one, then the sweep's n_trials=2 in full
 
 
+def test_a_grid_sweep_trains_each_point_once_however_often_it_is_started(tiny):
+    path, runs = tiny
+    sweep = yaml.safe_load(path.read_text())
+    sweep |= {"sampler": "grid", "n_trials": 5, "pruner": "none",
+              "search_space": {"model.d_model": {"type": "categorical", "choices": [16]},
+                               "train.lr": {"type": "categorical", "choices": [1e-3, 2e-3]}}}
+    path.write_text(yaml.safe_dump(sweep))
+    for _ in range(2):
+        run_sweep(path, runs_root=runs)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{runs / 'sweeps' / 'tiny' / 'study.db'}")
+    assert sorted(t.params["train.lr"] for t in study.trials) == [1e-3, 2e-3]
+
+
 @pytest.mark.parametrize("space, message", [
     ({"model.d_modl": {"type": "int", "low": 16, "high": 32}}, "search_space.model.d_modl: unknown config key 'd_modl'"),
     ({"model.d_modl": {"type": "int", "low": 16, "high": 32}}, "did you mean: d_model"),
