@@ -468,6 +468,15 @@ def test_a_refused_export_says_why_in_one_line_and_leaves_no_folder(parent_run, 
     assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("size", ["foo", "0", "-1GB", "2 GiB"])
+def test_a_shard_size_transformers_cannot_read_is_one_line_before_any_work(llama_run, tmp_path, size):
+    from micro_arch.hf.export import export_run
+
+    with pytest.raises(MicroArchError, match=r"--max-shard-size .*: a size such as 500MB or 2GB"):
+        export_run(llama_run[1], tmp_path / "hf", max_shard_size=size)  # was a ValueError traceback
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_export_whose_logits_disagree_is_removed(llama_run, tmp_path, monkeypatch):
     from micro_arch.hf import export
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -86,6 +87,14 @@ def chat_tokens(run_dir: Path, tokenizer) -> list[str]:
     return list(meta.get("special_tokens", []))
 
 
+def check_shard_size(text: str) -> None:
+    """--max-shard-size as transformers' save_pretrained reads it: a positive number and KB, MB, GB or TB."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(KB|MB|GB|TB)\s*", str(text), re.IGNORECASE)
+    if not found or float(found.group(1)) <= 0:
+        raise MicroArchError(f"--max-shard-size {text!r}: a size such as 500MB or 2GB (a positive number, then "
+                             "KB, MB, GB or TB)")
+
+
 def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_size: str = "2GB") -> dict:
     """Export `run_dir` (its latest checkpoint, or `checkpoint`) to the folder `out`; returns what was checked."""
     offline()
@@ -100,6 +109,7 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
 
     if dtype not in DTYPES:
         raise MicroArchError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    check_shard_size(max_shard_size)
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MicroArchError(f"--out {out}: exists and is not an empty folder; choose a new folder or remove it")
