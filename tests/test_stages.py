@@ -250,8 +250,12 @@ def test_unreadable_file_is_one_line(tmp_path):
     with pytest.raises(MicroArchError, match="empty.jsonl: no conversations in it"):
         read_records(str(tmp_path / "empty.jsonl"), tmp_path, "conversations")
     path = tmp_path / "broken.jsonl"
-    path.write_text('{"messages": [\n')
-    with pytest.raises(MicroArchError, match="broken.jsonl: cannot read conversations"):
+    good = json.dumps({"messages": CONVERSATION}) + "\n"
+    path.write_text(good * 3 + '{"messages": [{"role": "user", "content": "hi"}\n' + good)
+    with pytest.raises(MicroArchError, match=r"^broken.jsonl line 4: not JSON: Expecting ',' delimiter \(column 48\)"):
+        read_records(str(path), tmp_path, "conversations")  # was datasets' 'An error occurred', no line
+    path.write_text(good + "[1, 2]\n")
+    with pytest.raises(MicroArchError, match="broken.jsonl line 2: a JSON list, not an object"):
         read_records(str(path), tmp_path, "conversations")
 
 

@@ -7,6 +7,7 @@ a .jsonl/.json/.parquet file, a glob, or a folder.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def read_records(source: str, cache_dir: Path, what: str) -> list[tuple[str, dic
                 table = datasets.load_dataset(file_format(path), data_files=[path], split="train",
                                               cache_dir=str(cache_dir / "hf-datasets"))
             except Exception as err:  # datasets wraps parse errors in several types; all mean "cannot read"
+                bad = first_bad_line(path) if path.endswith(".jsonl") else None
+                if bad:
+                    raise MicroArchError(f"{os.path.basename(path)} {bad}; each line of a .jsonl file is one JSON "
+                                         "object") from None
                 first = str(err).splitlines()[0] if str(err) else ""
                 raise MicroArchError(f"{path}: cannot read {what} as JSON lines ({type(err).__name__}: {first})"
                                      ) from None
@@ -45,6 +50,22 @@ def read_records(source: str, cache_dir: Path, what: str) -> list[tuple[str, dic
     if not records:
         raise MicroArchError(f"{source}: no {what} in it")
     return records
+
+
+def first_bad_line(path: str) -> str | None:
+    """Where a JSON-lines file stops being one JSON object per line, e.g. "line 4: Expecting ',' delimiter
+    (column 81)", or None when every line is one (datasets' own errors do not say where)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                return f"line {i}: not JSON: {err.msg} (column {err.colno})"
+            if not isinstance(row, dict):
+                return f"line {i}: a JSON {type(row).__name__}, not an object"
+    return None
 
 
 def split_records(records: list, val_source_records: list | None, val_fraction: float, source: str
