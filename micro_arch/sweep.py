@@ -300,17 +300,30 @@ class Objective:
             raise optuna.TrialPruned(f"estimated {est.peak_mb:.1f} MiB > budget {budget:.1f} MiB")
         console.print(f"  memory: {est.summary()} (budget {budget:,.1f} MiB)")
 
+        # the pruner compares trials in the objective's unit: per token only while one tokenizer is swept
+        per_byte = s.objective == "bits_per_byte"
+        scale, unit = (bits_per_nat_token(cfg), "bits per byte") if per_byte else (1.0, "held-out loss")
+
         def on_eval(step: int, val_loss: float) -> None:
-            trial.report(val_loss, step)
+            value = val_loss * scale
+            trial.report(value, step)
             if trial.should_prune():
-                console.print(f"  [yellow]pruned at step {step}[/] (held-out loss {val_loss:.4f})")
-                raise optuna.TrialPruned(f"held-out loss {val_loss:.4f} at step {step}")
+                console.print(f"  [yellow]pruned at step {step}[/] ({unit} {value:.4f})")
+                raise optuna.TrialPruned(f"{unit} {value:.4f} at step {step}")
 
         runs_root = self.trials_dir / f"{trial.number:04d}"
         trial.set_user_attr("runs_root", str(runs_root))
         run_dir = run_experiment(s.experiment, overrides, runs_root=str(runs_root), on_eval=on_eval)
         trial.set_user_attr("run_dir", str(run_dir))
         return objective_value(run_dir, s.objective)
+
+
+def bits_per_nat_token(cfg: ExperimentConfig) -> float:
+    """Bits per byte of one nat per token on the held-out split of cfg's data and tokenizer."""
+    from micro_arch.data import prepare_data
+
+    data = prepare_data(cfg.data)
+    return len(data.val) / (math.log(2) * data.val_bytes)
 
 
 def objective_value(run_dir: Path, objective: str) -> float:
@@ -363,8 +376,8 @@ def run_sweep(path, overrides=None, n_trials: int | None = None, runs_root: str 
     if sweep.sampler == "grid":  # past its last point the grid sampler would train points it has trained
         size = math.prod(len(values) for values in grid_points(sweep).values())
         if sweep.n_trials > size:
-            console.print(f"note: the grid has {size:,} points, so n_trials={sweep.n_trials:,} is lowered to {size:,}",
-                          highlight=False)
+            console.print(f"note: the grid has {size:,} points, so n_trials={sweep.n_trials:,} is lowered to "
+                          f"{size:,}", highlight=False)
             sweep.n_trials = size
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(sweep, runs_root)

@@ -1,12 +1,15 @@
 """Sweeps: memory pruning before training, resuming a stopped study, clear errors, the report."""
 
+import csv
 import json
+import math
 
 import optuna
 import pytest
 import torch
 import yaml
 
+from micro_arch.data import prepare_data
 from micro_arch.errors import MicroArchError
 from micro_arch.experiment import load_experiment, with_vocab
 from micro_arch.memory import estimate_memory
@@ -140,6 +143,27 @@ def test_a_grid_sweep_trains_each_point_once_however_often_it_is_started(tiny):
         run_sweep(path, runs_root=runs)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{runs / 'sweeps' / 'tiny' / 'study.db'}")
     assert sorted(t.params["train.lr"] for t in study.trials) == [1e-3, 2e-3]
+
+
+def test_a_bits_per_byte_sweep_prunes_on_bits_per_byte(tiny):
+    """Trials with different tokenizers are comparable per byte, not per token: what the pruner sees is the
+    held-out loss converted with the trial's own tokens per byte."""
+    path, runs = tiny
+    sweep = yaml.safe_load(path.read_text())
+    sweep |= {"objective": "bits_per_byte", "n_trials": 1, "search_space": {
+        "model.d_model": {"type": "categorical", "choices": [16]}, "data.tokenizer": {"type": "categorical",
+                                                                                      "choices": ["bpe"]}},
+        "set": sweep["set"] + ["data.vocab_size=320"], "memory_budget_mb": None}
+    path.write_text(yaml.safe_dump(sweep))
+    study = run_sweep(path, runs_root=runs)
+    (trial,) = study.trials
+    data = prepare_data(with_vocab(load_experiment(sweep["experiment"], sweep["set"] + ["data.tokenizer=bpe"])).data)
+    (run_dir,) = (runs / "sweeps" / "tiny" / "trials" / "0000" / "tinyexp").iterdir()
+    with open(run_dir / "metrics.csv") as f:
+        val_losses = {int(r["step"]): float(r["val_loss"]) for r in csv.DictReader(f) if r["val_loss"]}
+    per_byte = len(data.val) / (math.log(2) * data.val_bytes)
+    assert data.val_bytes > 1.5 * len(data.val)  # BPE: tokens of several bytes, so the units differ
+    assert trial.intermediate_values == pytest.approx({k: v * per_byte for k, v in val_losses.items()})
 
 
 @pytest.mark.parametrize("space, message", [
