@@ -257,6 +257,9 @@ def test_unreadable_file_is_one_line(tmp_path):
     path.write_text(good + "[1, 2]\n")
     with pytest.raises(MicroArchError, match="broken.jsonl line 2: a JSON list, not an object"):
         read_records(str(path), tmp_path, "conversations")
+    path.write_text(good + "\n" + good + "\n")  # blank lines are skipped, and counted in the line numbers
+    assert [where for where, _ in read_records(str(path), tmp_path, "conversations")] == \
+        ["broken.jsonl line 1", "broken.jsonl line 3"]
 
 
 # --- the Shakespeare dialogue builder ------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """JSON-lines records for the later stages (conversations, preference pairs), read with `datasets`.
 
 Files are read one at a time so that an error can name the file and the line of the bad record (one JSON
-object per line: record i is line i + 1). A source is anything the data section accepts as local files:
+object per line; blank lines are skipped and counted). A source is anything the data section accepts as local files:
 a .jsonl/.json/.parquet file, a glob, or a folder.
 """
 
@@ -43,13 +43,25 @@ def read_records(source: str, cache_dir: Path, what: str) -> list[tuple[str, dic
                 raise MicroArchError(f"{path}: cannot read {what} as JSON lines ({type(err).__name__}: {first})"
                                      ) from None
             name = os.path.basename(path)
-            records += [(f"{name} line {i + 1}", row) for i, row in enumerate(table.to_list())]
+            rows = table.to_list()
+            records += [(f"{name} line {n}", row) for n, row in zip(record_lines(path, len(rows)), rows)]
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
     if not records:
         raise MicroArchError(f"{source}: no {what} in it")
     return records
+
+
+def record_lines(path: str, n: int):
+    """The line number of each of a file's n records: a .jsonl file's non-blank lines (datasets skips blank
+    ones), else 1..n."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            found = [i for i, line in enumerate(f, 1) if line.strip()]
+        if len(found) == n:
+            return found
+    return range(1, n + 1)
 
 
 def first_bad_line(path: str) -> str | None:
