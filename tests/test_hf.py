@@ -548,3 +548,26 @@ def test_the_export_check_text_keeps_what_a_folders_tokenizer_can_encode(tmp_pat
     assert set(text) <= set(chars) and len(text) > 40
     hf_tokenizer(base).save_pretrained(tmp_path / "tokenizer")
     check_tokenizer(tmp_path / "tokenizer", base, text)
+
+
+def test_a_chat_run_from_a_padded_folder_exports_its_template_after_every_row(tmp_path):
+    """A folder whose embedding has more rows than its tokenizer has ids (padded, as many released models are):
+    an SFT run from it puts the template's tokens after the rows, and the export refused to write them there."""
+    from transformers import AutoTokenizer
+
+    from micro_arch.hf.folder_tokenizer import FolderTokenizer, folder_tokenizer
+    from micro_arch.hf.tokenizer import _char_tokenizer, hf_tokenizer
+    from micro_arch.stages.chat_template import SPECIAL_TOKENS, ChatTokenizer, render
+
+    chars = "\n :ABCDEFINRSWabcdefhikmnoprstuvwy,.?"
+    rows = len(chars) + 13  # the model's embedding rows before the template's
+    chat = ChatTokenizer(FolderTokenizer(_char_tokenizer(chars), rows, "huggingface-padded"))
+    hf_tokenizer(chat.base, list(SPECIAL_TOKENS)).save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    messages = [{"role": "user", "content": "Who is there?"}, {"role": "assistant", "content": "Nay, answer me."}]
+    ids = render(chat, messages, add_generation_prompt=True)[0].tolist()
+    theirs = loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ids
+    assert chat.role_id["system"] == rows and loaded.eos_token_id == rows + 3
+    again = ChatTokenizer(folder_tokenizer(tmp_path, rows + len(SPECIAL_TOKENS), "test"))  # a further stage
+    assert again.ids == chat.ids and again.encode("Who is there?") == chat.encode("Who is there?")

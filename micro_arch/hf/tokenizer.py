@@ -1,6 +1,7 @@
 """A run's tokenizer as a `tokenizers` model that transformers' AutoTokenizer loads, with the same ids.
 
-- a Hugging Face folder's tokenizer (SFT/DPO from a folder): its own `tokenizers` model, unchanged;
+- a Hugging Face folder's tokenizer (SFT/DPO from a folder): its own `tokenizers` model, unchanged (a chat
+  run's tokens go after the model's rows: a padded embedding's spare rows get placeholder special tokens);
 - char: a WordLevel vocabulary over single characters (every character its own pre-token), decoded by
   joining; a character outside the vocabulary is an error, as in micro-arch.
 - SentencePiece BPE (what `tokenizer: bpe` trains: identity normalisation, no dummy prefix, byte fallback,
@@ -69,6 +70,10 @@ def hf_tokenizer(tokenizer, special_tokens: list[str] | None = None):
                              "Hugging Face folder's tokenizer map")
     extra = {}
     if special_tokens:
+        gap = tokenizer.vocab_size - tok.get_vocab_size(with_added_tokens=True)
+        if gap > 0:  # a padded embedding (a folder's tokenizer has fewer ids than rows): the chat tokens go after it
+            tok.add_special_tokens([AddedToken(f"<|micro_arch_pad_{i}|>", special=True, normalized=False)
+                                    for i in range(gap)])
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
         ids = [tok.token_to_id(t) for t in special_tokens]
         if ids != list(range(tokenizer.vocab_size, tokenizer.vocab_size + len(special_tokens))):
