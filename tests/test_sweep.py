@@ -3,12 +3,14 @@
 import csv
 import json
 import math
+import sys
 
 import optuna
 import pytest
 import torch
 import yaml
 
+from micro_arch import registry
 from micro_arch.data import prepare_data
 from micro_arch.errors import MicroArchError
 from micro_arch.experiment import load_experiment, with_vocab
@@ -110,7 +112,11 @@ class SigintOnce(nn.Module):
 '''
 
 
-def test_a_trial_stopped_by_ctrl_c_is_not_counted_and_the_sweep_says_how_to_continue(tiny, capsys):
+def test_a_trial_stopped_by_ctrl_c_is_not_counted_and_the_sweep_says_how_to_continue(tiny, capsys, monkeypatch,
+                                                                                        request):
+    registry.load_all()  # the signalling block must not outlive this test
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    request.addfinalizer(lambda: sys.modules.pop("micro_arch_experiment_blocks.sigint_exp", None))
     path, runs = tiny
     exp = path.parent / "sigint_exp"
     exp.mkdir()
