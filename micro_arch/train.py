@@ -69,7 +69,7 @@ def print_plan(cfg: ExperimentConfig, model: Model, world_size: int, device: tor
     console.print(f"  parameters        {n:,} ({n_ne:,} without embeddings)", soft_wrap=True)
     console.print(f"  FLOPs per token   {flops:,.0f} (training: forward + backward)", soft_wrap=True)
     console.print(f"  planned           {steps:,} steps x {tokens_per_step(cfg, world_size):,} tokens = "
-                  f"{tokens:,} tokens ({tokens / n_ne:.1f} tokens per non-embedding parameter), "
+                  f"{tokens:,} tokens ({tokens / n_ne:.2g} tokens per non-embedding parameter), "
                   f"{flops * tokens:.3g} FLOPs", soft_wrap=True)
     console.print(f"  peak memory       {est.summary()}", soft_wrap=True)
     if est.warning:  # the fake-tensor trace failed: say so, never fall back silently

@@ -189,6 +189,10 @@ def test_dry_run_prints_the_plan(tmp_path):
                  "peak memory"):
         assert text in result.stdout
     assert not (tmp_path / "runs").exists()
+    printed = " ".join(result.stdout.split())
+    non_embedding = int(printed.split(" without embeddings")[0].split("(")[-1].replace(",", ""))
+    ratio = float(printed.split("tokens (")[1].split(" tokens per non-embedding parameter")[0])
+    assert ratio == pytest.approx(24 * 4 * 32 / non_embedding, rel=0.05)  # TINY's tokens, two digits
 
 
 def test_dry_run_of_a_billion_parameter_model_allocates_no_weights(tmp_path):
