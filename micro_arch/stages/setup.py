@@ -139,8 +139,8 @@ def check_same_start(run_dir, source: dict, init_from: str, evaluating: bool = F
 
     path = Path(run_dir) / "parent.json"
     began = json.loads(path.read_text()) if path.is_file() else {}
-    if began.get("type") != "micro-arch run" or source.get("type") != "micro-arch run":
-        return
+    if began.get("type") != "micro-arch run" or source.get("type") != "micro-arch run" or began.get("step") is None:
+        return  # a folder has no steps; a checkpoint without one cannot be told apart
     if (began.get("path"), began.get("step")) == (source.get("path"), source.get("step")):
         return
     kept = [p for p in step_checkpoints(Path(began["path"])) if p.stem == f"step_{began['step']:07d}"]
