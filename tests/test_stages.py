@@ -245,7 +245,7 @@ def test_bad_pairs_name_the_line(tmp_path, tok, row, message):
         encode_pairs(tok, read_records(path, tmp_path, "preference pairs"), 64, "training")
 
 
-def test_unreadable_file_is_one_line(tmp_path):
+def test_unreadable_file_is_one_line(tmp_path, capfd):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(MicroArchError, match="empty.jsonl: no conversations in it"):
         read_records(str(tmp_path / "empty.jsonl"), tmp_path, "conversations")
@@ -254,6 +254,7 @@ def test_unreadable_file_is_one_line(tmp_path):
     path.write_text(good * 3 + '{"messages": [{"role": "user", "content": "hi"}\n' + good)
     with pytest.raises(MicroArchError, match=r"^broken.jsonl line 4: not JSON: Expecting ',' delimiter \(column 48\)"):
         read_records(str(path), tmp_path, "conversations")  # was datasets' 'An error occurred', no line
+    assert "Failed to load JSON" not in capfd.readouterr().err  # nor datasets' own log line before it
     path.write_text(good + "[1, 2]\n")
     with pytest.raises(MicroArchError, match="broken.jsonl line 2: a JSON list, not an object"):
         read_records(str(path), tmp_path, "conversations")

@@ -27,8 +27,9 @@ def read_records(source: str, cache_dir: Path, what: str) -> list[tuple[str, dic
                              f"{os.path.basename(bad[0])}")
     files = [f for f in files if os.path.getsize(f) > 0]  # datasets cannot read an empty file
     records = []
-    was_enabled = datasets.is_progress_bar_enabled()
+    was_enabled, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors are ours to word, in one line
     try:
         for path in files:
             try:
@@ -46,6 +47,7 @@ def read_records(source: str, cache_dir: Path, what: str) -> list[tuple[str, dic
             rows = table.to_list()
             records += [(f"{name} line {n}", row) for n, row in zip(record_lines(path, len(rows)), rows)]
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if was_enabled:
             datasets.enable_progress_bars()
     if not records:
