@@ -187,7 +187,8 @@ class Bookkeeper:
         if self.dist.main:
             payload = {"model": self.t.model.state_dict(), "optimizer": self.t.optimizer.state_dict(),
                        **self.state.payload(), "data_step": self.state.step * self.cfg.grad_accum,
-                       "rng": ckpt.rng_state(), "config": self.t.config_dict, "total_steps": self.t.total_steps}
+                       "rng": ckpt.rng_state(), "config": self.t.config_dict, "total_steps": self.t.total_steps,
+                       "world_size": self.dist.world_size}
             directory = self.run_dir / "checkpoints"
             ckpt.save_checkpoint(directory / f"step_{self.state.step:07d}.pt", payload,
                                  also=ckpt.latest_checkpoint(self.run_dir))

@@ -148,6 +148,7 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
                 return Path(resume) if dist.main else None
             if dist.main:
                 _warn_if_schedule_changes(payload, cfg, dist.world_size)
+                _warn_if_processes_change(payload, cfg, dist.world_size)
         elif checkpoint:
             raise MicroArchError(f"--checkpoint {checkpoint} picks the checkpoint of a run to resume; "
                                  "add --resume RUN_DIR")
@@ -229,6 +230,17 @@ def _warn_if_schedule_changes(payload: dict, cfg: ExperimentConfig, world_size: 
          f"schedule is stretched over the new length, so from step {step:,} on the learning rate follows it "
          f"({before:.3g} -> {after:.3g} at step {step:,}); the run is no longer the same as one planned for "
          f"{new_total:,} steps from the start")
+
+
+def _warn_if_processes_change(payload: dict, cfg: ExperimentConfig, world_size: int) -> None:
+    """Another number of processes is another global batch (batch_size is per process)."""
+    old = payload.get("world_size")  # None: a checkpoint from before it was recorded
+    if old is None or old == world_size:
+        return
+    rows = [cfg.train.batch_size * cfg.train.grad_accum * n for n in (old, world_size)]
+    warn(f"this run trained with {old} process(es) and resumes with {world_size}: the global batch changes from "
+         f"{rows[0]:,} to {rows[1]:,} sequences per step at step {payload['step']:,}, so the run is no longer the same "
+         f"as one trained either way from the start; resume with --nproc {old} to keep it")
 
 
 @contextmanager

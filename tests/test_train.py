@@ -226,6 +226,19 @@ def test_bad_input_stops_with_a_message(tmp_path, override, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_resuming_with_another_number_of_processes_warns_that_the_global_batch_changes(tmp_path):
+    exp = make_experiment(tmp_path)
+    first = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "runs", "--set", "train.max_steps=4",
+                    env={"OMP_NUM_THREADS": "1"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    resumed = run_cli("run", exp, "--resume", run_dir, "--set", "train.max_steps=6")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    warning = " ".join(resumed.stderr.split())
+    assert "trained with 2 process(es) and resumes with 1" in warning, warning
+    assert "global batch changes from 8 to 4 sequences per step at step 4" in warning, warning
+
+
 def test_resume_refuses_corrupt_checkpoints_and_other_configs(tmp_path):
     exp = make_experiment(tmp_path)
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=4"])
