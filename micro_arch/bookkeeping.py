@@ -148,7 +148,8 @@ class Bookkeeper:
     def _log_row(self) -> dict:
         self.window_time += self.clock.charge("train")
         self.state.timed_tokens += self.window_tokens
-        tps = self.window_tokens / self.window_time if self.window_time > 0 else None
+        # a window holding only a process's first step (timed as compilation) has no throughput, not 0
+        tps = self.window_tokens / self.window_time if self.window_tokens and self.window_time > 0 else None
         means = self.window.read(self.dist, self.t.device)
         row = {"step": self.state.step, "tokens": self.state.tokens, "train_loss": means.pop("train_loss", None),
                "lr": self.t.optimizer.param_groups[-1]["lr"], "tokens_per_sec": tps,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_train import make_experiment
+from test_train import make_experiment, read_metrics
 
 from micro_arch.config import DataConfig, TrainConfig
 from micro_arch.data import prepare_data, sample_batch
@@ -63,6 +63,23 @@ def test_throughput_leaves_out_the_first_step_evaluation_and_checkpoints(tmp_pat
     # train_time_s is rounded to the millisecond, a few percent of these few steps on a fast machine
     slow, fast = timed_tokens / (s["train_time_s"] + 0.0005), timed_tokens / (s["train_time_s"] - 0.0005)
     assert slow * 0.99 <= s["tokens_per_sec"] <= fast * 1.01
+
+
+def test_a_log_row_of_only_the_first_step_has_no_throughput_rather_than_zero(tmp_path):
+    """The first step of a process (a fresh run or a resume) is timed as compilation: a log row whose window
+    holds only that step says nothing about throughput (it used to say 0 tok/s)."""
+    exp = make_experiment(tmp_path)
+    steps = ["train.max_steps=4", "train.log_every=1", "train.eval_every=4", "train.checkpoint_every=2"]
+    run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=steps)
+    rows = read_metrics(run_dir)
+    assert rows[0]["step"] == "1" and rows[0]["tokens_per_sec"] == ""  # an empty cell, as val_loss between evals
+    assert all(float(r["tokens_per_sec"]) > 0 for r in rows[1:])
+    (run_dir / "checkpoints" / "step_0000004.pt").unlink()  # resume from step 2: step 3 is a first step again
+    (run_dir / "checkpoints" / "latest.pt").unlink(missing_ok=True)
+    run_experiment(exp, runs_root=tmp_path / "runs", overrides=steps, resume=run_dir)
+    rows = {r["step"]: r for r in read_metrics(run_dir)}
+    assert list(rows) == ["1", "2", "3", "4"]
+    assert rows["3"]["tokens_per_sec"] == "" and float(rows["4"]["tokens_per_sec"]) > 0
 
 
 def test_no_host_reads_between_log_steps(tmp_path, data, monkeypatch):
