@@ -112,7 +112,7 @@ def cmd_compare(args) -> None:
     if args.data:
         from micro_arch.eval_data import compare_on_data
 
-        compare_on_data(args.runs, args.data, args.out, console=console)
+        compare_on_data(args.runs, args.data, args.out, console=console, text_field=args.text_field)
         return
     from micro_arch.report import compare
 
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="generate fresh samples for this prompt (repeatable)")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="instead: rank the runs in bits per byte on this text (a file, glob or 'shakespeare')")
+    p.add_argument("--text-field", default="text", help="with --data: the column that holds the text (.jsonl/.parquet)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="sample from a trained run with a KV cache")
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="evaluate on this text instead of the held-out split: a .txt/.jsonl/.parquet file, a glob, "
                         "a folder or 'shakespeare'; characters the tokenizer cannot encode are counted")
+    p.add_argument("--text-field", default="text", help="with --data: the column that holds the text (.jsonl/.parquet)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder (logits checked)")

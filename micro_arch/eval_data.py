@@ -29,7 +29,7 @@ def source_documents(source: str, text_field: str = "text") -> list[str]:
     if isinstance(src, BuiltinSource):
         return shakespeare_documents()[1]
     if isinstance(src, FileSource):
-        docs = src.documents(option="--data")
+        docs = src.documents(option="--data", field_option="--text-field")
     else:
         train, val = src.split(0.5)
         docs = train + val
@@ -92,7 +92,8 @@ def unencodable_line(result: dict) -> str:
 
 
 def compare_on_data(run_dirs: list[str], source: str, out=None, batch_size: int = 32,
-                    max_batches: int | None = None, device: str = "auto", console=None) -> list[dict]:
+                    max_batches: int | None = None, device: str = "auto", console=None,
+                    text_field: str = "text") -> list[dict]:
     """Evaluate every run on SOURCE and rank them by bits per byte (lower is better); writes
     data_ranking.{md,json} to `out` when given."""
     import json
@@ -103,7 +104,8 @@ def compare_on_data(run_dirs: list[str], source: str, out=None, batch_size: int 
     console = console or Console()
     rows = []
     for run_dir in run_dirs:
-        result = evaluate_on_data(run_dir, source, batch_size=batch_size, max_batches=max_batches, device=device)
+        result = evaluate_on_data(run_dir, source, batch_size=batch_size, max_batches=max_batches, device=device,
+                                  text_field=text_field)
         rows.append({"run": str(run_dir), **{k: result[k] for k in (
             "bits_per_byte", "val_loss", "perplexity", "top1", "n_tokens", "n_bytes", "tokenizer", "unencodable",
             "characters")}})

@@ -141,7 +141,7 @@ def eval_command(args) -> None:
         from micro_arch.eval_data import evaluate_on_data, unencodable_line
 
         result = evaluate_on_data(run_dir, args.data, args.checkpoint, args.batch_size, args.max_batches,
-                                  args.device)
+                                  args.device, args.text_field)
         console.print(_metrics_table(result, f"evaluation on {args.data}: {run_dir}"))
         console.print(unencodable_line(result))
         return

@@ -455,6 +455,27 @@ def test_eval_on_any_text_counts_what_the_tokenizer_cannot_encode(tmp_path):
     assert "2 of 50 characters (4.00%) cannot be encoded" in out.stdout.replace("\n", " ")
 
 
+def test_eval_and_compare_data_take_a_text_field(tmp_path):
+    """A .jsonl whose text is not in 'text': the error names the option that fixes it (eval and compare take
+    no --set), and --text-field gives the same numbers as the same text in a .txt file."""
+    from helpers import run_cli
+
+    run, _, _ = make_run(tmp_path / "run")
+    docs = ["the quick brown fox.", "jumps over the lazy dog."]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    (tmp_path / "a.txt").write_text("\n\n".join(docs))
+    for command in ("eval", "compare"):
+        out = run_cli(command, run, "--data", tmp_path / "a.jsonl", *(["--device", "cpu"] if command == "eval" else []))
+        assert out.returncode == 2 and "no column 'text' (columns: body); set --text-field" in out.stderr, out.stderr
+    as_txt = run_cli("eval", run, "--data", tmp_path / "a.txt", "--device", "cpu")
+    as_jsonl = run_cli("eval", run, "--data", tmp_path / "a.jsonl", "--text-field", "body", "--device", "cpu")
+    assert as_jsonl.returncode == 0, as_jsonl.stderr
+    table = [line for line in as_jsonl.stdout.splitlines() if "bits" in line or "loss" in line]
+    assert table and table == [line for line in as_txt.stdout.splitlines() if "bits" in line or "loss" in line]
+    ranked = run_cli("compare", run, "--data", tmp_path / "a.jsonl", "--text-field", "body")
+    assert ranked.returncode == 0, ranked.stderr
+
+
 def test_compare_on_data_ranks_runs_in_bits_per_byte(tmp_path):
     from micro_arch.eval_data import compare_on_data, evaluate_on_data
 

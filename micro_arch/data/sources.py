@@ -78,8 +78,9 @@ class FileSource:
     def split(self, val_fraction: float) -> tuple[list[str], list[str]]:
         return hold_out(self.documents(), val_fraction, self.pattern)
 
-    def documents(self, option: str = "data.source") -> list[str]:
-        """Every document of the files, in order; a file that cannot be read says why, naming `option`."""
+    def documents(self, option: str = "data.source", field_option: str = "data.text_field") -> list[str]:
+        """Every document of the files, in order; a file that cannot be read says why, naming `option`
+        (and `field_option` when the text column is missing)."""
         import datasets
 
         if self.builder in ("text", "json"):
@@ -104,7 +105,7 @@ class FileSource:
             log.setLevel(level)
             if was_enabled:
                 datasets.enable_progress_bars()
-        return column_texts(table, self.text_field, self.pattern)
+        return column_texts(table, self.text_field, self.pattern, field_option)
 
 
 @dataclass
@@ -136,10 +137,10 @@ class HubSource:
         return hold_out(column_texts(loaded[split], self.text_field, self.name), val_fraction, self.name)
 
 
-def column_texts(table, text_field: str, where: str) -> list[str]:
+def column_texts(table, text_field: str, where: str, field_option: str = "data.text_field") -> list[str]:
     if text_field not in table.column_names:
         raise MicroArchError(f"{where}: no column {text_field!r} (columns: {', '.join(table.column_names)}); "
-                             "set data.text_field to the one that holds the text")
+                             f"set {field_option} to the one that holds the text")
     return [t for t in table[text_field] if isinstance(t, str) and t]
 
 
