@@ -209,8 +209,7 @@ def _load_resume_state(run_dir: Path, cfg: ExperimentConfig, checkpoint, dist: D
 def _say_complete(run_dir: Path, target, overrides, payload, cfg, world_size) -> None:
     steps = planned_steps(cfg, world_size)
     longer = [o for o in overrides if not o.startswith(("train.max_steps=", "train.max_tokens="))]
-    more = shlex.join(["micro-arch", "run", str(target), "--resume", str(run_dir), "--set", *longer,
-                       f"train.max_steps={2 * max(payload['step'], 1)}"])
+    more = resume_command(target, [*longer, f"train.max_steps={2 * max(payload['step'], 1)}"], run_dir)
     console.print(f"{run_dir}: this run is complete ({payload['step']:,} of {steps:,} steps); nothing to do, "
                   f"nothing changed. To train it further, resume with a larger train.max_steps, e.g.\n  {more}",
                   soft_wrap=True, highlight=False)

@@ -237,6 +237,11 @@ def test_resuming_with_another_number_of_processes_warns_that_the_global_batch_c
     warning = " ".join(resumed.stderr.split())
     assert "trained with 2 process(es) and resumes with 1" in warning, warning
     assert "global batch changes from 8 to 4 sequences per step at step 4" in warning, warning
+    # a finished run's advice to train further keeps the number of processes it is given
+    done = run_cli("run", exp, "--nproc", "2", "--resume", run_dir, "--set", "train.max_steps=6",
+                   env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and "this run is complete" in done.stdout, done.stderr[-3000:]
+    assert "--nproc 2" in done.stdout.split("resume with a larger train.max_steps")[1], done.stdout
 
 
 def test_resume_refuses_corrupt_checkpoints_and_other_configs(tmp_path):
