@@ -228,5 +228,5 @@ class Bookkeeper:
             "layers": [{"spec": g.spec, "repeat": g.repeat} for g in t.cfg.model.layers],
             # liveness: a run killed with kill -9 stays "running"; a stale updated_at or a dead pid tells
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid(),
-            "host": socket.gethostname(),
+            "host": socket.gethostname(), "started_in": os.getcwd(),  # relative paths in config.yaml start here
         })

@@ -153,7 +153,7 @@ def held_out_text_key(path: Path) -> str | None:
     from micro_arch.data.shards import cache_root
 
     try:
-        data = read_run_config(path).data
+        data = read_run_config(path, anchor=True).data
         return Corpus(data, cache_root(data.cache_dir)).key
     except MicroArchError:
         return None  # e.g. the source files are gone: only data_fingerprint can tell then

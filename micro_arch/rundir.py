@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import secrets
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from micro_arch.config import ExperimentConfig, from_dict, read_yaml, to_dict
+from micro_arch.data.sources import BUILTIN
 from micro_arch.errors import MicroArchError
 
 SUMMARY_FORMAT_VERSION = 1  # of summary.json; bump when its keys change meaning, so compare can tell old runs
@@ -43,7 +45,8 @@ def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     write_json(run_dir / "data_config.json", full["data"])
 
 
-def read_run_config(run_dir: str | Path) -> ExperimentConfig:
+def read_run_config(run_dir: str | Path, anchor: bool = False) -> ExperimentConfig:
+    """The run's config.yaml. With `anchor`, its relative paths are found as the run found them (`anchored`)."""
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     if not run_dir.is_dir():
@@ -53,7 +56,36 @@ def read_run_config(run_dir: str | Path) -> ExperimentConfig:
         hint = (f"it holds runs: pass one of them, e.g. {run_dir / inside[-1]} (the newest of {len(inside)})"
                 if inside else "pass a run folder such as runs/<experiment>/<run-id>")
         raise MicroArchError(f"{run_dir}: not a run directory (no config.yaml); {hint}")
-    return from_dict(ExperimentConfig, read_yaml(path), where=str(path))
+    cfg = from_dict(ExperimentConfig, read_yaml(path), where=str(path))
+    return anchored(cfg, run_dir) if anchor else cfg
+
+
+def anchored(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
+    """Relative paths in a run's config (data sources, a tokenizer model, model.init_from) are relative to the
+    folder the run was started in, which summary.json records as `started_in`. Evaluating, sampling or
+    comparing the run from another folder finds them there: a relative path that does not exist from here
+    but does from there becomes that absolute path. The config is changed in place and returned."""
+    summary = run_dir / "summary.json"
+    try:
+        origin = json.loads(summary.read_text()).get("started_in") if summary.is_file() else None
+    except (OSError, ValueError):
+        origin = None
+    if not origin:
+        return cfg
+
+    def find(path, local: bool = True):
+        if not local or not isinstance(path, str) or Path(path).is_absolute() or Path(path).exists():
+            return path
+        there = Path(origin) / path
+        return str(there) if there.exists() or glob.glob(str(there)) else path
+
+    data = cfg.data
+    for entry in [data] if isinstance(data.source, str) else data.source:  # hub names and 'shakespeare' stay
+        entry.source = find(entry.source, entry.source != BUILTIN)
+    data.val_source = find(data.val_source)
+    data.tokenizer = find(data.tokenizer, data.tokenizer.endswith(".model"))
+    cfg.model.init_from = find(cfg.model.init_from)
+    return cfg
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu"):
@@ -64,7 +96,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="
     from micro_arch.registry import load_experiment_blocks
 
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
+    cfg = read_run_config(run_dir, anchor=True)
     if (run_dir / "blocks.py").is_file():
         load_experiment_blocks(run_dir)
     payload = load_checkpoint(resolve_checkpoint(run_dir, checkpoint) if checkpoint else latest_checkpoint(run_dir),

@@ -261,3 +261,28 @@ def test_resume_refuses_corrupt_checkpoints_and_other_configs(tmp_path):
     assert result.returncode == 2 and "corrupt or truncated" in result.stderr and "latest.pt" in result.stderr
     assert "no intact checkpoint" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+def test_a_run_with_relative_data_paths_evaluates_from_another_folder(tmp_path, monkeypatch):
+    """data.source relative to the folder the run started in (as the shipped SFT/DPO experiments have it):
+    eval, generate and compare from elsewhere find it there, and evaluate on the same text."""
+    from micro_arch.evaluate import evaluate_run
+    from micro_arch.rundir import read_run_config
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "text.txt").write_text("ROMEO: To be, or not to be, that is the question.\n\n" * 60)
+    make_experiment(project, TINY.replace("source: shakespeare", "source: data/text.txt"))
+    monkeypatch.chdir(project)
+    run_dir = run_experiment("tiny", runs_root=project / "runs", overrides=["train.max_steps=8"])
+    here = evaluate_run(run_dir, max_batches=2, device="cpu")
+    assert json.loads((run_dir / "summary.json").read_text())["started_in"] == str(project)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert read_run_config(run_dir).data.source == "data/text.txt"  # config.yaml itself is unchanged
+    there = evaluate_run(run_dir, max_batches=2, device="cpu")
+    assert there["val_loss"] == here["val_loss"] and there["data_fingerprint"] == here["data_fingerprint"]
+    out = run_cli("compare", run_dir, "--out", elsewhere / "report", cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    assert "no such file" not in out.stdout + out.stderr
