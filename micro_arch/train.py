@@ -274,15 +274,28 @@ def _announce(cfg, trainer, run_dir, resume) -> None:
 
 
 def _finish(cfg, trainer, run_dir: Path, tokenizer) -> None:
-    from micro_arch.generate import sample_texts
-
-    s = cfg.train.sample
-    texts = sample_texts(trainer.model, tokenizer, s.prompts, max_new_tokens=s.max_new_tokens,
-                         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=cfg.train.seed)
-    write_json(run_dir / "samples.json", [{"prompt": p, "text": t} for p, t in zip(s.prompts, texts)])
+    s, chat = cfg.train.sample, cfg.train.stage in ("sft", "dpo")
+    texts = _samples(cfg, trainer.model, tokenizer)
+    write_json(run_dir / "samples.json", [{"prompt": p, "text": t} | ({"as": "assistant reply"} if chat else {})
+                                          for p, t in zip(s.prompts, texts)])
     console.print(f"held-out loss {trainer.last_val:.4f} after {trainer.step:,} steps, "
                   f"{trainer.state.tokens:,} tokens, {trainer.elapsed:.1f} s")
     for prompt, text in zip(s.prompts, texts):
-        console.rule(f"sample: {prompt!r}")
-        console.print(prompt + text, highlight=False, markup=False)
+        console.rule(f"{'reply to' if chat else 'sample'}: {prompt!r}")
+        console.print(f"user: {prompt}\nassistant: {text}" if chat else prompt + text, highlight=False, markup=False)
     console.print(f"run directory: {run_dir}")
+
+
+def _samples(cfg, model, tokenizer) -> list[str]:
+    """Continuations of train.sample's prompts; for an SFT or DPO run, the assistant's reply to each prompt
+    as a user turn, through the chat template, as `micro-arch chat` gives it."""
+    s = cfg.train.sample
+    if cfg.train.stage in ("sft", "dpo"):
+        from micro_arch.chat import ChatSession
+
+        return [ChatSession(model, tokenizer, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                            max_new_tokens=s.max_new_tokens, seed=cfg.train.seed).reply(p) for p in s.prompts]
+    from micro_arch.generate import sample_texts
+
+    return sample_texts(model, tokenizer, s.prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                        top_k=s.top_k, top_p=s.top_p, seed=cfg.train.seed)

@@ -713,6 +713,16 @@ def test_sft_then_dpo_runs_resume_exactly_and_chat(chain, tmp_path):
         len(load_chat_tokenizer(sft).base.chars), load_chat_tokenizer(sft).vocab_size]
     rows = read_metrics(sft)
     assert [bool(r["val_loss"]) for r in rows] == [False, True, False, True]
+    # the end-of-run sample of a chat model is its reply to the prompt as a user turn, as `chat` gives it
+    from micro_arch.chat import ChatSession
+    from micro_arch.rundir import load_run
+
+    (sample,) = json.loads((sft / "samples.json").read_text())
+    cfg, model, _ = load_run(sft)
+    s = cfg.train.sample
+    expected = ChatSession(model, load_chat_tokenizer(sft), temperature=s.temperature, top_k=s.top_k,
+                           max_new_tokens=s.max_new_tokens, seed=cfg.train.seed).reply(s.prompts[0])
+    assert sample == {"prompt": "A", "text": expected, "as": "assistant reply"} and "<|" not in expected
     assert_tokens_count_trimmed_batches(parent, sft, rows_per_step=4)
     check_resume_is_exact(root / "sft", sft_over, sft, tmp_path / "sft-resume")
 
