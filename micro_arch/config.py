@@ -444,6 +444,24 @@ def experiment_path(target: str | Path) -> Path:
     return path
 
 
+def extends_chain(path: Path) -> list[Path]:
+    """The config files a config is merged from, the furthest `extends:` parent first and `path` last. A
+    missing parent or a cycle ends the chain here; load_raw reports them."""
+    chain = [Path(path).resolve()]
+    while True:
+        try:
+            parent = read_yaml(chain[0]).get("extends")
+        except MicroArchError:
+            return chain
+        if parent is None:
+            return chain
+        parent_path = (chain[0].parent / parent).resolve()
+        parent_path = parent_path / "config.yaml" if parent_path.is_dir() else parent_path
+        if not parent_path.is_file() or parent_path in chain:
+            return chain
+        chain.insert(0, parent_path)
+
+
 def load_config(target: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Experiment folder (or YAML file) + `--set` overrides -> validated ExperimentConfig."""
     path = experiment_path(target)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from micro_arch.config import ExperimentConfig, experiment_path, load_config
+from micro_arch.config import ExperimentConfig, experiment_path, extends_chain, load_config
 from micro_arch.errors import MicroArchError
 from micro_arch.model import Model
 from micro_arch.registry import load_experiment_blocks
 
 
 def load_experiment(target: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load `<experiment>/blocks.py` (if any) first, so its block names resolve, then the config."""
+    """Load `<experiment>/blocks.py` (if any) first, and those of the experiments it extends, so their block
+    names resolve; then the config."""
     path = experiment_path(target)
-    load_experiment_blocks(path.parent)
+    for config_file in extends_chain(path):
+        load_experiment_blocks(config_file.parent)
     cfg = load_config(path, overrides)
     check_consistency(cfg)
     return cfg

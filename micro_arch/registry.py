@@ -7,6 +7,7 @@ and installed packages that declare the entry-point group `micro_arch.blocks`.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -220,12 +221,20 @@ def load_all() -> None:
 
 
 def load_experiment_blocks(experiment_dir: str | Path) -> None:
-    """Import `<experiment>/blocks.py` if there is one, so its @register_block classes exist."""
+    """Import `<experiment>/blocks.py` if there is one, so its @register_block classes exist; in a run
+    directory also the copies of the blocks of the experiments its config extends (`blocks-extends-N.py`)."""
     load_all()
-    path = Path(experiment_dir) / "blocks.py"
-    if not path.is_file():
-        return
-    module_name = f"micro_arch_experiment_blocks.{path.resolve().parent.name.replace('-', '_')}"
+    folder = Path(experiment_dir)
+    for path in [folder / "blocks.py", *sorted(folder.glob("blocks-extends-*.py"))]:
+        if path.is_file():
+            _load_blocks_file(path)
+
+
+def _load_blocks_file(path: Path) -> None:
+    """Import one blocks file, once per file (two experiment folders of the same name are two modules)."""
+    resolved = path.resolve()
+    stem = "".join(c if c.isalnum() else "_" for c in f"{resolved.parent.name}_{resolved.stem}")
+    module_name = f"micro_arch_experiment_blocks.{stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
     if module_name in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(module_name, path)

@@ -97,8 +97,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir, anchor=True)
-    if (run_dir / "blocks.py").is_file():
-        load_experiment_blocks(run_dir)
+    load_experiment_blocks(run_dir)  # the run's copies of its experiment's blocks, if it has any
     payload = load_checkpoint(resolve_checkpoint(run_dir, checkpoint) if checkpoint else latest_checkpoint(run_dir),
                               device)
     model = Model(cfg.model)

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 from micro_arch import checkpoint as ckpt
-from micro_arch.config import ExperimentConfig, experiment_path, to_dict
+from micro_arch.config import ExperimentConfig, experiment_path, extends_chain, to_dict
 from micro_arch.device import resolve_device, set_threads
 from micro_arch.distributed import Dist, init_distributed, launch, shutdown
 from micro_arch.errors import MicroArchError
@@ -185,11 +185,13 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
 
 
 def _keep_experiment_blocks(target, run_dir: Path) -> None:
-    """A copy of the experiment's own blocks.py, which rundir.load_run imports: eval, generate and compare
-    rebuild the model from the run directory alone."""
-    blocks_file = experiment_path(target).parent / "blocks.py"
-    if blocks_file.is_file():
-        shutil.copyfile(blocks_file, run_dir / "blocks.py")
+    """Copies of the experiment's own blocks.py and of those of the experiments it extends
+    (blocks-extends-N.py), which rundir.load_run imports: eval, generate and compare rebuild the model from
+    the run directory alone."""
+    *parents, own = extends_chain(experiment_path(target))
+    for config_file, name in [*((p, f"blocks-extends-{i}.py") for i, p in enumerate(parents)), (own, "blocks.py")]:
+        if (config_file.parent / "blocks.py").is_file():
+            shutil.copyfile(config_file.parent / "blocks.py", run_dir / name)
 
 
 def _load_resume_state(run_dir: Path, cfg: ExperimentConfig, checkpoint, dist: Dist, device) -> dict:

@@ -119,6 +119,26 @@ def test_runs_of_an_experiment_with_its_own_blocks_are_evaluated_and_compared_fr
     assert sorted(r["run"] for r in ranked) == [str(r) for r in runs]
 
 
+def test_an_experiment_that_extends_one_with_its_own_blocks_trains_and_evaluates(tmp_path):
+    """The parent's blocks.py is loaded for the child (whose own blocks.py, if any, is loaded too), and the
+    run keeps a copy of both: eval works after both experiment folders are gone."""
+    spec = '"Norm->Attn->+->Norm->MLP->zz_own_scaled_tanh(init=0.5)->+"'
+    parent = make_experiment(tmp_path, TINY.replace('"Norm->Attn->+->Norm->MLP->+"', spec), name="base")
+    (parent / "blocks.py").write_text(SCALED_TANH)
+    child = make_experiment(tmp_path, "extends: ../base/config.yaml\nmodel: {d_model: 16}\n", name="child")
+    (child / "blocks.py").write_text(SCALED_TANH.replace("zz_own_scaled_tanh", "zz_child_tanh"))
+    trained = run_cli("run", child, "--runs-dir", tmp_path / "runs", "--set", "train.max_steps=2",
+                      "train.sample.max_new_tokens=2")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    (run,) = (tmp_path / "runs" / "child").iterdir()
+    assert (run / "blocks-extends-0.py").read_text() == SCALED_TANH
+    assert "zz_child_tanh" in (run / "blocks.py").read_text()
+    shutil.rmtree(parent)
+    shutil.rmtree(child)
+    result = run_cli("eval", run, "--max-batches", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_resume_matches_the_uninterrupted_run(tmp_path):
     exp = make_experiment(tmp_path)
     full = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["model.dropout=0.1"])

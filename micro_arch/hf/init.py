@@ -66,8 +66,7 @@ def read_source(path_text: str) -> tuple[ModelConfig, dict, dict]:
     run_dir = run_dir_of(kind, path)
     file = path if kind == "checkpoint" else latest_checkpoint(run_dir)
     cfg = read_run_config(run_dir)
-    if (run_dir / "blocks.py").is_file():
-        load_experiment_blocks(run_dir)
+    load_experiment_blocks(run_dir)  # the run's copies of its experiment's blocks, if it has any
     payload = load_checkpoint(file, "cpu")
     best = payload.get("best_val_loss")
     provenance = {"type": "micro-arch run", "path": str(run_dir.resolve()), "experiment": cfg.name,
