@@ -101,6 +101,7 @@ class Bookkeeper:
         self.first_step = True  # the first step of a process is timed apart: compilation, warm-up
         self.window_tokens, self.window_time = 0, 0.0
         self.saved_step, self.last_summary = None, 0.0
+        self.loads: list[float] = []  # the machine's 1-minute load average at each summary of this process
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(elapsed_when_finished=True)]
         self.progress = Progress(*columns, console=console, disable=not self.dist.main, auto_refresh=False)
@@ -207,6 +208,8 @@ class Bookkeeper:
 
     def write_summary(self, status: str, **extra) -> None:
         self.last_summary = time.monotonic()
+        if hasattr(os, "getloadavg"):
+            self.loads.append(os.getloadavg()[0])
         if not self.dist.main:
             return
         t, st, model = self.t, self.state, self.t.model
@@ -229,4 +232,7 @@ class Bookkeeper:
             # liveness: a run killed with kill -9 stays "running"; a stale updated_at or a dead pid tells
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid(),
             "host": socket.gethostname(), "started_in": os.getcwd(),  # relative paths in config.yaml start here
+            # throughput is only comparable between runs on a machine that was not busy with other work
+            "load_average": round(sum(self.loads) / len(self.loads), 2) if self.loads else None,
+            "cpu_count": os.cpu_count(),
         })

@@ -24,7 +24,8 @@ class Metric:
     key: str  # a column of the runs table; its standard error, if any, is in key + "_se"
     label: str
     lower_is_better: bool
-    needs: str  # "tokenizer": same tokenizer and held-out data; "held_out": same held-out data; "hardware"
+    needs: str  # "tokenizer": same tokenizer and held-out data; "held_out": same held-out data; "hardware";
+    # "timing": same hardware, and none of the runs measured on a busy machine
 
 
 RANKED = [
@@ -33,7 +34,7 @@ RANKED = [
     Metric("bits_per_byte", "bits per byte", True, "held_out"),
     Metric("top1", "top-1 accuracy", False, "tokenizer"),
     Metric("top5", "top-5 accuracy", False, "tokenizer"),
-    Metric("tokens_per_sec", "throughput", False, "hardware"),
+    Metric("tokens_per_sec", "throughput", False, "timing"),
     Metric("peak_memory_mb", "peak memory", True, "hardware"),
 ]
 
@@ -98,6 +99,7 @@ class Fairness:
     held_out_groups: list[list[str]]  # runs evaluated on the same held-out data, one list per dataset
     one_hardware: bool
     notes: list[str]
+    busy: list[str] = field(default_factory=list)  # runs timed while the machine was busy with other work
 
     @property
     def same_held_out(self) -> bool:
@@ -114,8 +116,10 @@ class Fairness:
             return "not comparable: the runs were evaluated on different held-out data"
         if metric.needs == "tokenizer" and not self.one_tokenizer:
             return "not comparable across tokenizers; compare bits per byte"
-        if metric.needs == "hardware" and not self.one_hardware:
+        if metric.needs in ("hardware", "timing") and not self.one_hardware:
             return "not comparable: measured on different hardware"
+        if metric.needs == "timing" and self.busy:
+            return f"not comparable: {', '.join(self.busy)} ran on a busy machine"
         return None
 
 
@@ -151,7 +155,19 @@ def assess(facts: dict[str, dict]) -> Fairness:
     if len(hardware) > 1:
         notes.append(f"Throughput and peak memory come from different hardware ({', '.join(hardware)}) and "
                      "are not ranked.")
-    return Fairness(len(tokenizers) <= 1, groups, len(hardware) <= 1, notes)
+    busy = [name for name, f in facts.items() if _busy(f)]
+    if busy:
+        loads = ", ".join(f"{name} {facts[name]['load_average']:g} on {facts[name]['cpu_count']} CPUs" for name in busy)
+        notes.append(f"Throughput is not ranked: the machine was busy with other work while these runs trained "
+                     f"(mean load average {loads}); time them again on a quiet machine.")
+    return Fairness(len(tokenizers) <= 1, groups, len(hardware) <= 1, notes, busy)
+
+
+def _busy(facts: dict) -> bool:
+    """More runnable threads than CPUs, besides about one CPU's worth for the run itself (its own threads
+    count in the load average too)."""
+    load, cpus = facts.get("load_average"), facts.get("cpu_count")
+    return load is not None and cpus is not None and load > cpus + 1
 
 
 def verdicts(table, fairness: Fairness, fmt_of=None) -> list[Verdict]:

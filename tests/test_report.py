@@ -343,6 +343,27 @@ def test_assess_compares_tokenizers_held_out_data_and_hardware():
     assert not gpu.one_hardware and gpu.same_held_out
 
 
+def test_throughput_is_not_ranked_when_a_run_trained_on_a_busy_machine():
+    """Load average above the CPUs plus the run's own share: another job shared the machine, so the runs'
+    tokens/s say more about it than about the models. Peak memory is still compared."""
+    import pandas as pd
+
+    from micro_arch.report_fairness import verdicts
+
+    run = {"tokenizer": "char", "data_fingerprint": "f1", "device": "cpu", "world_size": 1, "cpu_count": 2}
+    table = pd.DataFrame({"tokens_per_sec": [3736.0, 1062.0], "peak_memory_mb": [500.0, 600.0]}, index=["a", "b"])
+    quiet = assess({"a": run | {"load_average": 2.1}, "b": run | {"load_average": 1.9}})
+    assert not quiet.busy and not quiet.notes
+    assert [v.best for v in verdicts(table, quiet)] == ["a", "a"]
+    busy = assess({"a": run | {"load_average": 2.1}, "b": run | {"load_average": 5.6}})
+    assert busy.busy == ["b"] and "b 5.6 on 2 CPUs" in busy.notes[0]
+    throughput, memory = verdicts(table, busy)
+    assert throughput.best is None and "b ran on a busy machine" in throughput.text
+    assert memory.best == "a"
+    old = assess({"a": run, "b": dict(run)})  # runs from before load_average was recorded: ranked as before
+    assert not old.busy
+
+
 def test_the_report_follows_each_run_back_to_where_it_started(runs, tmp_path):
     from micro_arch.hf.init import PARENT_FILE, read_source
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shlex
 import shutil
 import textwrap
@@ -74,6 +75,7 @@ def test_run_leaves_a_complete_run_directory(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 24
     assert summary["tokens_seen"] == 24 * 4 * 32
+    assert summary["load_average"] >= 0 and summary["cpu_count"] == os.cpu_count()  # for compare's fairness
     assert summary["final_val_loss"] == pytest.approx(float(rows[-1]["val_loss"]))
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # it learns
     # a second run never reuses the first one's directory
