@@ -59,6 +59,7 @@ if [ "$MODE" = gpu ]; then
   part rmsnorm            45 bench/rmsnorm.py          $PY bench/rmsnorm.py --reps 20
   part memory_estimate    35 bench/memory_estimate.py  $PY bench/memory_estimate.py --device cuda
   part optimizers         25 bench/optimizers.py       $PY bench/optimizers.py --device cuda --rounds 3 --no-torch-muon
+  part cuda_graphs        45 bench/train_throughput.py $PY bench/train_throughput.py --device cuda --steps 50 --rounds 1 --compile on --compile-mode reduce-overhead
 else
   part environment        10 bench     $PY -c "import torch; print(torch.__version__, torch.get_num_threads(), 'threads')"
   part smoke_bf16        200 bench/smoke_experiments.py $PY bench/smoke_experiments.py --device cpu --precision bf16 --steps 2 --out "$OUT/smoke"
@@ -67,6 +68,7 @@ else
   part rmsnorm            60 bench/rmsnorm.py          env TRITON_INTERPRET=1 $PY bench/rmsnorm.py --smoke
   part memory_estimate    60 bench/memory_estimate.py  $PY bench/memory_estimate.py --device cpu
   part optimizers         60 bench/optimizers.py       $PY bench/optimizers.py --steps 2 --rounds 1 --no-torch-muon
+  part cuda_graphs        90 bench/train_throughput.py $PY bench/train_throughput.py --steps 10 --warmup 10 --rounds 1 --compile on --compile-mode reduce-overhead --experiment experiments/shakespeare-char
 fi
 
 echo

@@ -15,6 +15,7 @@ Settings:
 
     python bench/train_throughput.py [--steps 100] [--rounds 3] [--compile off|on|both]
     python bench/train_throughput.py --device cuda            # gpu setting, eager and compiled
+    python bench/train_throughput.py --device cuda --compile on --compile-mode reduce-overhead   # CUDA graphs
 """
 
 from __future__ import annotations
@@ -115,12 +116,13 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def plain_loop(train, vocab, setting: dict, steps: int, warmup: int, device, compiled: bool) -> float:
+def plain_loop(train, vocab, setting: dict, steps: int, warmup: int, device, compiled: bool,
+               compile_mode: str = "default") -> float:
     """Tokens per second of the hand-written loop (nanoGPT's structure)."""
     model, opt, get_batch = plain_setup(train, vocab, setting["batch"], setting["seq"], device=device,
                                         n_layers=setting["n_layers"], n_heads=setting["n_heads"], d=setting["d"],
                                         dropout=setting["dropout"])
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compiled else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     x, y = get_batch()
     start = None
@@ -141,23 +143,26 @@ def plain_loop(train, vocab, setting: dict, steps: int, warmup: int, device, com
     return steps * setting["batch"] * setting["seq"] / (time.perf_counter() - start)
 
 
-def overrides_for(setting: dict, steps: int, warmup: int, device, compiled: bool) -> list[str]:
+def overrides_for(setting: dict, steps: int, warmup: int, device, compiled: bool,
+                  compile_mode: str = "default") -> list[str]:
     return [f"model.d_model={setting['d']}", f"model.n_heads={setting['n_heads']}",
             f"model.max_seq_len={setting['seq']}", f"model.layers.0.repeat={setting['n_layers']}",
             f"model.dropout={setting['dropout']}", f"train.batch_size={setting['batch']}",
             f"train.seq_len={setting['seq']}", f"train.max_steps={warmup + steps}", f"train.log_every={LOG_EVERY}",
             "train.eval_every=1000000", "train.checkpoint_every=1000000", "train.eval_batches=1",
-            f"train.compile={'true' if compiled else 'false'}", f"train.device={device}"]
+            f"train.compile={'true' if compiled else 'false'}", f"train.compile_mode={compile_mode}",
+            f"train.device={device}"]
 
 
-def micro_arch_loop(experiment: str, data, setting: dict, steps: int, warmup: int, device, compiled: bool) -> float:
+def micro_arch_loop(experiment: str, data, setting: dict, steps: int, warmup: int, device, compiled: bool,
+                    compile_mode: str = "default") -> float:
     """Tokens per second of micro-arch's real training loop, from its own metrics.csv after the warm-up."""
     from micro_arch import bookkeeping
     from micro_arch.distributed import Dist
     from micro_arch.experiment import load_experiment
     from micro_arch.train import Trainer
 
-    cfg = load_experiment(experiment, overrides_for(setting, steps, warmup, device, compiled))
+    cfg = load_experiment(experiment, overrides_for(setting, steps, warmup, device, compiled, compile_mode))
     cfg.model.vocab_size = data.tokenizer.vocab_size
     bookkeeping.console.quiet = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,6 +184,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", choices=["off", "on", "both"], default=None,
                         help="eager, compiled or both (default: both on CUDA, off on CPU)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile's mode for both loops (reduce-overhead: CUDA graphs)")
     parser.add_argument("--experiment", action="append", default=None,
                         help="experiment(s) to time (default: gpt2 and shakespeare-char on CPU, gpt2 on CUDA)")
     args = parser.parse_args()
@@ -203,11 +211,12 @@ def main() -> None:
         line = []
         for compiled in modes:
             mode = "compiled" if compiled else "eager"
-            value = plain_loop(train, vocab, setting, args.steps, args.warmup, device, compiled)
+            value = plain_loop(train, vocab, setting, args.steps, args.warmup, device, compiled, args.compile_mode)
             results.setdefault(("plain PyTorch GPT", compiled), []).append(value)
             line.append(f"plain {mode} {value:,.0f}")
             for e in experiments:
-                value = micro_arch_loop(e, data, setting, args.steps, args.warmup, device, compiled)
+                value = micro_arch_loop(e, data, setting, args.steps, args.warmup, device, compiled,
+                                        args.compile_mode)
                 results.setdefault((f"micro-arch {Path(e).name}", compiled), []).append(value)
                 line.append(f"{Path(e).name} {mode} {value:,.0f}")
         print(f"round {r + 1}: " + "; ".join(line) + " tok/s", flush=True)

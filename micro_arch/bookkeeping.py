@@ -73,8 +73,8 @@ class Window:
         self.steps: int = state.get("steps", 0)
 
     def add(self, metrics: dict) -> None:
-        for k, v in metrics.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        for k, v in metrics.items():  # a copy of the first: a CUDA graph's outputs are overwritten by its next run
+            self.sums[k] = self.sums[k] + v if k in self.sums else (v.clone() if torch.is_tensor(v) else v)
         self.steps += 1
 
     def read(self, dist, device) -> dict[str, float]:

@@ -109,6 +109,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPUs that support it
     compile: bool = False
+    # torch.compile's mode: reduce-overhead adds CUDA graphs (static shapes: pretraining; GPU only), the
+    # max-autotune modes search kernel configurations (a longer first step)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     eval_every: int = 250
     eval_batches: int = 20
     log_every: int = 10

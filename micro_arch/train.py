@@ -35,7 +35,7 @@ __all__ = ["Trainer", "held_out_loss", "planned_steps", "print_plan", "run_exper
 
 console = Console()
 CHANGEABLE = {"max_steps", "max_tokens", "eval_every", "log_every", "checkpoint_every", "sample", "eval_batches",
-              "compile", "device"}
+              "compile", "compile_mode", "device"}
 
 
 def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:

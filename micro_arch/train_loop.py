@@ -60,7 +60,8 @@ def wrap_model(model, cfg: ExperimentConfig, dist: Dist, device: torch.device):
         forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=unused)
     if cfg.train.compile:
-        forward = torch.compile(forward)
+        mode = cfg.train.compile_mode
+        forward = torch.compile(forward, mode=None if mode == "default" else mode)
     return forward
 
 

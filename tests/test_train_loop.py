@@ -125,3 +125,27 @@ def test_no_host_reads_between_log_steps(tmp_path, data, monkeypatch):
     trainer.train(tmp_path / "run")
     hot[0] = False
     assert trainer.step == 8 and reads == []
+
+
+def test_compile_mode_reaches_torch_compile_and_the_log_window_keeps_its_own_copy(tmp_path, data, monkeypatch):
+    """train.compile_mode is passed to torch.compile ('default' as torch's own default). With CUDA graphs
+    (reduce-overhead) a step's outputs are overwritten by the next replay, so the log window must not keep
+    the first step's tensors themselves."""
+    from micro_arch.bookkeeping import Window
+    from micro_arch.train_loop import wrap_model
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    cfg = load_experiment(make_experiment(tmp_path), ["train.compile=true", "train.compile_mode=reduce-overhead"])
+    cfg.model.vocab_size = data.tokenizer.vocab_size
+    model = torch.nn.Linear(2, 2)
+    assert wrap_model(model, cfg, Dist(), torch.device("cpu")) is model and seen == [{"mode": "reduce-overhead"}]
+    cfg.train.compile_mode = "default"
+    wrap_model(model, cfg, Dist(), torch.device("cpu"))
+    assert seen[-1] == {"mode": None}
+
+    window, out = Window({}), torch.tensor(2.0)
+    window.add({"train_loss": out})
+    out.fill_(100.0)  # what the next replay of a CUDA graph does to its output buffer
+    window.add({"train_loss": torch.tensor(4.0)})
+    assert window.read(Dist(), torch.device("cpu")) == {"train_loss": 3.0}
