@@ -25,6 +25,12 @@ def cmd_blocks(args) -> None:
 
     from micro_arch.registry import DIM_NAMES, list_blocks
 
+    if args.experiment:
+        from micro_arch.config import experiment_path, extends_chain
+        from micro_arch.registry import load_experiment_blocks
+
+        for config_file in extends_chain(experiment_path(args.experiment)):  # a run folder: its kept copies
+            load_experiment_blocks(config_file.parent)
     table = Table(title="micro-arch blocks", show_lines=False)
     for col in ("name", "kind", "arguments (defaults)", "defined in"):
         table.add_column(col, overflow="fold")
@@ -179,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("blocks", help="list the registered blocks")
     p.add_argument("pattern", nargs="?", default="*", help="wildcard on names, e.g. 'rms*'")
     p.add_argument("--kind", default=None, help="norm, attention, mlp, moe, ssm or other")
+    p.add_argument("--experiment", default=None, metavar="DIR",
+                   help="also the blocks of this experiment (its blocks.py and its extends parents') or run folder")
     p.set_defaults(func=cmd_blocks)
 
     p = with_set(sub.add_parser("sweep", help="run an Optuna study, then train the best configs in full"))

@@ -233,6 +233,7 @@ def cli(tmp_path_factory):
         "trace": launch("trace", exp, "--set", "model.vocab_size=50", "--batch", "1", "--seq-len", "8"),
         "plugin": launch("blocks", "zz_*", env={"PYTHONPATH": pythonpath}),
         "rms": launch("blocks", "rms*"),
+        "own": launch("blocks", "zz_exp*", "--experiment", exp),
     }
     return {name: _finish(p) for name, p in procs.items()}
 
@@ -257,6 +258,12 @@ def test_entry_point_plugins_are_loaded(cli):
     # a broken plug-in is reported and does not take the others down
     assert "could not load blocks from entry point zz_broken" in err
     assert "Traceback" not in err
+
+
+def test_blocks_lists_an_experiments_own_blocks_when_named(cli):
+    code, out, err = cli["own"]
+    assert code == 0, err
+    assert "zz_exp_gate" in out and "init=0.5" in out and "blocks.py" in out
 
 
 def test_blocks_pattern_lists_matching_blocks_only(cli):
