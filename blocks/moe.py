@@ -73,6 +73,17 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if autocasting(x.device.type) else x.dtype
 
 
+class Router(nn.Linear):
+    """The router's linear map, always in float32 or wider whatever the autocast or the weights' dtype
+    (in bf16, near-ties of the expert choice flip). A module of its own, so `trace` shows its shapes."""
+
+    def forward(self, x):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        no_autocast = torch.autocast(x.device.type, enabled=False) if autocasting(x.device.type) else nullcontext()
+        with no_autocast:  # autocast would run it in bf16
+            return F.linear(x.to(dtype), self.weight.to(dtype))
+
+
 class SharedExperts(nn.Module):
     """The always-on experts, fused into one MLP of width n_shared * hidden (plain Linears, so the
     model's init scales `out_proj` like any residual output projection)."""
@@ -121,7 +132,7 @@ class MoE(nn.Module):
         self.n_layers, self.kernel = n_layers, kernel
         self.hidden = d_ff or expert_width(d_model, expert)
         n_in = self.hidden * (2 if expert == "swiglu" else 1)
-        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.router = Router(d_model, n_experts, bias=False)
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, n_in))
         self.w_out = nn.Parameter(torch.empty(n_experts, self.hidden, d_model))
         self.shared = SharedExperts(d_model, n_shared_experts * self.hidden, expert) if n_shared_experts else None
@@ -137,10 +148,7 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> "Routing":
         """Router logits and scores (N, E), chosen experts and their gates (N, k), and for the softmax
         router the log-partition (N, 1), which gives both the scores and the z-loss."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        no_autocast = torch.autocast(x.device.type, enabled=False) if autocasting(x.device.type) else nullcontext()
-        with no_autocast:  # autocast would run the router in bf16
-            logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
+        logits = self.router(x)
         lse = None
         if self.router_kind == "softmax":
             lse = logits.logsumexp(-1, keepdim=True)

@@ -133,3 +133,14 @@ def test_cli_trace_writes_the_out_file(tmp_path):
     assert text.count("Attention") == 2
     assert f"written to {out_file}" in proc.stdout.replace("\n", "")
     assert "parameters" in proc.stdout
+
+
+@pytest.mark.parametrize("experiment", ["moe", "arctic", "hybrid-mamba"])
+def test_every_module_of_a_shipped_experiment_shows_shapes(experiment):
+    """A module called as a function (its weight used directly) would show '- -> -': the MoE router was."""
+    from micro_arch.experiment import load_experiment
+
+    cfg = load_experiment(ROOT / "experiments" / experiment, ["model.vocab_size=50"])
+    root = trace_model(Model(cfg.model), torch.zeros(1, 8, dtype=torch.long))
+    silent = [n.name for n in walk(root) if not n.outputs and n.kind not in ("Dropout", "ModuleList", "ModuleDict")]
+    assert not silent
