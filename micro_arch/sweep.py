@@ -271,7 +271,7 @@ class Objective:
         try:
             return self._trial(trial)
         except KeyboardInterrupt:  # Ctrl-C: not a finished trial, so the next start runs one in its place
-            trial.set_user_attr("interrupted", True)
+            _mark_interrupted(trial.study._storage, trial._trial_id)
             raise
 
     def _trial(self, trial: optuna.Trial) -> float:
@@ -346,8 +346,17 @@ def _counted(trial: optuna.trial.FrozenTrial) -> bool:
 def _close_interrupted(study: optuna.Study) -> None:
     """A sweep killed mid-trial leaves it RUNNING; mark it failed (not counted) so the study moves on."""
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        _mark_interrupted(study._storage, t._trial_id)
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+
+
+def _mark_interrupted(storage, trial_id: int) -> None:
+    """Not counted towards n_trials, and its grid point (if the sampler is a grid) left unvisited: Optuna's
+    grid sampler takes any finished trial's point as done, so the interrupted point would never be trained
+    and the trial run in its place would repeat another."""
+    storage.set_trial_user_attr(trial_id, "interrupted", True)
+    if "grid_id" in storage.get_trial_system_attrs(trial_id):
+        storage.set_trial_system_attr(trial_id, "grid_id", -1)
 
 
 def open_study(sweep: SweepConfig, runs_root: str | Path) -> optuna.Study:

@@ -112,11 +112,12 @@ class SigintOnce(nn.Module):
 '''
 
 
-def test_a_trial_stopped_by_ctrl_c_is_not_counted_and_the_sweep_says_how_to_continue(tiny, capsys, monkeypatch,
-                                                                                        request):
-    registry.load_all()  # the signalling block must not outlive this test
+def sigint_sweep(tiny, monkeypatch, request, **changes):
+    """The tiny sweep over an experiment whose third training forward in this process sends Ctrl-C."""
+    registry.load_all()  # the signalling block must not outlive the test
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    request.addfinalizer(lambda: sys.modules.pop("micro_arch_experiment_blocks.sigint_exp", None))
+    request.addfinalizer(lambda: [sys.modules.pop(m) for m in list(sys.modules)
+                                  if m.startswith("micro_arch_experiment_blocks.sigint_exp")])
     path, runs = tiny
     exp = path.parent / "sigint_exp"
     exp.mkdir()
@@ -126,7 +127,13 @@ def test_a_trial_stopped_by_ctrl_c_is_not_counted_and_the_sweep_says_how_to_cont
     (exp / "blocks.py").write_text(SIGINT_BLOCK)
     sweep = yaml.safe_load(path.read_text())
     sweep["experiment"], sweep["search_space"]["model.d_model"]["choices"] = str(exp), [16]  # every trial trains
-    path.write_text(yaml.safe_dump(sweep))
+    path.write_text(yaml.safe_dump(sweep | changes))
+    return path, runs
+
+
+def test_a_trial_stopped_by_ctrl_c_is_not_counted_and_the_sweep_says_how_to_continue(tiny, capsys, monkeypatch,
+                                                                                        request):
+    path, runs = sigint_sweep(tiny, monkeypatch, request)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(path, overrides=["n_trials=2"], runs_root=runs)
     printed = " ".join(capsys.readouterr().out.split())
@@ -149,6 +156,23 @@ def test_a_grid_sweep_trains_each_point_once_however_often_it_is_started(tiny):
         run_sweep(path, runs_root=runs)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{runs / 'sweeps' / 'tiny' / 'study.db'}")
     assert sorted(t.params["train.lr"] for t in study.trials) == [1e-3, 2e-3]
+
+
+def test_a_grid_point_whose_trial_was_stopped_is_trained_when_the_sweep_starts_again(tiny, monkeypatch, request):
+    """Optuna's grid sampler takes a failed trial's point as visited: the stopped point must be run again,
+    and no other point twice."""
+    space = {"model.d_model": {"type": "categorical", "choices": [16]},
+             "train.lr": {"type": "categorical", "choices": [1e-3, 2e-3, 3e-3]}}
+    path, runs = sigint_sweep(tiny, monkeypatch, request, sampler="grid", n_trials=3, pruner="none",
+                              search_space=space, top_k=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(path, runs_root=runs)
+    run_sweep(path, runs_root=runs)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{runs / 'sweeps' / 'tiny' / 'study.db'}")
+    stopped = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert len(stopped) == 1
+    trained = [t.params["train.lr"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(trained) == [1e-3, 2e-3, 3e-3], trained
 
 
 def test_a_bits_per_byte_sweep_prunes_on_bits_per_byte(tiny):
