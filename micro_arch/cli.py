@@ -26,11 +26,10 @@ def cmd_blocks(args) -> None:
     from micro_arch.registry import DIM_NAMES, list_blocks
 
     if args.experiment:
-        from micro_arch.config import experiment_path, extends_chain
-        from micro_arch.registry import load_experiment_blocks
+        from micro_arch.config import experiment_path
+        from micro_arch.experiment import load_blocks_of
 
-        for config_file in extends_chain(experiment_path(args.experiment)):  # a run folder: its kept copies
-            load_experiment_blocks(config_file.parent)
+        load_blocks_of(experiment_path(args.experiment))
     table = Table(title="micro-arch blocks", show_lines=False)
     for col in ("name", "kind", "arguments (defaults)", "defined in"):
         table.add_column(col, overflow="fold")

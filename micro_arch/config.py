@@ -378,12 +378,16 @@ def load_raw(path: Path, _seen: tuple = ()) -> dict:
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    parent_path = (path.parent / parent).resolve()
-    if parent_path.is_dir():
-        parent_path = parent_path / "config.yaml"
+    parent_path = _extended(path, parent)
     if not parent_path.is_file():
         raise MicroArchError(f"{path}: extends {parent!r}, but {parent_path} does not exist")
     return deep_merge(load_raw(parent_path, _seen + (path,)), data)
+
+
+def _extended(path: Path, parent: str) -> Path:
+    """The config file `extends: parent` names in `path`: relative to it, a folder meaning its config.yaml."""
+    parent_path = (path.parent / parent).resolve()
+    return parent_path / "config.yaml" if parent_path.is_dir() else parent_path
 
 
 def parse_value(text: str):
@@ -458,8 +462,7 @@ def extends_chain(path: Path) -> list[Path]:
             return chain
         if parent is None:
             return chain
-        parent_path = (chain[0].parent / parent).resolve()
-        parent_path = parent_path / "config.yaml" if parent_path.is_dir() else parent_path
+        parent_path = _extended(chain[0], parent)
         if not parent_path.is_file() or parent_path in chain:
             return chain
         chain.insert(0, parent_path)

@@ -14,11 +14,16 @@ def load_experiment(target: str | Path, overrides: list[str] | None = None) -> E
     """Load `<experiment>/blocks.py` (if any) first, and those of the experiments it extends, so their block
     names resolve; then the config."""
     path = experiment_path(target)
-    for config_file in extends_chain(path):
-        load_experiment_blocks(config_file.parent)
+    load_blocks_of(path)
     cfg = load_config(path, overrides)
     check_consistency(cfg)
     return cfg
+
+
+def load_blocks_of(config_file: Path) -> None:
+    """The blocks.py of an experiment and of the experiments it extends (a run folder: its kept copies)."""
+    for path in extends_chain(config_file):
+        load_experiment_blocks(path.parent)
 
 
 def check_consistency(cfg: ExperimentConfig) -> None:
