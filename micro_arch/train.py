@@ -276,8 +276,8 @@ def _announce(cfg, trainer, run_dir, resume) -> None:
 
 
 def _finish(cfg, trainer, run_dir: Path, tokenizer) -> None:
-    s, chat = cfg.train.sample, cfg.train.stage in ("sft", "dpo")
-    texts = _samples(cfg, trainer.model, tokenizer)
+    s, chat = cfg.train.sample, cfg.train.stage != "pretrain"  # SFT and DPO runs are chat models
+    texts = _samples(cfg, trainer.model, tokenizer, chat)
     write_json(run_dir / "samples.json", [{"prompt": p, "text": t} | ({"as": "assistant reply"} if chat else {})
                                           for p, t in zip(s.prompts, texts)])
     console.print(f"held-out loss {trainer.last_val:.4f} after {trainer.step:,} steps, "
@@ -288,11 +288,11 @@ def _finish(cfg, trainer, run_dir: Path, tokenizer) -> None:
     console.print(f"run directory: {run_dir}")
 
 
-def _samples(cfg, model, tokenizer) -> list[str]:
-    """Continuations of train.sample's prompts; for an SFT or DPO run, the assistant's reply to each prompt
-    as a user turn, through the chat template, as `micro-arch chat` gives it."""
+def _samples(cfg, model, tokenizer, chat: bool) -> list[str]:
+    """Continuations of train.sample's prompts; for a chat model (an SFT or DPO run), the assistant's reply
+    to each prompt as a user turn, through the chat template, as `micro-arch chat` gives it."""
     s = cfg.train.sample
-    if cfg.train.stage in ("sft", "dpo"):
+    if chat:
         from micro_arch.chat import ChatSession
 
         return [ChatSession(model, tokenizer, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
