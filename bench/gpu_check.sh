@@ -2,7 +2,7 @@
 # The GPU check in one go: every GPU benchmark in bench/ and a bf16 training smoke test of every shipped
 # experiment, each under `timeout`, each log in OUTDIR/<part>.log, a summary at the end (OUTDIR/summary.txt),
 # in under 6 minutes in all. For a machine with a GPU and no network (see /work/shared/device/README.md):
-# the checkout on PYTHONPATH, wheels from .whl/ installed into /tmp/site when optuna is missing.
+# a copy of the package (blocks/ as micro_arch/blocks) on PYTHONPATH, wheels from .whl/ installed into /tmp/site when optuna is missing.
 #
 #   bash bench/gpu_check.sh OUTDIR            # on the GPU machine
 #   bash bench/gpu_check.sh --cpu OUTDIR      # the same parts on a CPU, tiny sizes: checks the script itself
@@ -19,7 +19,10 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 TOTAL_S=${GPU_CHECK_TOTAL_S:-350}
-export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+# the package as pip would install it: blocks/ becomes micro_arch/blocks (pyproject's package-dir), so a source
+# copy in /tmp/src stands in for `pip install -e .`
+rm -rf /tmp/src && mkdir -p /tmp/src && cp -r micro_arch /tmp/src/ && cp -r blocks /tmp/src/micro_arch/blocks
+export PYTHONPATH="/tmp/src:$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export MICRO_ARCH_CACHE=${MICRO_ARCH_CACHE:-/tmp/macache} PYTHONUNBUFFERED=1 COLUMNS=140
 if ! $PY -c "import optuna" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/wheels.log" 2>&1

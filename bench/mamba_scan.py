@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from blocks.mamba import (  # noqa: E402
+from micro_arch.blocks.mamba import (  # noqa: E402
     selective_scan_chunked,
     selective_scan_parallel,
     selective_scan_sequential,

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-import blocks  # noqa: F401  (registers the built-in blocks)
+import micro_arch.blocks  # noqa: F401  (registers the built-in blocks)
 import micro_arch.memory as memory
 from micro_arch.config import ExperimentConfig, LayerGroup, ModelConfig, TrainConfig
 from micro_arch.memory import analytic_estimate, estimate_memory, measure_memory

@@ -38,8 +38,8 @@ GPU_SETTING = ["model.d_model=384", "model.n_heads=6", "model.max_seq_len=256", 
 
 def build(experiment: str, overrides: list[str], device: torch.device):
     from micro_arch.experiment import load_experiment
-    from micro_arch.model import Model
-    from micro_arch.optim import build_optimizer
+    from micro_arch.model.model import Model
+    from micro_arch.train.optim import build_optimizer
 
     cfg = load_experiment(ROOT / "experiments" / experiment, ["model.vocab_size=65", *overrides])
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def make_step(cfg, model, optimizer, device: torch.device, precision: str, compi
     """A training step on random tokens. With `phases`, each step appends its forward, backward, clipping and
     optimizer times (ms) there, synchronising the device between them (so only for the breakdown)."""
     from micro_arch.device import autocast
-    from micro_arch.state import BlockState
+    from micro_arch.model.state import BlockState
 
     t = cfg.train
     forward = torch.compile(model) if compile_model else model
@@ -160,7 +160,7 @@ def main() -> None:
         cfg, model, optimizer = build(experiment, overrides, device)
         flops[name] = model.flops_per_token(cfg.train.seq_len)  # the old block counted every expert
         if name.startswith("moe (blocks/moe.py at"):
-            from blocks.moe import MoE
+            from micro_arch.blocks.moe import MoE
 
             old = old_block_class(args.old)
             for module in model.modules():

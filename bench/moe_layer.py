@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def forward_backward(layer, x, with_state: bool):
-    from micro_arch.state import BlockState
+    from micro_arch.model.state import BlockState
 
     def run():
         state = BlockState() if with_state else None
@@ -43,8 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from blocks.mlp import SwiGLU
-    from blocks.moe import MoE
+    from micro_arch.blocks.mlp import SwiGLU
+    from micro_arch.blocks.moe import MoE
 
     torch.manual_seed(0)
     moe = MoE(128, d_ff=128, n_experts=8, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001)

@@ -7,7 +7,7 @@ forward, backward, clipping, optimizer) and, separately, `--steps` calls of opti
 the gradients of the last step. Printed: medians per step, and the ratio to AdamW as the median (and
 range) of each round's ratio to the AdamW steps timed in the same round.
 
-Variants: adamw (the default), muon (micro_arch.muon.Muon, Newton-Schulz in the dtype `auto` picks),
+Variants: adamw (the default), muon (micro_arch.train.muon.Muon, Newton-Schulz in the dtype `auto` picks),
 muon with the iteration forced to fp32 and to bf16, and the previous implementation
 (torch.optim.Muon, one parameter at a time, adjust_lr_fn="match_rms_adamw") for reference.
 
@@ -43,9 +43,9 @@ def torch_muon(trainer) -> None:
 
 
 def make_trainer(name: str, data, device: torch.device):
-    from micro_arch.distributed import Dist
+    from micro_arch.commands.run import Trainer
     from micro_arch.experiment import load_experiment
-    from micro_arch.train import Trainer
+    from micro_arch.train.distributed import Dist
 
     cfg = load_experiment("experiments/shakespeare-char", VARIANTS[name] + [f"train.device={device.type}"])
     cfg.model.vocab_size = data.tokenizer.vocab_size

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import micro_arch.registry  # noqa: E402, F401
-from blocks.norms import rms_norm  # noqa: E402
+import micro_arch.model.registry  # noqa: E402, F401
+from micro_arch.blocks.norms import rms_norm  # noqa: E402
 
 WIDTHS = (1024, 2048, 4096, 8192)
 EPS = 1e-5
@@ -85,7 +85,7 @@ def check_against_reference(norm, x, w, dy, tol):
 
 
 def bench_width(width: int, dtype, rows: int, device: str, reps: int, compile_backend: str) -> dict:
-    from blocks.rmsnorm_triton import rms_norm_triton
+    from micro_arch.blocks.rmsnorm_triton import rms_norm_triton
 
     x = torch.randn(rows, width, device=device, dtype=dtype, requires_grad=True)
     w = (1 + 0.1 * torch.randn(width, device=device)).to(dtype).requires_grad_()
@@ -117,7 +117,7 @@ def main():
         if not torch.cuda.is_available():
             print("bench/rmsnorm.py: no CUDA GPU here; the Triton kernels only run on a GPU. Nothing to measure.")
             return 0
-        from blocks.rmsnorm_triton import _use_kernels
+        from micro_arch.blocks.rmsnorm_triton import _use_kernels
 
         if not _use_kernels(torch.empty(1, 8, device="cuda")):
             print("bench/rmsnorm.py: triton is not available (or TRITON_INTERPRET=1 is set); nothing to measure.")

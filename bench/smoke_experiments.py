@@ -53,8 +53,9 @@ def main() -> int:
 
     import tempfile
 
-    from micro_arch import bookkeeping, train
-    from micro_arch.train import run_experiment
+    from micro_arch.commands import run as train
+    from micro_arch.commands.run import run_experiment
+    from micro_arch.train import bookkeeping
 
     bookkeeping.console.quiet = train.console.quiet = True
     out = Path(args.out or tempfile.mkdtemp(prefix="smoke-"))

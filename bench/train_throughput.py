@@ -157,10 +157,10 @@ def overrides_for(setting: dict, steps: int, warmup: int, device, compiled: bool
 def micro_arch_loop(experiment: str, data, setting: dict, steps: int, warmup: int, device, compiled: bool,
                     compile_mode: str = "default") -> float:
     """Tokens per second of micro-arch's real training loop, from its own metrics.csv after the warm-up."""
-    from micro_arch import bookkeeping
-    from micro_arch.distributed import Dist
+    from micro_arch.commands.run import Trainer
     from micro_arch.experiment import load_experiment
-    from micro_arch.train import Trainer
+    from micro_arch.train import bookkeeping
+    from micro_arch.train.distributed import Dist
 
     cfg = load_experiment(experiment, overrides_for(setting, steps, warmup, device, compiled, compile_mode))
     cfg.model.vocab_size = data.tokenizer.vocab_size

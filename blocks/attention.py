@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blocks.norms import rms_norm
-from micro_arch.registry import register_block
+from micro_arch.blocks.norms import rms_norm
+from micro_arch.model.registry import register_block
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, scaling: float = 1.0) -> torch.Tensor:

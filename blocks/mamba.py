@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from micro_arch.registry import register_block
+from micro_arch.model.registry import register_block
 
 SCANS = ("chunked", "parallel", "sequential")
 

@@ -3,7 +3,7 @@
 import torch.nn.functional as F
 from torch import nn
 
-from micro_arch.registry import register_block
+from micro_arch.model.registry import register_block
 
 
 def swiglu_width(d_model: int, multiple_of: int = 32) -> int:

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blocks.grouped_mm import KERNELS, grouped_mm
-from blocks.moe_dispatch import capacity_for, dispatch
-from micro_arch.registry import register_block
+from micro_arch.blocks.grouped_mm import KERNELS, grouped_mm
+from micro_arch.blocks.moe_dispatch import capacity_for, dispatch
+from micro_arch.model.registry import register_block
 
 EXPERTS = ("swiglu", "gelu")
 ROUTERS = ("softmax", "sigmoid")

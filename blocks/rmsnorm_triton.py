@@ -1,6 +1,6 @@
 """RMSNorm with fused Triton forward and backward kernels, wrapped as a torch custom op.
 
-Same maths as `blocks.norms.rms_norm` (float32 inside, output in the input's dtype). The kernels run
+Same maths as `micro_arch.blocks.norms.rms_norm` (float32 inside, output in the input's dtype). The kernels run
 on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter, used by the
 tests); anywhere else, or without triton installed, the block falls back to the plain `rms_norm`.
 Design after Liger-Kernel's rms_norm: the forward caches each row's inverse RMS; the backward runs in one
@@ -16,8 +16,8 @@ import time
 import torch
 from torch import nn
 
-from blocks.norms import rms_norm
-from micro_arch.registry import register_block
+from micro_arch.blocks.norms import rms_norm
+from micro_arch.model.registry import register_block
 
 try:
     import triton

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from micro_arch.config import ExperimentConfig, experiment_path, extends_chain, load_config
 from micro_arch.errors import MicroArchError
-from micro_arch.model import Model
-from micro_arch.registry import load_experiment_blocks
+from micro_arch.model.model import Model
+from micro_arch.model.registry import load_experiment_blocks
 
 
 def load_experiment(target: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

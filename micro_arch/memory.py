@@ -25,7 +25,7 @@ from torch import nn
 from micro_arch.config import ExperimentConfig
 from micro_arch.errors import MicroArchError
 from micro_arch.stages.losses import stage_loss
-from micro_arch.train_step import TrainStep
+from micro_arch.train.step import TrainStep
 
 MiB = 2**20
 
@@ -91,8 +91,8 @@ def training_steps(model: nn.Module, optimizer, cfg: ExperimentConfig, device: t
 
 
 def _build(cfg: ExperimentConfig, device: torch.device, fused: bool):
-    from micro_arch.model import Model
-    from micro_arch.optim import build_optimizer
+    from micro_arch.model.model import Model
+    from micro_arch.train.optim import build_optimizer
 
     with torch.device(device):  # built in place: moving fake parameters fails, and the memory is the same
         model = Model(cfg.model)
@@ -214,7 +214,7 @@ def analytic_estimate(cfg: ExperimentConfig, device: torch.device | None = None)
     fp32 copies and gradient (DPO: two rows per pair, and the frozen reference's weights). Everything is
     taken as alive at once (no credit for gradients growing while activations are freed): an upper bound,
     not a prediction."""
-    from micro_arch.model import Model
+    from micro_arch.model.model import Model
 
     with torch.device("meta"):
         model = Model(cfg.model)

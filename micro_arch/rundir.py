@@ -92,8 +92,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="
     """(config, model with trained weights in eval mode, tokenizer) from a run directory alone."""
     from micro_arch.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
     from micro_arch.data import load_tokenizer
-    from micro_arch.model import Model
-    from micro_arch.registry import load_experiment_blocks
+    from micro_arch.model.model import Model
+    from micro_arch.model.registry import load_experiment_blocks
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir, anchor=True)

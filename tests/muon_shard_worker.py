@@ -8,8 +8,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from micro_arch import muon as muon_mod
-from micro_arch.muon import Muon
+from micro_arch.train import muon as muon_mod
+from micro_arch.train.muon import Muon
 
 
 def mixed_params(seed=0):

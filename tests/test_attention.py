@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from blocks.attention import apply_rope, rope_tables
+from micro_arch.blocks.attention import apply_rope, rope_tables
 from micro_arch.errors import MicroArchError
-from micro_arch.registry import Dims, build_block
-from micro_arch.state import BlockState
+from micro_arch.model.registry import Dims, build_block
+from micro_arch.model.state import BlockState
 
 D_MODEL, N_HEADS = 32, 4
 
@@ -260,7 +260,7 @@ def test_kv_cache_prefill_then_one_token_at_a_time_equals_one_call(n_kv_heads, w
 
 def test_model_kv_cache_equals_full_forward():
     from micro_arch.config import LayerGroup, ModelConfig
-    from micro_arch.model import Model
+    from micro_arch.model.model import Model
 
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, vocab_size=40, max_seq_len=32,

@@ -19,7 +19,7 @@ from micro_arch.data import (
 from micro_arch.data import prepare as prepare_module
 from micro_arch.data.corpus import read_works, split_works
 from micro_arch.errors import MicroArchError
-from micro_arch.eval_data import source_documents
+from micro_arch.eval.text import source_documents
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import blocks  # noqa: F401
+import micro_arch.blocks  # noqa: F401
 from micro_arch.config import ExperimentConfig, LayerGroup, ModelConfig
 from micro_arch.experiment import load_experiment
-from micro_arch.model import Model, attended_keys_per_query
+from micro_arch.model.model import Model, attended_keys_per_query
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 EXPERIMENTS = sorted(p.name for p in EXPERIMENTS_DIR.iterdir() if (p / "config.yaml").is_file())

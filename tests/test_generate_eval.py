@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from micro_arch.config import LayerGroup, ModelConfig
-from micro_arch.generate import filter_top_k, filter_top_p, generate, generate_from_prompts, sample_texts
-from micro_arch.model import Model
-from micro_arch.registry import list_blocks
+from micro_arch.eval.generate import filter_top_k, filter_top_p, generate, generate_from_prompts, sample_texts
+from micro_arch.model.model import Model
+from micro_arch.model.registry import list_blocks
 
 VOCAB = 50
 
@@ -116,7 +116,7 @@ def test_top_p_keeps_the_nucleus():
 
 def test_top_p_sampling_never_leaves_the_nucleus():
     logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log().repeat(2000, 1)
-    from micro_arch.generate import next_token
+    from micro_arch.eval.generate import next_token
 
     drawn = next_token(logits, 1.0, None, 0.75, torch.Generator().manual_seed(0))
     assert set(drawn.flatten().tolist()) == {1, 3}
@@ -161,7 +161,7 @@ def hand_windows(tokens, seq_len):
 
 def test_evaluate_matches_hand_computation():
     require_data_package()
-    from micro_arch.evaluate import evaluate
+    from micro_arch.eval.evaluate import evaluate
 
     text = "First Citizen: Before we proceed any further, hear me speak. Ünïcödé ✓\n" * 3
     tok = CharTokenizer(text)

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from micro_arch.checkpoint import latest_checkpoint, load_checkpoint
+from micro_arch.commands.run import run_experiment
 from micro_arch.config import ModelConfig, from_dict
 from micro_arch.errors import MicroArchError
 from micro_arch.experiment import load_experiment
 from micro_arch.hf.init import load_initial_weights
-from micro_arch.model import Model
+from micro_arch.model.model import Model
 from micro_arch.rundir import read_run_config
-from micro_arch.train import run_experiment
 
 TINY = """
 model:
@@ -181,7 +181,7 @@ PROMPT = torch.tensor([[3, 14, 15, 9, 2, 6], [5, 3, 5, 8, 9, 7]])
 
 @torch.no_grad()
 def greedy_pair(ours, theirs, n=30):
-    from micro_arch.generate import generate
+    from micro_arch.eval.generate import generate
 
     mine = generate(ours, PROMPT, n, temperature=0.0, use_cache=True)
     other = theirs.generate(PROMPT, max_new_tokens=n, do_sample=False, use_cache=True, min_new_tokens=n)
@@ -507,10 +507,10 @@ def test_tokenizers_round_trip_the_shakespeare_text(tmp_path):
 def test_a_chat_runs_tokens_and_template_export_with_the_same_ids(tmp_path):
     from transformers import AutoTokenizer
 
+    from micro_arch.data.chat_template import SPECIAL_TOKENS, ChatTokenizer, render
     from micro_arch.data.corpus import shakespeare_documents
     from micro_arch.data.tokenizers import CharTokenizer
     from micro_arch.hf.tokenizer import hf_tokenizer
-    from micro_arch.stages.chat_template import SPECIAL_TOKENS, ChatTokenizer, render
 
     train, held_out = shakespeare_documents()
     base = CharTokenizer.from_texts(train + held_out)
@@ -538,8 +538,8 @@ def test_init_from_a_folder_of_another_model_type_is_refused(tmp_path):
 def test_the_export_check_text_keeps_what_a_folders_tokenizer_can_encode(tmp_path):
     """A run started from a folder whose tokenizer lacks some characters of the fixed check text (here a
     character vocabulary, as micro-arch exports char runs) exported with a ValueError traceback."""
+    from micro_arch.data.folder_tokenizer import FolderTokenizer
     from micro_arch.hf.export import _check_text
-    from micro_arch.hf.folder_tokenizer import FolderTokenizer
     from micro_arch.hf.tokenizer import _char_tokenizer, check_tokenizer, hf_tokenizer
 
     chars = "\n :ABCDEFIRSabcdefhikmnoprstuvwy,."
@@ -555,9 +555,9 @@ def test_a_chat_run_from_a_padded_folder_exports_its_template_after_every_row(tm
     an SFT run from it puts the template's tokens after the rows, and the export refused to write them there."""
     from transformers import AutoTokenizer
 
-    from micro_arch.hf.folder_tokenizer import FolderTokenizer, folder_tokenizer
+    from micro_arch.data.chat_template import SPECIAL_TOKENS, ChatTokenizer, render
+    from micro_arch.data.folder_tokenizer import FolderTokenizer, folder_tokenizer
     from micro_arch.hf.tokenizer import _char_tokenizer, hf_tokenizer
-    from micro_arch.stages.chat_template import SPECIAL_TOKENS, ChatTokenizer, render
 
     chars = "\n :ABCDEFINRSWabcdefhikmnoprstuvwy,.?"
     rows = len(chars) + 13  # the model's embedding rows before the template's

@@ -3,10 +3,15 @@
 import pytest
 import torch
 
-from blocks.mamba import Mamba, selective_scan_chunked, selective_scan_parallel, selective_scan_sequential
+from micro_arch.blocks.mamba import (
+    Mamba,
+    selective_scan_chunked,
+    selective_scan_parallel,
+    selective_scan_sequential,
+)
 from micro_arch.errors import MicroArchError
-from micro_arch.registry import Dims, build_block
-from micro_arch.state import BlockState
+from micro_arch.model.registry import Dims, build_block
+from micro_arch.model.state import BlockState
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 

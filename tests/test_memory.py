@@ -11,17 +11,17 @@ import pytest
 import torch
 import yaml
 
-import blocks  # noqa: F401
+import micro_arch.blocks  # noqa: F401
 import micro_arch.memory as memory
 from micro_arch.config import ExperimentConfig, LayerGroup, ModelConfig, TrainConfig
 from micro_arch.experiment import load_experiment
 from micro_arch.memory import ANALYTIC, TRACE, analytic_estimate, estimate_memory, measure_memory
-from micro_arch.model import Model
-from micro_arch.prefetch import TokenWindows
+from micro_arch.model.model import Model
 from micro_arch.stages.dpo_data import Pairs
 from micro_arch.stages.setup import Stage, StageData
 from micro_arch.stages.sft_data import Examples
-from micro_arch.train_step import TrainStep, lm_loss
+from micro_arch.train.prefetch import TokenWindows
+from micro_arch.train.step import TrainStep, lm_loss
 
 CPU = torch.device("cpu")
 DENSE = "Norm->Attn->+->Norm->MLP->+"
@@ -205,7 +205,7 @@ def test_7b_estimate_is_sensible():
 
 
 def test_dry_run_warns_when_the_trace_fails(monkeypatch, capsys):
-    from micro_arch.train import run_experiment
+    from micro_arch.commands.run import run_experiment
 
     force_fallback(monkeypatch)
     run_experiment(EXPERIMENTS_DIR / "shakespeare-char", TINY, dry_run=True)
@@ -215,7 +215,7 @@ def test_dry_run_warns_when_the_trace_fails(monkeypatch, capsys):
 
 
 def test_sweep_warns_before_pruning(monkeypatch, capsys, tmp_path):
-    from micro_arch.sweep import run_sweep
+    from micro_arch.sweep.study import run_sweep
 
     force_fallback(monkeypatch)
     sweep = {"experiment": str(EXPERIMENTS_DIR / "shakespeare-char"), "n_trials": 1, "memory_budget_mb": 0.01,

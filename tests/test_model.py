@@ -10,10 +10,10 @@ import torch
 from micro_arch.config import LayerGroup, ModelConfig, load_config
 from micro_arch.errors import MicroArchError
 from micro_arch.experiment import build_model, load_experiment
-from micro_arch.model import Chain, Layer, Model
-from micro_arch.registry import Dims, get_entry
-from micro_arch.spec import resolve_chain
-from micro_arch.state import BlockState
+from micro_arch.model.model import Chain, Layer, Model
+from micro_arch.model.registry import Dims, get_entry
+from micro_arch.model.spec import resolve_chain
+from micro_arch.model.state import BlockState
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {"Norm": "rmsnorm", "Attn": "attention", "MLP": "swiglu"}

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import micro_arch.registry  # noqa: F401  (before blocks.moe: the registry must exist first)
-from blocks.moe import MoE
+import micro_arch.model.registry  # noqa: F401  (before micro_arch.blocks.moe: the registry must exist first)
+from micro_arch.blocks.moe import MoE
 from micro_arch.errors import MicroArchError
-from micro_arch.model import Model
-from micro_arch.registry import Dims, build_block
-from micro_arch.state import BlockState
+from micro_arch.model.model import Model
+from micro_arch.model.registry import Dims, build_block
+from micro_arch.model.state import BlockState
 
 
 def make(seed=0, **kwargs):
@@ -288,7 +288,7 @@ def test_kernels_match_dense_reference_outputs_and_gradients(kernel, dtype, capa
 
 
 def test_grouped_kernel_is_what_auto_picks_for_fp32_and_bf16():
-    from blocks.grouped_mm import kernel_for
+    from micro_arch.blocks.grouped_mm import kernel_for
 
     x, w = torch.randn(10, 16), torch.randn(4, 16, 32)
     assert kernel_for(x, w) == "grouped_mm" and kernel_for(x.bfloat16(), w.bfloat16()) == "grouped_mm"
@@ -445,7 +445,7 @@ def test_moe_experiment_counts_fewer_flops_than_the_dense_default():
 
 @pytest.mark.parametrize("capacity", [None, 3])
 def test_dispatch_against_a_python_queue(capacity):
-    from blocks.moe_dispatch import dispatch
+    from micro_arch.blocks.moe_dispatch import dispatch
 
     g = torch.Generator().manual_seed(0)
     n_tokens, top_k, n_experts = 9, 2, 4
@@ -469,7 +469,7 @@ def test_dispatch_against_a_python_queue(capacity):
 
 
 def test_dispatch_shapes_do_not_depend_on_the_routing():
-    from blocks.moe_dispatch import dispatch
+    from micro_arch.blocks.moe_dispatch import dispatch
 
     balanced = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])
     skewed = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]])
@@ -481,7 +481,7 @@ def test_dispatch_shapes_do_not_depend_on_the_routing():
 def test_grouped_mm_kernels_against_per_group_matmuls(dtype):
     """Both kernels against one matmul per group (an empty group included), outputs and gradients;
     the gradient of a plain sum() arrives expanded (stride 0), which the GEMM cannot take as it is."""
-    from blocks.grouped_mm import grouped_mm
+    from micro_arch.blocks.grouped_mm import grouped_mm
 
     torch.manual_seed(0)
     bounds = [0, 5, 5, 12, 20]

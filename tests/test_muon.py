@@ -11,13 +11,21 @@ from helpers import ROOT, run_torchrun
 from muon_shard_worker import grads_for, mixed_params, three_muon_steps
 from test_train import make_experiment, read_metrics, run_on_one_and_two_processes
 
+from micro_arch.commands.run import run_experiment
 from micro_arch.config import TrainConfig
 from micro_arch.errors import MicroArchError
 from micro_arch.experiment import load_experiment
-from micro_arch.model import Model
-from micro_arch.muon import NS_BAND, NS_COEFFICIENTS, NS_FLOOR, NS_STEPS, Muon, newton_schulz, update_scale
-from micro_arch.optim import build_optimizer
-from micro_arch.train import run_experiment
+from micro_arch.model.model import Model
+from micro_arch.train.muon import (
+    NS_BAND,
+    NS_COEFFICIENTS,
+    NS_FLOOR,
+    NS_STEPS,
+    Muon,
+    newton_schulz,
+    update_scale,
+)
+from micro_arch.train.optim import build_optimizer
 
 
 def quintic_power(s: torch.Tensor, steps: int = NS_STEPS, coefficients=NS_COEFFICIENTS) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from micro_arch.errors import MicroArchError
-from micro_arch.registry import Dims, build_block
+from micro_arch.model.registry import Dims, build_block
 
 D = 24
 
@@ -62,7 +62,7 @@ def test_rmsnorm_gradients_equal_autograd_through_the_formula(dtype):
 
 
 def test_rmsnorm_backward_passes_gradcheck_in_float64():
-    from blocks.norms import rms_norm
+    from micro_arch.blocks.norms import rms_norm
 
     x = rand_x(3, 5, 6).double().requires_grad_()
     w = rand_x(6, seed=3).double().requires_grad_()
@@ -91,7 +91,7 @@ def test_layernorm_matches_naive_formula_and_torch(bias):
 
 
 def test_layernorm_bias_false_from_a_spec():
-    from micro_arch.spec import resolve_chain
+    from micro_arch.model.spec import resolve_chain
 
     (call,) = resolve_chain("Norm(bias=false)", {"Norm": "layernorm"})
     norm = build_block(call.name, Dims(d_model=D), **call.kwargs)

@@ -26,12 +26,12 @@ import torch
 from test_registry import EXP_BLOCKS, PLUGIN
 from torch import nn
 
-from micro_arch import registry
 from micro_arch.config import LayerGroup, ModelConfig
+from micro_arch.eval.generate import generate
 from micro_arch.experiment import load_experiment
-from micro_arch.generate import generate
-from micro_arch.model import Model
-from micro_arch.state import BlockState
+from micro_arch.model import registry
+from micro_arch.model.model import Model
+from micro_arch.model.state import BlockState
 
 ROOT = Path(__file__).resolve().parents[1]
 U = 2.0 ** -8  # bf16's unit roundoff

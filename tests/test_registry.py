@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from micro_arch import registry
 from micro_arch.errors import MicroArchError
-from micro_arch.registry import Dims, build_block, get_entry, list_blocks, register_block
+from micro_arch.model import registry
+from micro_arch.model.registry import Dims, build_block, get_entry, list_blocks, register_block
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ EXP_BLOCKS = '''
 import torch
 from torch import nn
 
-from micro_arch.registry import register_block
+from micro_arch.model.registry import register_block
 
 
 @register_block("zz_exp_gate", kind="other")
@@ -186,7 +186,7 @@ PLUGIN = '''
 import torch
 from torch import nn
 
-from micro_arch.registry import register_block
+from micro_arch.model.registry import register_block
 
 
 @register_block("zz_plugin_block", kind="ssm")

@@ -16,11 +16,11 @@ import pytest
 import torch
 from helpers import run_cli
 
+from micro_arch.commands.run import run_experiment
 from micro_arch.data.corpus import read_works
 from micro_arch.errors import MicroArchError
-from micro_arch.report import compare
-from micro_arch.report_fairness import assess, rank, standard_error
-from micro_arch.train import run_experiment
+from micro_arch.report.compare import compare
+from micro_arch.report.fairness import assess, rank, standard_error
 
 TINY = """
 model:
@@ -124,11 +124,11 @@ def test_report_holds_every_run_with_the_numbers_of_its_summary_and_eval(runs, t
     assert line_of(md, "| held-out loss (full split) |").split(" | ")[1].startswith("**")
 
     # a second compare reuses eval.json; a changed checkpoint is evaluated again
-    import micro_arch.evaluate
+    import micro_arch.eval.evaluate
 
     calls = []
-    real = micro_arch.evaluate.evaluate_run
-    monkeypatch.setattr(micro_arch.evaluate, "evaluate_run",
+    real = micro_arch.eval.evaluate.evaluate_run
+    monkeypatch.setattr(micro_arch.eval.evaluate, "evaluate_run",
                         lambda path, **kw: calls.append(path) or real(path, **kw))
     compare([runs["base"], runs["short"]], tmp_path / "again")
     assert calls == [] and report_rows(tmp_path / "again")["base"]["eval_loss"] == rows["base"]["eval_loss"]
@@ -233,7 +233,7 @@ def test_compare_and_eval_tell_interrupted_running_and_crashed_runs_apart(runs, 
 
 
 def test_an_unfinished_runs_resume_command_keeps_the_settings_it_was_started_with(runs, tmp_path):
-    from micro_arch.report_runs import unfinished_state
+    from micro_arch.report.runs import unfinished_state
 
     experiment = runs["short"].parents[2] / "short"
     run = run_experiment(experiment, ["train.max_steps=4", "train.eval_every=2"], runs_root=tmp_path / "runs")
@@ -285,7 +285,7 @@ def test_two_copies_of_one_run_are_within_noise(runs, tmp_path):
 
 
 def test_fresh_samples_use_the_same_prompt_and_seed_for_every_run(runs, tmp_path):
-    from micro_arch.generate import sample_from_run
+    from micro_arch.eval.generate import sample_from_run
 
     out = tmp_path / "report"
     compare([runs["base"], runs["short"]], out, prompts=["KING:"])
@@ -348,7 +348,7 @@ def test_throughput_is_not_ranked_when_a_run_trained_on_a_busy_machine():
     tokens/s say more about it than about the models. Peak memory is still compared."""
     import pandas as pd
 
-    from micro_arch.report_fairness import verdicts
+    from micro_arch.report.fairness import verdicts
 
     run = {"tokenizer": "char", "data_fingerprint": "f1", "device": "cpu", "world_size": 1, "cpu_count": 2}
     table = pd.DataFrame({"tokens_per_sec": [3736.0, 1062.0], "peak_memory_mb": [500.0, 600.0]}, index=["a", "b"])

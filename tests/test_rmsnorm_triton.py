@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import micro_arch.registry  # noqa: E402, F401  (before blocks, as the package expects)
-from blocks.norms import rms_norm  # noqa: E402
-from blocks.rmsnorm_triton import RMSNormTriton, _use_kernels  # noqa: E402
+import micro_arch.model.registry  # noqa: E402, F401  (before blocks, as the package expects)
+from micro_arch.blocks.norms import rms_norm  # noqa: E402
+from micro_arch.blocks.rmsnorm_triton import RMSNormTriton, _use_kernels  # noqa: E402
 
 EPS = 1e-5
 
@@ -42,7 +42,7 @@ def _grads(fn, x, w, dy):
 # --- checks run under TRITON_INTERPRET=1 (in a subprocess) ----------------------------------------
 
 def check_kernels():
-    from blocks.rmsnorm_triton import rms_norm_triton
+    from micro_arch.blocks.rmsnorm_triton import rms_norm_triton
 
     assert _use_kernels(torch.empty(1, 8)), "kernels should run on CPU under TRITON_INTERPRET=1"
     shapes = [(1, 33), (7, 100), (64, 257), (2, 3, 100), (2, 4, 257)]
@@ -71,7 +71,7 @@ def check_kernels():
 def check_every_rows_per_program():
     """Each tile height the autotuner may pick, forward and backward, fp32 and bf16: row counts that no
     tile height divides, and backward programs (4 under the interpreter) whose row ranges end mid-tile."""
-    from blocks.rmsnorm_triton import CONFIG_SPACE, triton_bwd, triton_fwd
+    from micro_arch.blocks.rmsnorm_triton import CONFIG_SPACE, triton_bwd, triton_fwd
 
     for rows in sorted({r for r, _ in CONFIG_SPACE}):
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
@@ -91,7 +91,7 @@ def check_autotune_caches_per_width():
     a new batch shape of the same width times nothing again."""
     import triton
 
-    from blocks.rmsnorm_triton import _fwd_tuned, configs_for, rms_norm_triton
+    from micro_arch.blocks.rmsnorm_triton import _fwd_tuned, configs_for, rms_norm_triton
 
     timed = []  # one entry per candidate config the autotuner times
     bench = _fwd_tuned.do_bench
@@ -109,7 +109,7 @@ def check_autotune_caches_per_width():
 
 
 def check_opcheck():
-    from blocks.rmsnorm_triton import rmsnorm_bwd, rmsnorm_fwd
+    from micro_arch.blocks.rmsnorm_triton import rmsnorm_bwd, rmsnorm_fwd
 
     x, w, dy = _inputs((3, 33), torch.float32)
     torch.library.opcheck(rmsnorm_fwd, (x.requires_grad_(), w.requires_grad_(), EPS))
@@ -139,7 +139,7 @@ def test_interpreted(interpreted, check):
 @pytest.mark.parametrize("width", [1, 33, 100, 1024, 2048, 3000, 4096, 8192, 65536])
 def test_autotune_candidates_suit_the_width(width):
     triton = pytest.importorskip("triton")
-    from blocks.rmsnorm_triton import CONFIG_SPACE, MAX_TILE, _default_config, _prune, configs_for
+    from micro_arch.blocks.rmsnorm_triton import CONFIG_SPACE, MAX_TILE, _default_config, _prune, configs_for
 
     block = triton.next_power_of_2(width)
     candidates = configs_for(block)
@@ -188,7 +188,7 @@ def test_fake_tensor_shapes():
 
 
 def test_registered_block():
-    from micro_arch.registry import Dims, build_block, get_entry
+    from micro_arch.model.registry import Dims, build_block, get_entry
 
     entry = get_entry("rmsnorm_triton")
     assert entry.kind == "norm" and entry.cls is RMSNormTriton

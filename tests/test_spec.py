@@ -10,7 +10,7 @@ import pytest
 
 from micro_arch.config import load_config
 from micro_arch.errors import MicroArchError
-from micro_arch.spec import ADD, BlockCall, parse_chain, resolve_chain, resolve_layer
+from micro_arch.model.spec import ADD, BlockCall, parse_chain, resolve_chain, resolve_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {"Norm": "rmsnorm", "Attn": "attention", "MLP": "swiglu"}

@@ -10,15 +10,15 @@ import yaml
 
 from micro_arch.config import LayerGroup, ModelConfig
 from micro_arch.data import CharTokenizer
-from micro_arch.errors import MicroArchError
-from micro_arch.model import Model
-from micro_arch.stages.chat_template import (
+from micro_arch.data.chat_template import (
     ChatTokenizer,
     inputs_and_targets,
     load_chat_tokenizer,
     parse,
     render,
 )
+from micro_arch.errors import MicroArchError
+from micro_arch.model.model import Model
 from micro_arch.stages.dpo_data import encode_pairs
 from micro_arch.stages.losses import dpo_objective, sequence_logprobs, sft_loss
 from micro_arch.stages.records import read_records
@@ -346,7 +346,7 @@ def naive_greedy_reply(model, tok, messages, max_new_tokens):
 
 
 def test_chat_keeps_the_conversation_in_the_cache(tok):
-    from micro_arch.chat import ChatSession
+    from micro_arch.eval.chat import ChatSession
 
     model = tiny_model(tok.vocab_size, seq=512).eval()
     session = ChatSession(model, tok, system="CAPTAIN answers VIOLA.", temperature=0, max_new_tokens=12)
@@ -359,7 +359,7 @@ def test_chat_keeps_the_conversation_in_the_cache(tok):
 
 
 def test_chat_drops_the_oldest_exchange_when_the_context_is_full(tok):
-    from micro_arch.chat import ChatSession
+    from micro_arch.eval.chat import ChatSession
 
     model = tiny_model(tok.vocab_size, seq=96).eval()
     session = ChatSession(model, tok, system="sys", temperature=0, max_new_tokens=8)
@@ -381,7 +381,7 @@ def test_chat_reply_gets_the_room_the_context_has_left(tok, max_new_tokens):
     """README's example: a 58-token first turn in a small context, a budget the context cannot hold (200: was
     refused) or can hold but for the closing <|end|> (6: the end overflowed max_seq_len). The reply is cut at
     the context's end and its <|end|> still fits."""
-    from micro_arch.chat import ChatSession
+    from micro_arch.eval.chat import ChatSession
 
     model = tiny_model(tok.vocab_size, seq=64).eval()
     session = ChatSession(model, tok, system="CAPTAIN answers VIOLA.", temperature=1.0,
@@ -418,7 +418,7 @@ def test_a_checkpoint_named_inside_the_run_is_found_by_chat_generate_and_eval(tm
     """--checkpoint step_N.pt (a name in RUN_DIR/checkpoints, as `run --resume --checkpoint` takes it) was
     looked up in the current folder by load_run (chat, generate, eval) and by eval.json's stamp."""
     from micro_arch.checkpoint import save_checkpoint
-    from micro_arch.evaluate import evaluation_stamp
+    from micro_arch.eval.evaluate import evaluation_stamp
     from micro_arch.rundir import load_run
 
     run, model, _ = make_run(tmp_path / "run")
@@ -436,8 +436,8 @@ def test_a_checkpoint_named_inside_the_run_is_found_by_chat_generate_and_eval(tm
 def test_eval_on_any_text_counts_what_the_tokenizer_cannot_encode(tmp_path):
     from helpers import run_cli
 
-    from micro_arch.eval_data import evaluate_on_data
-    from micro_arch.evaluate import evaluate
+    from micro_arch.eval.evaluate import evaluate
+    from micro_arch.eval.text import evaluate_on_data
 
     run, model, base = make_run(tmp_path / "run")
     text = "Où est la gare? Wie schön!\n\nNo accents here, friend."
@@ -477,7 +477,7 @@ def test_eval_and_compare_data_take_a_text_field(tmp_path):
 
 
 def test_compare_on_data_ranks_runs_in_bits_per_byte(tmp_path):
-    from micro_arch.eval_data import compare_on_data, evaluate_on_data
+    from micro_arch.eval.text import compare_on_data, evaluate_on_data
 
     (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 8)
     runs = [str(make_run(tmp_path / f"run{i}", seed=i)[0]) for i in range(3)]
@@ -590,7 +590,7 @@ def test_stages_need_a_run_to_start_from(tmp_path):
 
 
 def test_position_interpolation_turns_position_p_as_p_over_the_factor():
-    from blocks.attention import rope_tables
+    from micro_arch.blocks.attention import rope_tables
 
     plain, scaled = rope_tables(16, 64, 10000.0), rope_tables(16, 128, 10000.0, scaling=2.0)
     torch.testing.assert_close(scaled[0::2], plain)
@@ -599,8 +599,8 @@ def test_position_interpolation_turns_position_p_as_p_over_the_factor():
 
 
 def test_context_extension_from_a_run_reports_both_lengths(tmp_path):
+    from micro_arch.eval.context import context_lines, extended_from
     from micro_arch.hf.init import load_initial_weights
-    from micro_arch.stages.context import context_lines, extended_from
 
     parent, small, base = make_run(tmp_path / "parent")
     cfg = ModelConfig(d_model=32, n_heads=2, max_seq_len=128, vocab_size=base.vocab_size, rope_scaling=2.0,
@@ -638,9 +638,9 @@ train: {{stage: {stage}, seq_len: 160, batch_size: 4, max_steps: 8, lr: 1.0e-3, 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """A tiny pretrain run, and SFT/DPO experiments (with their data) that start from it."""
+    from micro_arch.commands.run import run_experiment
     from micro_arch.data.corpus import read_works
     from micro_arch.stages.dialogues import exchanges, preference_pairs
-    from micro_arch.train import run_experiment
 
     root = tmp_path_factory.mktemp("chain")
     items = [e for w in read_works()[3:5] for e in exchanges([w], max_user_chars=60, max_answer_chars=50)[:30]]
@@ -658,7 +658,7 @@ def chain(tmp_path_factory):
 def check_resume_is_exact(exp, overrides, full, tmp_path):
     import shutil
 
-    from micro_arch.train import run_experiment
+    from micro_arch.commands.run import run_experiment
 
     stopped = tmp_path / "stopped"
     shutil.copytree(full, stopped)
@@ -703,7 +703,7 @@ def test_sft_then_dpo_runs_resume_exactly_and_chat(chain, tmp_path):
 
     from helpers import ROOT, run_cli
 
-    from micro_arch.train import run_experiment
+    from micro_arch.commands.run import run_experiment
 
     root, parent = chain
     sft_over = [f"model.init_from={parent}"]
@@ -714,7 +714,7 @@ def test_sft_then_dpo_runs_resume_exactly_and_chat(chain, tmp_path):
     rows = read_metrics(sft)
     assert [bool(r["val_loss"]) for r in rows] == [False, True, False, True]
     # the end-of-run sample of a chat model is its reply to the prompt as a user turn, as `chat` gives it
-    from micro_arch.chat import ChatSession
+    from micro_arch.eval.chat import ChatSession
     from micro_arch.rundir import load_run
 
     (sample,) = json.loads((sft / "samples.json").read_text())
@@ -744,7 +744,7 @@ def test_sft_then_dpo_runs_resume_exactly_and_chat(chain, tmp_path):
     assert interactive.stdout.count("model> ") == 1
     with pytest.raises(MicroArchError, match="not trained with the chat template"):
         load_chat_tokenizer(parent)
-    from micro_arch.evaluate import evaluate_run
+    from micro_arch.eval.evaluate import evaluate_run
 
     with pytest.raises(MicroArchError, match="measured on held-out conversations, not text"):
         evaluate_run(sft)  # what compare calls: a stage run is left out with this line
@@ -758,7 +758,7 @@ def test_sft_then_dpo_runs_resume_exactly_and_chat(chain, tmp_path):
 def test_ddp_two_processes_equal_one_process(chain, tmp_path, stage):
     from helpers import run_cli
 
-    from micro_arch.train import run_experiment
+    from micro_arch.commands.run import run_experiment
 
     root, parent = chain
     start = parent
@@ -838,11 +838,11 @@ def folder_experiment(folder, tmp_path, stage, rows, **train):
 def test_sft_from_a_hugging_face_folder_learns_with_its_tokenizer(llama_folder, tmp_path):
     from transformers import AutoTokenizer
 
+    from micro_arch.commands.run import run_experiment
     from micro_arch.experiment import load_experiment
     from micro_arch.hf.export import export_run
     from micro_arch.stages.evaluate_stage import evaluate_stage_run
     from micro_arch.stages.setup import stage_tokenizer
-    from micro_arch.train import run_experiment
 
     rows = [{"messages": c} for c in [*DIALOGUE, CONVERSATION]]
     exp = folder_experiment(llama_folder, tmp_path, "sft", rows)

@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
-from micro_arch import registry
 from micro_arch.data import prepare_data
 from micro_arch.errors import MicroArchError
 from micro_arch.experiment import load_experiment, with_vocab
 from micro_arch.memory import estimate_memory
-from micro_arch.sweep import load_sweep, open_study, run_sweep
+from micro_arch.model import registry
+from micro_arch.sweep.study import load_sweep, open_study, run_sweep
 
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" + ("\n" if i % 20 == 19 else "")
                for i in range(400))  # 20 documents, split at blank lines
@@ -93,7 +93,7 @@ import signal
 import torch
 from torch import nn
 
-from micro_arch.registry import register_block
+from micro_arch.model.registry import register_block
 
 calls = 0
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from micro_arch.config import LayerGroup, ModelConfig
-from micro_arch.model import Model
-from micro_arch.trace import render, trace_model, trace_text
+from micro_arch.model.model import Model
+from micro_arch.model.trace import render, trace_model, trace_text
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, D, V = 2, 8, 32, 50

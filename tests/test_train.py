@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import run_cli
 
+from micro_arch.commands.run import run_experiment
 from micro_arch.config import TrainConfig
 from micro_arch.errors import MicroArchError
-from micro_arch.optim import lr_factor
-from micro_arch.train import run_experiment
+from micro_arch.train.optim import lr_factor
 
 TINY = """
 model:
@@ -87,7 +87,7 @@ SCALED_TANH = '''
 import torch
 from torch import nn
 
-from micro_arch.registry import register_block
+from micro_arch.model.registry import register_block
 
 
 @register_block("zz_own_scaled_tanh", kind="other")
@@ -288,7 +288,7 @@ def test_resume_refuses_corrupt_checkpoints_and_other_configs(tmp_path):
 def test_a_run_with_relative_data_paths_evaluates_from_another_folder(tmp_path, monkeypatch):
     """data.source relative to the folder the run started in (as the shipped SFT/DPO experiments have it):
     eval, generate and compare from elsewhere find it there, and evaluate on the same text."""
-    from micro_arch.evaluate import evaluate_run
+    from micro_arch.eval.evaluate import evaluate_run
     from micro_arch.rundir import read_run_config
 
     project = tmp_path / "project"

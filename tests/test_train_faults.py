@@ -8,8 +8,8 @@ import torch
 from helpers import run_cli
 from test_train import make_experiment, read_metrics
 
+from micro_arch.commands.run import run_experiment
 from micro_arch.errors import MicroArchError
-from micro_arch.train import run_experiment
 
 SHORT = ["train.max_steps=8", "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=2"]
 

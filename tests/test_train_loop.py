@@ -7,14 +7,14 @@ import pytest
 import torch
 from test_train import make_experiment, read_metrics
 
+from micro_arch.commands.run import run_experiment
 from micro_arch.config import DataConfig, TrainConfig
 from micro_arch.data import prepare_data, sample_batch
-from micro_arch.distributed import Dist
 from micro_arch.experiment import load_experiment
-from micro_arch.prefetch import Prefetcher, TokenWindows
-from micro_arch.train import run_experiment
-from micro_arch.train_loop import StagePieces, Trainer
-from micro_arch.train_step import lm_loss
+from micro_arch.train.distributed import Dist
+from micro_arch.train.loop import StagePieces, Trainer
+from micro_arch.train.prefetch import Prefetcher, TokenWindows
+from micro_arch.train.step import lm_loss
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_a_log_row_of_only_the_first_step_has_no_throughput_rather_than_zero(tmp
 
 def test_no_host_reads_between_log_steps(tmp_path, data, monkeypatch):
     """Between log steps the dense path never reads a tensor on the host (on a GPU each read is a stall)."""
-    from micro_arch import bookkeeping
+    from micro_arch.train import bookkeeping
 
     cfg = load_experiment(make_experiment(tmp_path), ["train.max_steps=8", "train.log_every=4"])
     cfg.model.vocab_size = data.tokenizer.vocab_size
@@ -131,8 +131,8 @@ def test_compile_mode_reaches_torch_compile_and_the_log_window_keeps_its_own_cop
     """train.compile_mode is passed to torch.compile ('default' as torch's own default). With CUDA graphs
     (reduce-overhead) a step's outputs are overwritten by the next replay, so the log window must not keep
     the first step's tensors themselves."""
-    from micro_arch.bookkeeping import Window
-    from micro_arch.train_loop import wrap_model
+    from micro_arch.train.bookkeeping import Window
+    from micro_arch.train.loop import wrap_model
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)

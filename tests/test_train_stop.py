@@ -18,7 +18,7 @@ import time
 
 from torch import nn
 
-from micro_arch.registry import register_block
+from micro_arch.model.registry import register_block
 
 
 @register_block("zz_pause", kind="other")

@@ -19,10 +19,11 @@ from micro_arch.config import DataConfig
 from micro_arch.errors import MicroArchError, closest
 
 from .corpus import SEPARATOR
+from .files import write_atomically
 from .mixture import encode_documents, join, mix
 from .shards import cache_root, digest, read_shards, write_shards
 from .sources import BuiltinSource, resolve_source
-from .tokenizers import CharTokenizer, SentencePieceTokenizer, train_bpe, write_atomically
+from .tokenizers import CharTokenizer, SentencePieceTokenizer, train_bpe
 
 FORMAT = "v1"  # bump when a change here alters the tokens produced from the same inputs
 

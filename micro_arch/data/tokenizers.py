@@ -14,14 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from micro_arch.data.files import write_atomically
 from micro_arch.errors import MicroArchError
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 class CharTokenizer:
@@ -152,7 +146,7 @@ def load_tokenizer(run_dir):
     if meta.get("type") == "sentencepiece":
         return SentencePieceTokenizer.from_file(run_dir / meta.get("model", "tokenizer.model"), meta.get("name"))
     if meta.get("type") == "huggingface":  # an SFT/DPO run from a Hugging Face folder: that folder's tokenizer
-        from micro_arch.hf.folder_tokenizer import FolderTokenizer
+        from micro_arch.data.folder_tokenizer import FolderTokenizer
 
         return FolderTokenizer.load(run_dir, meta)
     raise MicroArchError(f"{meta_path}: unknown tokenizer type {meta.get('type')!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from micro_arch.errors import MicroArchError
-from micro_arch.hf.init import offline
+from micro_arch.hf.offline import offline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOGIT_TOLERANCE = 1e-4  # times max(1, largest |logit|): float32 sums in another order stay far below it
@@ -154,12 +154,3 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return {**check, "out": str(out), "files": sorted(p.name for p in out.iterdir())}
-
-
-def export_command(args) -> None:
-    from rich.console import Console
-
-    result = export_run(args.run_dir, args.out, args.checkpoint, args.dtype, args.max_shard_size)
-    Console().print(f"exported {result['hf_class']} to {result['out']} ({', '.join(result['files'])}); logits "
-                    f"checked: max |difference| {result['max_abs_diff']:.2e} (tolerance {result['tolerance']:.1e})",
-                    soft_wrap=True)

@@ -16,7 +16,6 @@ The returned provenance dict is also written to RUN_DIR/parent.json when run_dir
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -60,7 +59,7 @@ def read_source(path_text: str) -> tuple[ModelConfig, dict, dict]:
 
         return read_hf_folder(path)
     from micro_arch.checkpoint import latest_checkpoint, load_checkpoint
-    from micro_arch.registry import load_experiment_blocks
+    from micro_arch.model.registry import load_experiment_blocks
     from micro_arch.rundir import read_run_config
 
     run_dir = run_dir_of(kind, path)
@@ -120,7 +119,7 @@ def load_initial_weights(model, cfg: ModelConfig, run_dir: str | Path | None = N
     if not cfg.init_from:
         return None
     from micro_arch.hf.match import first_difference
-    from micro_arch.model import Model
+    from micro_arch.model.model import Model
 
     source_cfg, state, provenance = read_source(cfg.init_from)
     with torch.device("meta"):  # structure and shapes only: a big source must not be built twice
@@ -144,18 +143,3 @@ def load_initial_weights(model, cfg: ModelConfig, run_dir: str | Path | None = N
     return provenance
 
 
-def offline() -> None:
-    """No network from transformers or the hub client, whatever the environment says; and a clear error
-    when transformers is not installed."""
-    os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is first imported; local_files_only does the rest
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise MicroArchError("Hugging Face export and import need transformers: pip install -e '.[hf]'") from None
-    try:
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()
-    except ImportError:
-        pass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from micro_arch.errors import MicroArchError
 from micro_arch.hf.match import block_difference
-from micro_arch.registry import list_blocks
+from micro_arch.model.registry import list_blocks
 
 QK_NORM_EPS = 1e-6  # blocks/attention.py normalises q and k with this eps
 PRE_NORM = "Norm->Attn->+->Norm->MLP->+"

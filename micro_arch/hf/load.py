@@ -126,7 +126,7 @@ def _sparse(hf, i: int) -> bool:
 def read_hf_config(folder):
     """(the transformers config, the layout, the micro-arch ModelConfig) of a local folder: config.json only,
     so an architecture micro-arch cannot import is refused before any weights are read."""
-    from micro_arch.hf.init import offline
+    from micro_arch.hf.offline import offline
 
     offline()
     from transformers import AutoConfig
@@ -155,7 +155,7 @@ def read_hf_folder(folder) -> tuple[ModelConfig, dict, dict]:
 
 def load_hf_model(folder):
     """A micro-arch Model (eval mode, float32) with the weights of a local Hugging Face folder."""
-    from micro_arch.model import Model
+    from micro_arch.model.model import Model
 
     cfg, state, _ = read_hf_folder(folder)
     model = Model(cfg)

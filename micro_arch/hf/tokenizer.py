@@ -63,7 +63,7 @@ def hf_tokenizer(tokenizer, special_tokens: list[str] | None = None):
         tok = _char_tokenizer(tokenizer.chars)
     elif hasattr(tokenizer, "sp"):
         tok = _sentencepiece_tokenizer(tokenizer.sp)
-    elif hasattr(tokenizer, "tok"):  # a Hugging Face folder's tokenizer (micro_arch.hf.folder_tokenizer): as it was
+    elif hasattr(tokenizer, "tok"):  # a Hugging Face folder's tokenizer (micro_arch.data.folder_tokenizer): as it was
         tok = Tokenizer.from_str(tokenizer.tok.to_str())
     else:
         raise MicroArchError(f"cannot export tokenizer {type(tokenizer).__name__}: only char, SentencePiece and a "

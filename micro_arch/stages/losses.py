@@ -84,7 +84,7 @@ def dpo_loss_fn(reference, beta: float):
 def stage_loss(train, reference):
     """The loss_fn(model, batch) the trainer's step runs for train.stage: pretraining's next-token loss,
     SFT's masked loss, or DPO's against the frozen `reference` (None: log-probabilities come with the batch)."""
-    from micro_arch.train_step import lm_loss
+    from micro_arch.train.step import lm_loss
 
     if train.stage == "sft":
         return sft_loss

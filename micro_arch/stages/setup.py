@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from micro_arch.config import ExperimentConfig
+from micro_arch.data.chat_template import ChatTokenizer
 from micro_arch.errors import MicroArchError
 
-from .chat_template import ChatTokenizer
 from .dpo_data import Pairs, encode_pairs
 from .heldout import assistant_loss, pair_logprobs, preference_metrics
 from .losses import stage_loss
@@ -52,7 +52,7 @@ def stage_tokenizer(cfg: ExperimentConfig) -> ChatTokenizer:
 
     kind, path = resolve_source(cfg.model.init_from)
     if kind == "huggingface":
-        from micro_arch.hf.folder_tokenizer import folder_tokenizer
+        from micro_arch.data.folder_tokenizer import folder_tokenizer
         from micro_arch.hf.load import read_hf_config
 
         hf_config, _, _ = read_hf_config(path)  # an architecture the importer refuses stops here
@@ -121,7 +121,7 @@ def build_reference(cfg: ExperimentConfig, device: torch.device, run_dir=None, e
     directory of a run that began already (a resume; an eval, `evaluating`), they must be the weights it
     began from."""
     from micro_arch.hf.init import load_initial_weights
-    from micro_arch.model import Model
+    from micro_arch.model.model import Model
 
     reference = Model(cfg.model)
     source = load_initial_weights(reference, cfg.model)
@@ -202,7 +202,7 @@ def first_rows(items: Examples | Pairs, n: int):
 def stage_pieces(cfg: ExperimentConfig, data: StageData, dist, device: torch.device, resume=None):
     """The trainer's StagePieces for train.stage sft or dpo (train_loop.Trainer(..., pieces=...)); resume: the
     run directory being resumed."""
-    from micro_arch.train_loop import StagePieces
+    from micro_arch.train.loop import StagePieces
 
     stage = Stage(cfg, data, device, dist.rank, dist.world_size, resume)
     return StagePieces(stage.source, stage.loss, stage.held_out)

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from micro_arch.data.chat_template import ChatTokenizer, check_messages, inputs_and_targets, render
 from micro_arch.errors import MicroArchError
-
-from .chat_template import ChatTokenizer, check_messages, inputs_and_targets, render
 
 
 @dataclass

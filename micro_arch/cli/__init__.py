@@ -1,0 +1,218 @@
+"""The `micro-arch` command line: run, trace, blocks, sweep, compare, generate, eval."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from micro_arch.cli.argtypes import (
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_int,
+    probability,
+)
+from micro_arch.errors import MicroArchError
+
+console = Console()
+
+
+def cmd_blocks(args) -> None:
+    from micro_arch.commands.blocks import blocks_command
+
+    blocks_command(args.pattern, args.kind, args.experiment)
+
+
+def cmd_trace(args) -> None:
+    from micro_arch.commands.trace import trace_command
+
+    trace_command(args.experiment, args.set, depth=args.depth, batch=args.batch, seq_len=args.seq_len, out=args.out)
+
+
+def cmd_run(args) -> None:
+    from micro_arch.commands.run import run_experiment
+    from micro_arch.train.stop import RunInterrupted
+
+    try:
+        run_experiment(args.experiment, overrides=args.set, resume=args.resume, dry_run=args.dry_run,
+                       runs_root=args.runs_dir, nproc=args.nproc, checkpoint=args.checkpoint)
+    except RunInterrupted as stop:  # saved and explained already; 130 for Ctrl-C, 143 for SIGTERM
+        sys.exit(stop.exit_code)
+
+
+def cmd_generate(args) -> None:
+    from micro_arch.commands.generate import generate_command
+
+    generate_command(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, checkpoint=args.checkpoint,
+                     device=args.device, num_samples=args.num_samples)
+
+
+def cmd_chat(args) -> None:
+    from micro_arch.commands.chat import chat_command
+
+    chat_command(args.run_dir, args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                 checkpoint=args.checkpoint, device=args.device)
+
+
+def cmd_eval(args) -> None:
+    from micro_arch.commands.evaluate import eval_command
+
+    eval_command(args.run_dir, data=args.data, checkpoint=args.checkpoint, batch_size=args.batch_size,
+                 max_batches=args.max_batches, device=args.device, text_field=args.text_field)
+
+
+def cmd_sweep(args) -> None:
+    from micro_arch.sweep.study import run_sweep
+
+    run_sweep(args.sweep, overrides=args.set, n_trials=args.trials)
+
+
+def cmd_compare(args) -> None:
+    if args.data:
+        from micro_arch.eval.text import compare_on_data
+
+        compare_on_data(args.runs, args.data, args.out, console=console, text_field=args.text_field)
+        return
+    from micro_arch.report.compare import compare
+
+    compare(args.runs, args.out, prompts=args.prompt or None, console=console)
+
+
+def cmd_export(args) -> None:
+    from micro_arch.commands.export import export_command
+
+    export_command(args.run_dir, args.out, checkpoint=args.checkpoint, dtype=args.dtype,
+                   max_shard_size=args.max_shard_size)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other micro-arch error (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def with_sampling(p, top_k: int):
+    """The sampling arguments generate and chat share, checked while parsing."""
+    p.add_argument("--max-new-tokens", type=positive_int, default=200, help="longest text, in tokens")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=positive_int, default=top_k)
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's latest)")
+    p.add_argument("--device", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="micro-arch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_set(p):
+        p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override config values, e.g. --set train.max_steps=200 model.d_model=64")
+        return p
+
+    p = with_set(sub.add_parser("run", help="train an experiment; resumable"))
+    p.add_argument("experiment", help="experiment folder, e.g. experiments/shakespeare-char")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest intact checkpoint")
+    p.add_argument("--checkpoint", metavar="FILE", default=None,
+                   help="with --resume: resume from this checkpoint (a name in RUN_DIR/checkpoints such as "
+                        "step_0001000.pt, or a path) instead of the latest")
+    p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and memory, then exit")
+    p.add_argument("--runs-dir", default="runs", type=output_dir,
+                   help="where run directories go (default: runs)")
+    p.add_argument("--nproc", type=positive_int, default=1, help="processes to train with (DDP through torchrun)")
+    p.set_defaults(func=cmd_run)
+
+    p = with_set(sub.add_parser("trace", help="show how shapes flow through every module"))
+    p.add_argument("experiment")
+    p.add_argument("--depth", type=non_negative_int, default=None,
+                   help="how many levels of modules to show (0: only the model's own line)")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="batch size of the traced input (default: train.batch_size)")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="length of the traced input (default: train.seq_len)")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="also write the tree as plain text to this file (its folder must exist)")
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("blocks", help="list the registered blocks")
+    p.add_argument("pattern", nargs="?", default="*", help="wildcard on names, e.g. 'rms*'")
+    p.add_argument("--kind", default=None, help="norm, attention, mlp, moe, ssm or other")
+    p.add_argument("--experiment", default=None, metavar="DIR",
+                   help="also the blocks of this experiment (its blocks.py and its extends parents') or run folder")
+    p.set_defaults(func=cmd_blocks)
+
+    p = with_set(sub.add_parser("sweep", help="run an Optuna study, then train the best configs in full"))
+    p.add_argument("sweep", help="sweep file, e.g. sweeps/tiny.yaml")
+    p.add_argument("--trials", type=positive_int, default=None, help="override the number of trials")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="write a report that compares runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", type=output_dir, default=None,
+                   help="report folder, created if missing; its parent must exist (default: runs/compare/<time>)")
+    p.add_argument("--prompt", action="append", help="generate fresh samples for this prompt (repeatable)")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="instead: rank the runs in bits per byte on this text (a file, glob or 'shakespeare')")
+    p.add_argument("--text-field", default="text", help="with --data: the column that holds the text (.jsonl/.parquet)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("generate", help="sample from a trained run with a KV cache")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
+    with_sampling(p, top_k=200)
+    p.add_argument("--num-samples", type=positive_int, default=1)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat with an SFT or DPO run (Ctrl-D to leave)")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a user turn to answer without a terminal (repeatable: a multi-turn script)")
+    p.add_argument("--system", default=None, help="a system turn, e.g. 'ROMEO answers JULIET.'")
+    with_sampling(p, top_k=50)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte, top-k accuracy")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate on at most this many batches")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="evaluate on this text instead of the held-out split: a .txt/.jsonl/.parquet file, a glob, "
+                        "a folder or 'shakespeare'; characters the tokenizer cannot encode are counted")
+    p.add_argument("--text-field", default="text", help="with --data: the column that holds the text (.jsonl/.parquet)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder (logits checked)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="the folder to create (must not exist or be empty)")
+    p.add_argument("--checkpoint", default=None, help="e.g. step_0001000.pt (default: the run's latest)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors files are split above this size")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MicroArchError as err:
+        from micro_arch.config import blame_override
+
+        print(f"error: {blame_override(err, getattr(args, 'set', None))}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""`micro-arch compare`: reading run folders, the fairness rules, plots, and the report files."""

@@ -1,0 +1,1 @@
+"""`micro-arch sweep`: the Optuna study, and what it leaves beside the study."""
