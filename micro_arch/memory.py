@@ -24,7 +24,7 @@ from torch import nn
 
 from micro_arch.config import ExperimentConfig
 from micro_arch.errors import MicroArchError
-from micro_arch.stages.losses import stage_loss
+from micro_arch.stages import stage_of
 from micro_arch.train.step import TrainStep
 
 MiB = 2**20
@@ -68,16 +68,7 @@ def synthetic_batch(cfg: ExperimentConfig, device: torch.device) -> tuple:
     a batch after its last learned position; every target here is learned, the widest case):
     pretraining (x, y); SFT (x, y, scale); DPO (x, y, reference log-probabilities or None), with a
     chosen and a rejected row per pair."""
-    t, vocab = cfg.train, cfg.model.vocab_size
-    rows = t.batch_size * (2 if t.stage == "dpo" else 1)
-    x = torch.randint(0, vocab, (rows, t.seq_len), device=device)
-    y = torch.randint(0, vocab, (rows, t.seq_len), device=device)
-    if t.stage == "sft":
-        return x, y, 1 / (rows * t.seq_len)
-    if t.stage == "dpo":
-        ref_logps = torch.zeros(rows, device=device) if t.dpo_precompute_reference else None
-        return x, y, ref_logps
-    return x, y
+    return stage_of(cfg).synthetic_batch(cfg, device)
 
 
 def training_steps(model: nn.Module, optimizer, cfg: ExperimentConfig, device: torch.device, steps: int = 2,
@@ -85,7 +76,7 @@ def training_steps(model: nn.Module, optimizer, cfg: ExperimentConfig, device: t
     """`steps` steps of the trainer's own TrainStep (one process, not compiled) with the stage's loss,
     each on grad_accum random micro-batches prepared ahead, as the trainer's prefetcher does."""
     step = TrainStep(model, model, optimizer, cfg.train, device, distributed=False, total_steps=steps,
-                     loss_fn=stage_loss(cfg.train, reference))
+                     loss_fn=stage_of(cfg).loss_fn(cfg.train, reference))
     for index in range(steps):
         step(index, [synthetic_batch(cfg, device) for _ in range(cfg.train.grad_accum)])
 
@@ -103,7 +94,7 @@ def _build(cfg: ExperimentConfig, device: torch.device, fused: bool):
                 if "fused" in group:
                     group["fused"] = False
     reference = None  # DPO's frozen copy of the starting weights, unless its log-probs were computed ahead
-    if cfg.train.stage == "dpo" and not cfg.train.dpo_precompute_reference:
+    if stage_of(cfg).keeps_reference(cfg.train):
         with torch.device(device):
             reference = Model(cfg.model).eval().requires_grad_(False)
     return model, optimizer, reference
@@ -230,14 +221,14 @@ def analytic_estimate(cfg: ExperimentConfig, device: torch.device | None = None)
         n_state = muon + 2 * (n_params - muon)
     else:
         n_state = 2 * n_params
-    tokens = t.batch_size * t.seq_len * (2 if t.stage == "dpo" else 1)  # DPO: chosen and rejected rows
+    tokens = t.batch_size * t.seq_len * stage_of(cfg).rows_per_example  # DPO: chosen and rejected rows
     matmul, fp32, temporary = _saved_elements_per_token(model, cfg)
     saved = tokens * (matmul * act_bytes + fp32 * 4 + temporary * 4)
     # logits (+ an fp32 copy under autocast), log-softmax saved, and their fp32 gradient
     logits = tokens * cfg.model.vocab_size * (act_bytes + (4 if half else 0) + 4 + 4)
     activations = int(ACTIVATION_MARGIN * saved) + logits
     weights, grads, state = 4 * n_params, 4 * n_params, 4 * n_state
-    if t.stage == "dpo" and not t.dpo_precompute_reference:
+    if stage_of(cfg).keeps_reference(t):
         weights *= 2  # the frozen reference's copy
     # the optimizer step may need a gradient-sized temporary (non-fused AdamW, Muon's iterations)
     peak = weights + grads + state + max(activations, grads)

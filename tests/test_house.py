@@ -121,12 +121,12 @@ def stage_branches(path: Path) -> list[int]:
     return lines
 
 
-@pytest.mark.xfail(strict=True, reason="the Stage object lands in the next commit")
 def test_no_stage_branch_outside_the_stage_objects():
-    stage_objects = ROOT / "micro_arch" / "stages" / "kinds.py"
+    """What differs between stages is a property or method of its Stage object (micro_arch/stages/), so no code
+    compares train.stage by name: a new stage is one new file."""
     found = {str(path.relative_to(ROOT)): lines for path in project_modules().values()
-             if path != stage_objects and (lines := stage_branches(path))}
-    assert not found, f"decide by the Stage object (micro_arch/stages/kinds.py), not by name: {found}"
+             if (lines := stage_branches(path))}
+    assert not found, f"decide by the Stage object (micro_arch.stages.stage_of), not by name: {found}"
 
 
 def test_stage_branch_finder_sees_a_branch(tmp_path):

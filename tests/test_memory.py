@@ -17,8 +17,9 @@ from micro_arch.config import ExperimentConfig, LayerGroup, ModelConfig, TrainCo
 from micro_arch.experiment import load_experiment
 from micro_arch.memory import ANALYTIC, TRACE, analytic_estimate, estimate_memory, measure_memory
 from micro_arch.model.model import Model
+from micro_arch.stages import stage_of
 from micro_arch.stages.dpo_data import Pairs
-from micro_arch.stages.setup import Stage, StageData
+from micro_arch.stages.setup import StageData
 from micro_arch.stages.sft_data import Examples
 from micro_arch.train.prefetch import TokenWindows
 from micro_arch.train.step import TrainStep, lm_loss
@@ -128,8 +129,8 @@ def trainer_pieces(cfg: ExperimentConfig) -> tuple:
         return lm_loss, TokenWindows(np.random.randint(0, vocab, 10 * t.seq_len).astype(np.uint16), t).batch(0)
     rows = functools.partial(torch.randint, 0, vocab, (3 * t.batch_size, t.seq_len))
     split = Examples(rows(), rows()) if t.stage == "sft" else Pairs(rows(), rows(), rows(), rows())
-    stage = Stage(cfg, StageData(None, split, split, ""), CPU)
-    return stage.loss, stage.source.batch(0)
+    pieces = stage_of(cfg).pieces(cfg, StageData(None, split, split, ""), CPU)
+    return pieces.loss_fn, pieces.source.batch(0)
 
 
 def layout(batch: tuple) -> list:

@@ -508,20 +508,20 @@ PAIRS = [{"prompt": "Who goes there?", "chosen": "Nay, answer me.", "rejected": 
 
 def test_dpo_reference_stays_frozen_while_the_policy_trains(tmp_path):
     from micro_arch.hf.init import load_initial_weights
-    from micro_arch.stages.setup import Stage, prepare_stage_data
+    from micro_arch.stages import stage_of
 
     parent, _, _ = make_run(tmp_path / "parent")
     source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     cfg = stage_config(tmp_path, "dpo", source, parent, dpo_beta=0.5)
-    data = prepare_stage_data(cfg)
+    data = stage_of(cfg).prepare_data(cfg)
     assert len(data.train) == 3 and data.tokenizer.vocab_size == cfg.model.vocab_size
-    stage = Stage(cfg, data, torch.device("cpu"))
+    stage = stage_of(cfg).pieces(cfg, data, torch.device("cpu"))
     policy = Model(cfg.model)
     load_initial_weights(policy, cfg.model)
     start = {k: v.clone() for k, v in stage.reference.state_dict().items()}
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     for step in range(4):
-        loss, metrics = stage.loss(policy, stage.source.batch(step))
+        loss, metrics = stage.loss_fn(policy, stage.source.batch(step))
         if step == 0:  # the policy starts as the reference: every implicit reward is 0
             assert float(loss.detach()) == pytest.approx(math.log(2), rel=1e-5)
             assert float(metrics["dpo/reward_margin"]) == pytest.approx(0, abs=1e-5)
@@ -537,11 +537,11 @@ def test_dpo_reference_stays_frozen_while_the_policy_trains(tmp_path):
     assert val_loss < math.log(2) and extra["val/preference_accuracy"] > 0.5
     # the reference's log-probabilities computed once give the same losses
     cfg.train.dpo_precompute_reference = True
-    ahead = Stage(cfg, data, torch.device("cpu"))
+    ahead = stage_of(cfg).pieces(cfg, data, torch.device("cpu"))
     for step in range(3):
         batch = ahead.source.batch(step)
         assert batch[2] is not None
-        torch.testing.assert_close(ahead.loss(policy, batch)[0], stage.loss(policy, stage.source.batch(step))[0])
+        torch.testing.assert_close(ahead.loss_fn(policy, batch)[0], stage.loss_fn(policy, stage.source.batch(step))[0])
 
 
 def test_a_reference_that_trained_on_since_the_run_began_is_refused(tmp_path):
@@ -577,13 +577,13 @@ def test_a_reference_that_trained_on_since_the_run_began_is_refused(tmp_path):
 
 
 def test_stages_need_a_run_to_start_from(tmp_path):
-    from micro_arch.stages.setup import prepare_stage_data
+    from micro_arch.stages import stage_of
 
     source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     cfg = stage_config(tmp_path, "dpo", source, "x")
     cfg.model.init_from = None
     with pytest.raises(MicroArchError, match="train.stage=dpo needs model.init_from"):
-        prepare_stage_data(cfg)
+        stage_of(cfg).prepare_data(cfg)
 
 
 # --- context extension --------------------------------------------------------------------------------
@@ -873,12 +873,12 @@ def test_dpo_from_a_hugging_face_folder_has_the_folders_model_as_reference(llama
 
     from micro_arch.experiment import load_experiment
     from micro_arch.hf.init import load_initial_weights
-    from micro_arch.stages.setup import Stage, prepare_stage_data
+    from micro_arch.stages import stage_of
 
     cfg = load_experiment(folder_experiment(llama_folder, tmp_path, "dpo", PAIRS, dpo_beta=0.5))
-    data = prepare_stage_data(cfg)
+    data = stage_of(cfg).prepare_data(cfg)
     cfg.model.vocab_size = data.tokenizer.vocab_size
-    stage = Stage(cfg, data, torch.device("cpu"))
+    stage = stage_of(cfg).pieces(cfg, data, torch.device("cpu"))
     folder_model = AutoModelForCausalLM.from_pretrained(llama_folder, local_files_only=True).eval()
     rows = folder_model.config.vocab_size
     idx = torch.randint(0, rows, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -887,7 +887,7 @@ def test_dpo_from_a_hugging_face_folder_has_the_folders_model_as_reference(llama
         torch.testing.assert_close(ours[..., :rows], folder_model(input_ids=idx).logits, atol=1e-5, rtol=0)
     policy = Model(cfg.model)
     load_initial_weights(policy, cfg.model)
-    loss, _ = stage.loss(policy, stage.source.batch(0))
+    loss, _ = stage.loss_fn(policy, stage.source.batch(0))
     assert float(loss.detach()) == pytest.approx(math.log(2), rel=1e-5)  # the policy starts as the reference
 
 
@@ -898,7 +898,7 @@ def test_a_folder_the_stages_cannot_use_is_one_line(llama_folder, tmp_path):
     from transformers import GPTNeoXConfig
 
     from micro_arch.experiment import load_experiment
-    from micro_arch.stages.setup import prepare_stage_data
+    from micro_arch.stages import stage_of
 
     bare = tmp_path / "no-tokenizer"
     shutil.copytree(llama_folder, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
@@ -915,7 +915,7 @@ def test_a_folder_the_stages_cannot_use_is_one_line(llama_folder, tmp_path):
     cfg = load_experiment(exp, [f"model.init_from={other}"])
     with pytest.raises(MicroArchError, match="cannot import: model_type 'gpt_neox' has no micro-arch layout; "
                                              "supported: gpt2, llama, mamba, mistral, mixtral, qwen2_moe, qwen3"):
-        prepare_stage_data(cfg)
+        stage_of(cfg).prepare_data(cfg)
 
 
 def test_a_model_section_that_does_not_match_the_folder_shows_the_one_that_does(llama_folder, tmp_path):

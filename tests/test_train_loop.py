@@ -11,8 +11,9 @@ from micro_arch.commands.run import run_experiment
 from micro_arch.config import DataConfig, TrainConfig
 from micro_arch.data import prepare_data, sample_batch
 from micro_arch.experiment import load_experiment
+from micro_arch.stages import StagePieces
 from micro_arch.train.distributed import Dist
-from micro_arch.train.loop import StagePieces, Trainer
+from micro_arch.train.loop import Trainer
 from micro_arch.train.prefetch import Prefetcher, TokenWindows
 from micro_arch.train.step import lm_loss
 

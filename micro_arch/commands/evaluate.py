@@ -42,8 +42,9 @@ def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: 
         console.print(unencodable_line(result))
         return
     from micro_arch.rundir import read_run_config
+    from micro_arch.stages import stage_of
 
-    if read_run_config(run_dir).train.stage != "pretrain":
+    if stage_of(read_run_config(run_dir)).is_chat:  # measured on its held-out conversations or pairs
         from micro_arch.stages.evaluate_stage import evaluate_stage_run, print_stage_eval
 
         print_stage_eval(console, run_dir, evaluate_stage_run(run_dir, checkpoint, batch_size, device,

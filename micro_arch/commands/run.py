@@ -26,6 +26,7 @@ from micro_arch.experiment import load_experiment
 from micro_arch.hf.init import PARENT_FILE
 from micro_arch.model.model import Model
 from micro_arch.rundir import new_run_dir, read_run_config, write_config, write_json
+from micro_arch.stages import stage_of
 from micro_arch.train.distributed import Dist, init_distributed, launch, shutdown
 from micro_arch.train.loop import Trainer, planned_steps, tokens_per_step
 from micro_arch.train.optim import lr_factor
@@ -110,7 +111,6 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
         if code:
             raise MicroArchError(f"distributed training with {nproc} processes failed (exit code {code})")
         return None
-    from micro_arch.data import prepare_data
 
     cfg = load_experiment(target, overrides)
     set_threads()
@@ -119,12 +119,8 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
     try:
         if not dist.main:
             dist.barrier()  # let rank 0 fill the data cache first
-        if cfg.train.stage == "pretrain":
-            data = prepare_data(cfg.data)
-        else:  # conversations or preference pairs, with init_from's tokenizer and the chat template
-            from micro_arch.stages.setup import prepare_stage_data
-
-            data = prepare_stage_data(cfg)
+        stage = stage_of(cfg)
+        data = stage.prepare_data(cfg)  # token windows; SFT/DPO: records with init_from's tokenizer and the template
         if dist.main:
             dist.barrier()
         tok_vocab = data.tokenizer.vocab_size
@@ -154,14 +150,10 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
                                  "add --resume RUN_DIR")
         # Everything that can fail on bad input (model, optimizer, data lengths, a forward pass for the
         # trace) runs before a new run directory exists, so a failed start leaves nothing behind.
-        pieces = None
-        if cfg.train.stage != "pretrain":
-            from micro_arch.stages.setup import stage_pieces
-
-            pieces = stage_pieces(cfg, data, dist, device, resume)
-            if dist.main and not resume:
-                for note in data.notes:
-                    console.print(f"{cfg.train.stage}: {note}", highlight=False)
+        pieces = stage.pieces(cfg, data, device, dist.rank, dist.world_size, resume)
+        if dist.main and not resume:
+            for note in pieces.notes:
+                console.print(f"{stage.name}: {note}", highlight=False)
         trainer = Trainer(cfg, data, dist, device, payload, on_eval=on_eval, pieces=pieces)
         trace = _trace(trainer.model, cfg, device) if dist.main and not resume else None
         run_dir = Path(resume) if resume else (new_run_dir(runs_root, cfg.name) if dist.main else None)
@@ -276,7 +268,7 @@ def _announce(cfg, trainer, run_dir, resume) -> None:
 
 
 def _finish(cfg, trainer, run_dir: Path, tokenizer) -> None:
-    s, chat = cfg.train.sample, cfg.train.stage != "pretrain"  # SFT and DPO runs are chat models
+    s, chat = cfg.train.sample, stage_of(cfg).is_chat  # SFT and DPO runs are chat models
     texts = _samples(cfg, trainer.model, tokenizer, chat)
     write_json(run_dir / "samples.json", [{"prompt": p, "text": t} | ({"as": "assistant reply"} if chat else {})
                                           for p, t in zip(s.prompts, texts)])

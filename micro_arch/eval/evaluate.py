@@ -101,9 +101,12 @@ def evaluate_run(run_dir, checkpoint=None, batch_size: int = 32, max_batches: in
     run_dir = Path(run_dir)
     device = resolve_device(device)
     cfg, model, tokenizer = load_run(run_dir, checkpoint, device)
-    if cfg.train.stage != "pretrain":
-        raise MicroArchError(f"{run_dir}: a train.stage={cfg.train.stage} run is measured on held-out "
-                             f"{'conversations' if cfg.train.stage == 'sft' else 'preference pairs'}, not text: "
+    from micro_arch.stages import stage_of
+
+    stage = stage_of(cfg)
+    if stage.is_chat:
+        raise MicroArchError(f"{run_dir}: a train.stage={stage.name} run is measured on held-out "
+                             f"{stage.records}, not text: "
                              "`micro-arch eval RUN_DIR` reports it before and after the stage; to rank it against "
                              "other runs on text, use `micro-arch compare RUN_DIR... --data SOURCE`")
     data = prepare_data(cfg.data)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .heldout import assistant_loss, pair_logprobs, preference_metrics
-from .setup import build_reference, first_rows, prepare_stage_data
+from .setup import build_reference, first_rows
 
 
 def evaluate_stage_run(run_dir, checkpoint=None, batch_size: int = 32, device: str = "auto",
@@ -25,18 +24,15 @@ def evaluate_stage_run(run_dir, checkpoint=None, batch_size: int = 32, device: s
     run_dir = Path(run_dir)
     device = resolve_device(device)
     cfg, model, _ = load_run(run_dir, checkpoint, device)
-    data = prepare_stage_data(cfg)
+    from micro_arch.stages import stage_of
+
+    stage = stage_of(cfg)
+    data = stage.prepare_data(cfg)
     start = build_reference(cfg, device, run_dir, evaluating=True)  # the init_from weights, as the run began
     t = cfg.train
     if max_batches is not None:
         data.val = first_rows(data.val, max_batches * batch_size)
-    if t.stage == "sft":
-        before = assistant_loss(start, data.val, batch_size, device)
-        after = assistant_loss(model, data.val, batch_size, device)
-    else:
-        ref = pair_logprobs(start, data.val, batch_size, device)
-        before = preference_metrics(start, data.val, *ref, t.dpo_beta, batch_size, device)
-        after = preference_metrics(model, data.val, *ref, t.dpo_beta, batch_size, device)
+    before, after = stage.before_and_after(start, model, data.val, batch_size, device, t)
     held_out = data.notes[1] + (f" (the first {len(data.val)} evaluated)" if max_batches is not None else "")
     result = {"stage": t.stage, "init_from": cfg.model.init_from, "held_out": held_out,
               "before": before, "after": after}

@@ -79,16 +79,3 @@ def dpo_loss_fn(reference, beta: float):
                                      **_model_metrics(out)}
 
     return dpo_loss
-
-
-def stage_loss(train, reference):
-    """The loss_fn(model, batch) the trainer's step runs for train.stage: pretraining's next-token loss,
-    SFT's masked loss, or DPO's against the frozen `reference` (None: log-probabilities come with the batch)."""
-    from micro_arch.train.step import lm_loss
-
-    if train.stage == "sft":
-        return sft_loss
-    if train.stage == "dpo":
-        return dpo_loss_fn(reference, train.dpo_beta)
-    return lm_loss
-

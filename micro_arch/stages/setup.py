@@ -1,15 +1,12 @@
-"""What the trainer needs for `train.stage: sft | dpo`: the data, the batch source, the loss and the held-out
-measurement, built from the experiment config.
+"""What the chat stages (`train.stage: sft | dpo`) share: init_from's tokenizer with the chat template, JSONL
+records read and split, the frozen starting weights, and the data they prepare.
 
-    data = prepare_stage_data(cfg)               # .tokenizer (with the template), .train, .val, .fingerprint
-    stage = Stage(cfg, data, device, rank, world)  # DPO: builds the frozen reference
-    stage.source.batch(index)                      # a tuple of CPU tensors for one micro-step
-    stage.loss(model, batch)                       # (loss, metrics), the trainer's loss_fn contract
-    stage.held_out(model)                          # (val_loss, further metrics)
+    data = prepare_stage_data(cfg)      # .tokenizer (with the template), .train, .val, .fingerprint, .notes
 
 Both stages start from model.init_from, a micro-arch run or a local Hugging Face folder: its tokenizer is kept
 (a folder's from its tokenizer files; the template's special tokens are appended after its vocabulary, and
-init_from's loader grows the embedding to match), and for DPO its weights are the frozen reference.
+init_from's loader grows the embedding to match), and for DPO its weights are the frozen reference. What differs
+between them (encoding, batches, loss, held-out measure) is in sft.py and dpo.py.
 """
 
 from __future__ import annotations
@@ -25,11 +22,9 @@ from micro_arch.config import ExperimentConfig
 from micro_arch.data.chat_template import ChatTokenizer
 from micro_arch.errors import MicroArchError
 
-from .dpo_data import Pairs, encode_pairs
-from .heldout import assistant_loss, pair_logprobs, preference_metrics
-from .losses import stage_loss
+from .dpo_data import Pairs
 from .records import read_records, split_records
-from .sft_data import ConversationBatches, Examples, conversation_messages, encode_conversations, global_rows
+from .sft_data import Examples
 
 
 @dataclass
@@ -75,45 +70,22 @@ def _describe(source: str) -> list:
     return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in local_files(source)]
 
 
-def prepare_stage_data(cfg: ExperimentConfig) -> StageData:
+def prepare_stage_data(cfg: ExperimentConfig, stage) -> StageData:
+    """`stage` (SFT or DPO) names its records and encodes them."""
     from micro_arch.data.shards import cache_root, digest
 
     t, d = cfg.train, cfg.data
     tok = stage_tokenizer(cfg)
-    what = "conversations" if t.stage == "sft" else "preference pairs"
     source = _source_text(d.source)
     root = cache_root(d.cache_dir)
-    records = read_records(source, root, what)
-    val_records = read_records(d.val_source, root, what) if d.val_source else None
+    records = read_records(source, root, stage.records)
+    val_records = read_records(d.val_source, root, stage.records) if d.val_source else None
     train_rec, val_rec = split_records(records, val_records, d.val_fraction, source)
-    if t.stage == "sft":
-        train = encode_conversations(tok, conversation_messages(train_rec), t.seq_len, "training")
-        val = encode_conversations(tok, conversation_messages(val_rec), t.seq_len, "held-out")
-    else:
-        train = encode_pairs(tok, train_rec, t.seq_len, "training")
-        val = encode_pairs(tok, val_rec, t.seq_len, "held-out")
+    train = stage.encode(tok, train_rec, t.seq_len, "training")
+    val = stage.encode(tok, val_rec, t.seq_len, "held-out")
     fingerprint = digest("stage-v1", t.stage, _describe(source), d.val_source and _describe(d.val_source),
                          None if d.val_source else d.val_fraction, tok.identity, t.seq_len)
     return StageData(tok, train, val, fingerprint, [train.report("training"), val.report("held-out")])
-
-
-class PairBatches:
-    """The DPO batch source: batch(index) -> (x, y, ref_logps): this rank's pairs of the global batch, chosen
-    rows then rejected rows, with the reference's log-probabilities when they were computed ahead."""
-
-    def __init__(self, pairs: Pairs, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 reference_table: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
-        self.rank, self.world_size, self.reference_table = rank, world_size, reference_table
-
-    def batch(self, index: int):
-        rows = global_rows(len(self.pairs), self.batch_size * self.world_size, self.seed, index)
-        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        x, y = self.pairs.rows(mine)
-        ref = None
-        if self.reference_table is not None:
-            ref = torch.cat([self.reference_table[0][mine], self.reference_table[1][mine]])
-        return x, y, ref
 
 
 def build_reference(cfg: ExperimentConfig, device: torch.device, run_dir=None, evaluating: bool = False):
@@ -155,54 +127,7 @@ def check_same_start(run_dir, source: dict, init_from: str, evaluating: bool = F
                          f"({path}); the stage's reference and 'before' are the weights it began from: {fix}")
 
 
-class Stage:
-    """The stage's pieces for one process: batch source, loss and held-out measurement."""
-
-    def __init__(self, cfg: ExperimentConfig, data: StageData, device: torch.device, rank: int = 0,
-                 world_size: int = 1, run_dir=None):
-        t = cfg.train
-        self.cfg, self.data, self.device = cfg, data, device
-        self.eval_rows = t.eval_batches * t.batch_size * world_size  # the same on every rank and world size
-        self.eval_batch = t.batch_size * world_size
-        if t.stage == "sft":
-            self.source = ConversationBatches(data.train, t.batch_size, t.seed, rank, world_size)
-            self.loss = stage_loss(t, None)
-            self.reference = None
-            return
-        self.reference = build_reference(cfg, device, run_dir)
-        table = None
-        if t.dpo_precompute_reference:
-            table = pair_logprobs(self.reference, data.train, t.batch_size, device, t.precision)
-        self.source = PairBatches(data.train, t.batch_size, t.seed, rank, world_size, table)
-        self.loss = stage_loss(t, self.reference)
-        self.val_pairs = first_rows(data.val, self.eval_rows)
-        self.val_reference = pair_logprobs(self.reference, self.val_pairs, self.eval_batch, device, t.precision)
-
-    def held_out(self, model) -> tuple[float, dict]:
-        """(the held-out loss the trainer logs as val_loss, further metrics for metrics.csv). Every rank
-        measures the same rows, so the numbers do not depend on the number of processes."""
-        t = self.cfg.train
-        if t.stage == "sft":
-            found = assistant_loss(model, first_rows(self.data.val, self.eval_rows), self.eval_batch, self.device,
-                                   t.precision)
-            return found["assistant_loss"], {}
-        m = preference_metrics(model, self.val_pairs, *self.val_reference, t.dpo_beta, self.eval_batch,
-                               self.device, t.precision)
-        extra = {f"val/{k}": m[k] for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy",
-                                            "logp_chosen", "logp_rejected")}
-        return m["dpo_loss"], extra
-
-
 def first_rows(items: Examples | Pairs, n: int):
     if isinstance(items, Examples):
         return Examples(items.x[:n], items.y[:n])
     return Pairs(items.chosen_x[:n], items.chosen_y[:n], items.rejected_x[:n], items.rejected_y[:n])
-
-
-def stage_pieces(cfg: ExperimentConfig, data: StageData, dist, device: torch.device, resume=None):
-    """The trainer's StagePieces for train.stage sft or dpo (train_loop.Trainer(..., pieces=...)); resume: the
-    run directory being resumed."""
-    from micro_arch.train.loop import StagePieces
-
-    stage = Stage(cfg, data, device, dist.rank, dist.world_size, resume)
-    return StagePieces(stage.source, stage.loss, stage.held_out)

@@ -6,22 +6,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from micro_arch import checkpoint as ckpt
 from micro_arch.config import ExperimentConfig, to_dict
-from micro_arch.data import eval_batches
 from micro_arch.hf.init import load_initial_weights
 from micro_arch.model.model import Model
+from micro_arch.stages import StagePieces, stage_of
 from micro_arch.train.bookkeeping import Bookkeeper, RunState
 from micro_arch.train.distributed import Dist
 from micro_arch.train.optim import build_optimizer
-from micro_arch.train.prefetch import Prefetcher, TokenWindows
-from micro_arch.train.step import LossFn, TrainStep, held_out_loss, lm_loss
+from micro_arch.train.prefetch import Prefetcher
+from micro_arch.train.step import TrainStep
 from micro_arch.train.stop import RunInterrupted, StopRequests
 
 
@@ -65,28 +63,9 @@ def wrap_model(model, cfg: ExperimentConfig, dist: Dist, device: torch.device):
     return forward
 
 
-@dataclass
-class StagePieces:
-    """What a training stage brings: where batches come from, what loss they train, how to evaluate."""
-    source: object  # .batch(index) -> tuple of CPU tensors; index = step * grad_accum + micro
-    loss_fn: LossFn  # (model, batch) -> (loss, metrics); see train_step
-    held_out: Callable  # (model) -> (val_loss, {further metric: value}) with the model in eval mode
-
-
-def pretrain_pieces(cfg: ExperimentConfig, data, dist: Dist, device: torch.device) -> StagePieces:
-    t = cfg.train
-    # The held-out windows are fixed by the global batch; each rank evaluates its rows of them,
-    # so N processes evaluate exactly what one process with the global batch does.
-    rows = slice(dist.rank * t.batch_size, (dist.rank + 1) * t.batch_size)
-    val = [(x[rows], y[rows]) for x, y in
-           eval_batches(data.val, t.batch_size * dist.world_size, t.seq_len, t.eval_batches)]
-    return StagePieces(TokenWindows(data.train, t, dist.rank, dist.world_size), lm_loss,
-                       lambda model: (held_out_loss(model, val, device, t.precision)[0], {}))
-
-
 class Trainer:
-    """Model, optimizer, the stage's pieces and the loop. A stage other than pretraining passes its
-    StagePieces (built before the run directory exists, so that bad input leaves nothing behind)."""
+    """Model, optimizer, the stage's pieces and the loop. The caller passes the stage's StagePieces (built before
+    the run directory exists, so that bad input leaves nothing behind); without them, the stage builds its own."""
 
     def __init__(self, cfg: ExperimentConfig, data, dist: Dist, device: torch.device,
                  resume_payload: dict | None = None, on_eval=None, pieces: StagePieces | None = None):
@@ -95,7 +74,7 @@ class Trainer:
         self.config_dict = to_dict(cfg)
         self.resumed = resume_payload is not None
         self.total_steps = planned_steps(cfg, dist.world_size)
-        self.pieces = pieces or pretrain_pieces(cfg, data, dist, device)
+        self.pieces = pieces or stage_of(cfg).pieces(cfg, data, device, dist.rank, dist.world_size)
         self.batches = Prefetcher(self.pieces.source, t.grad_accum, device)
         torch.manual_seed(t.seed + dist.rank)
         self.model = Model(cfg.model).to(device)
