@@ -43,6 +43,13 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return allowed
 
 
+def attended_keys_per_query(seq_len: int, window: int | None) -> float:
+    """Mean number of keys a query attends to in a causal sequence of seq_len tokens: t + 1 at
+    position t, at most `window`."""
+    w = seq_len if window is None else min(window, seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
 @register_block("attention", kind="attention")
 class Attention(nn.Module):
     """Causal multi-head self-attention through F.scaled_dot_product_attention; n_kv_heads < n_heads is GQA/MQA."""
@@ -84,6 +91,13 @@ class Attention(nn.Module):
             # kept as real (cos, sin) pairs: Module.to(dtype) would drop the imaginary part of a complex buffer
             rope = torch.view_as_real(rope_tables(head_dim, max_seq_len, rope_theta, rope_scaling))
             self.register_buffer("rope", rope, persistent=False)
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        """2 x each projection weight, and QK^T and AV over the keys the causal (or sliding-window) mask allows
+        each query: the work of a kernel that skips masked blocks."""
+        weights = sum(p.numel() for p in self.parameters() if p.dim() >= 2)
+        keys = attended_keys_per_query(seq_len, self.window)
+        return 2.0 * weights + 2 * 2 * self.n_heads * self.head_dim * keys
 
     def forward(self, x, state=None):
         B, T, _ = x.shape

@@ -14,9 +14,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import micro_arch.blocks  # noqa: F401
+from micro_arch.blocks.attention import attended_keys_per_query
 from micro_arch.config import ExperimentConfig, LayerGroup, ModelConfig
 from micro_arch.experiment import load_experiment
-from micro_arch.model.model import Model, attended_keys_per_query
+from micro_arch.model.model import Model
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 EXPERIMENTS = sorted(p.name for p in EXPERIMENTS_DIR.iterdir() if (p / "config.yaml").is_file())

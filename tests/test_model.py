@@ -390,3 +390,18 @@ def test_every_experiment_builds_and_trains_one_step(name):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
     assert sum(float(gr.abs().sum()) for gr in grads) > 0
+
+
+def test_the_shared_dimensions_come_from_the_model_config_by_name():
+    """Dims is filled from ModelConfig's fields of the same names (no hand-copied list to fall out of step):
+    each such name is a ModelConfig field, and a built block sees the config's value."""
+    from dataclasses import fields
+
+    from micro_arch.config import ModelConfig
+    from micro_arch.model.model import DIMS_FROM_CONFIG
+
+    assert set(DIMS_FROM_CONFIG) <= {f.name for f in fields(ModelConfig)}
+    assert {"d_model", "n_heads", "n_kv_heads", "d_ff", "rope_theta", "rope_scaling"} <= set(DIMS_FROM_CONFIG)
+    cfg = ModelConfig(d_model=32, n_heads=2, vocab_size=11, rope_theta=500.0, dropout=0.25, max_seq_len=40)
+    attention = next(m for m in Model(cfg).modules() if type(m).__name__ == "Attention")
+    assert attention.dropout == 0.25 and attention.rope.shape[0] == 40

@@ -14,7 +14,7 @@ from torch import nn
 
 from micro_arch.config import ModelConfig
 from micro_arch.errors import MicroArchError
-from micro_arch.model.registry import Dims
+from micro_arch.model.registry import DIM_NAMES, Dims
 from micro_arch.model.spec import ADD, branch_where, build_step, format_chain, resolve_chain, resolve_layer
 from micro_arch.model.state import BlockState
 
@@ -71,6 +71,11 @@ class ModelOutput:
     stats: dict = field(default_factory=dict)
 
 
+# The shared dimensions a block may ask for, read from the model config under the same names; the others are
+# computed per model (head_dim's default) or per layer. tests/test_model.py checks each is a ModelConfig field.
+DIMS_FROM_CONFIG = tuple(n for n in DIM_NAMES if n not in ("head_dim", "n_layers", "layer_idx"))
+
+
 class Model(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -79,11 +84,8 @@ class Model(nn.Module):
         self.cfg = cfg
         n_layers = sum(g.repeat for g in cfg.layers)
         head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-        dims = lambda i: Dims(  # noqa: E731
-            d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=head_dim,
-            d_ff=cfg.d_ff, max_seq_len=cfg.max_seq_len, dropout=cfg.dropout, n_layers=n_layers,
-            layer_idx=i, positions=cfg.positions, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
-        )
+        shared = {name: getattr(cfg, name) for name in DIMS_FROM_CONFIG}
+        dims = lambda i: Dims(**shared, head_dim=head_dim, n_layers=n_layers, layer_idx=i)  # noqa: E731
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
@@ -177,8 +179,8 @@ class Model(nn.Module):
         the work of a kernel that skips masked blocks (FlashAttention does for causal masks); charging the
         full seq_len^2 square would make a sliding window cost as much as full attention. Elementwise work
         (norms, activations, softmax, rotary, residual adds, a Mamba scan's decays and updates) is not
-        counted anywhere. Blocks whose products differ from 2 x their parameters (MoE: the router and the
-        top-k experts only; Mamba: its scan's read-out and a padded convolution) define
+        counted anywhere. Blocks whose products differ from 2 x their parameters (attention: its scores; MoE:
+        the router and the top-k experts only; Mamba: its scan's read-out and a padded convolution) define
         `forward_flops_per_token(seq_len)`. tests/test_flops.py checks all of it against FlopCounterMode."""
         forward = 2 * self.head.weight.numel()
         counted = set()
@@ -193,15 +195,4 @@ class Model(nn.Module):
             if self.pos_embed is not None and p is self.pos_embed.weight:
                 continue
             forward += 2 * p.numel()
-        for module in self.modules():
-            if hasattr(module, "n_heads") and hasattr(module, "head_dim") and hasattr(module, "qkv_proj"):
-                keys = attended_keys_per_query(seq_len, getattr(module, "window", None))
-                forward += 2 * 2 * module.n_heads * module.head_dim * keys
         return 3.0 * forward
-
-
-def attended_keys_per_query(seq_len: int, window: int | None) -> float:
-    """Mean number of keys a query attends to in a causal sequence of seq_len tokens: t + 1 at
-    position t, at most `window`."""
-    w = seq_len if window is None else min(window, seq_len)
-    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
