@@ -43,13 +43,14 @@ def torch_muon(trainer) -> None:
 
 
 def make_trainer(name: str, data, device: torch.device):
-    from micro_arch.commands.run import Trainer
     from micro_arch.experiment import load_experiment
+    from micro_arch.stages import stage_of
     from micro_arch.train.distributed import Dist
+    from micro_arch.train.loop import Trainer
 
     cfg = load_experiment("experiments/shakespeare-char", VARIANTS[name] + [f"train.device={device.type}"])
     cfg.model.vocab_size = data.tokenizer.vocab_size
-    trainer = Trainer(cfg, data, Dist(), device)
+    trainer = Trainer(cfg, data, Dist(), device, pieces=stage_of(cfg).pieces(cfg, data, device))
     if name.startswith("torch.optim.Muon"):
         torch_muon(trainer)
     return trainer

@@ -157,16 +157,17 @@ def overrides_for(setting: dict, steps: int, warmup: int, device, compiled: bool
 def micro_arch_loop(experiment: str, data, setting: dict, steps: int, warmup: int, device, compiled: bool,
                     compile_mode: str = "default") -> float:
     """Tokens per second of micro-arch's real training loop, from its own metrics.csv after the warm-up."""
-    from micro_arch.commands.run import Trainer
     from micro_arch.experiment import load_experiment
+    from micro_arch.stages import stage_of
     from micro_arch.train import bookkeeping
     from micro_arch.train.distributed import Dist
+    from micro_arch.train.loop import Trainer
 
     cfg = load_experiment(experiment, overrides_for(setting, steps, warmup, device, compiled, compile_mode))
     cfg.model.vocab_size = data.tokenizer.vocab_size
     bookkeeping.console.quiet = True
     with tempfile.TemporaryDirectory() as tmp:
-        Trainer(cfg, data, Dist(), device).train(Path(tmp))
+        Trainer(cfg, data, Dist(), device, pieces=stage_of(cfg).pieces(cfg, data, device)).train(Path(tmp))
         with open(Path(tmp) / "metrics.csv") as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) > warmup and r["tokens_per_sec"]]
     per_step = setting["batch"] * setting["seq"]

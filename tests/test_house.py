@@ -86,6 +86,24 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def room(name: str) -> str:
+    """A module's folder (micro_arch.train, micro_arch.blocks) or top-level file (micro_arch.config)."""
+    return ".".join(name.split(".")[:2])
+
+
+def test_no_folder_imports_back_up():
+    """Folders and top-level files form floors: no two import each other, even through different files, so
+    the house reads from config to report without climbing back."""
+    modules = project_modules()
+    rooms: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        for target in imports_of(name, path, modules):
+            if room(name) != room(target) and target != "micro_arch":
+                rooms.setdefault(room(name), set()).add(room(target))
+    cycle = find_cycle(rooms)
+    assert cycle is None, "folders that import each other: " + " -> ".join(cycle)
+
+
 def test_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None

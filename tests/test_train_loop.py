@@ -11,7 +11,7 @@ from micro_arch.commands.run import run_experiment
 from micro_arch.config import DataConfig, TrainConfig
 from micro_arch.data import prepare_data, sample_batch
 from micro_arch.experiment import load_experiment
-from micro_arch.stages import StagePieces
+from micro_arch.stages import StagePieces, stage_of
 from micro_arch.train.distributed import Dist
 from micro_arch.train.loop import Trainer
 from micro_arch.train.prefetch import Prefetcher, TokenWindows
@@ -45,7 +45,7 @@ def test_a_stage_loss_plugs_into_the_step(tmp_path, data):
         loss, metrics = lm_loss(model, batch)
         return loss * 0.5, {**metrics, "halved": loss.detach() * 0.5}
 
-    plain = Trainer(cfg, data, Dist(), torch.device("cpu"))
+    plain = Trainer(cfg, data, Dist(), torch.device("cpu"), pieces=stage_of(cfg).pieces(cfg, data, torch.device("cpu")))
     pieces = StagePieces(plain.pieces.source, half_loss, plain.pieces.held_out)
     trainer = Trainer(cfg, data, Dist(), torch.device("cpu"), pieces=pieces)
     metrics = trainer.step_fn(0, trainer.batches.take(0))
@@ -89,7 +89,7 @@ def test_no_host_reads_between_log_steps(tmp_path, data, monkeypatch):
 
     cfg = load_experiment(make_experiment(tmp_path), ["train.max_steps=8", "train.log_every=4"])
     cfg.model.vocab_size = data.tokenizer.vocab_size
-    trainer = Trainer(cfg, data, Dist(), torch.device("cpu"))
+    trainer = Trainer(cfg, data, Dist(), torch.device("cpu"), pieces=stage_of(cfg).pieces(cfg, data, torch.device("cpu")))
     hot, reads = [False], []
 
     def reading(name, original):

@@ -58,7 +58,7 @@ class FolderTokenizer:
 def folder_tokenizer(folder, model_vocab_size: int, why: str) -> FolderTokenizer:
     """The fast tokenizer of a local transformers folder; `why` (e.g. 'train.stage=sft') says who needs it in
     the one-line error when the folder has none that can be used."""
-    from micro_arch.hf.offline import offline
+    from micro_arch.offline import offline
 
     folder = Path(folder)
     fix = ("save the model's tokenizer beside its weights (tokenizer.save_pretrained(folder)), or start from a "

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from micro_arch.errors import MicroArchError
-from micro_arch.hf.offline import offline
+from micro_arch.offline import offline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOGIT_TOLERANCE = 1e-4  # times max(1, largest |logit|): float32 sums in another order stay far below it

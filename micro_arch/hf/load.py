@@ -126,7 +126,7 @@ def _sparse(hf, i: int) -> bool:
 def read_hf_config(folder):
     """(the transformers config, the layout, the micro-arch ModelConfig) of a local folder: config.json only,
     so an architecture micro-arch cannot import is refused before any weights are read."""
-    from micro_arch.hf.offline import offline
+    from micro_arch.offline import offline
 
     offline()
     from transformers import AutoConfig

@@ -6,7 +6,8 @@ from __future__ import annotations
 from micro_arch.stages.dpo import DPO
 from micro_arch.stages.pretrain import Pretrain
 from micro_arch.stages.sft import SFT
-from micro_arch.stages.stage import Stage, StagePieces
+from micro_arch.stages.stage import Stage
+from micro_arch.train.step import StagePieces
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (Pretrain(), SFT(), DPO())}
 

@@ -5,26 +5,16 @@
     pieces = stage.pieces(cfg, data, device, rank, world_size, resume)   # batch source, loss, held-out
     stage.synthetic_batch(cfg, device)                   # a batch of the source's form, for the memory estimate
 
-A fourth stage is one new file: a subclass with its name, registered in micro_arch/stages/__init__.py.
+StagePieces (micro_arch.train.step) is what the trainer consumes. A fourth stage is one new file: a subclass with its name, registered in micro_arch/stages/__init__.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass
-class StagePieces:
-    """What a training stage brings the trainer: where batches come from, what loss they train, how to evaluate."""
-
-    source: object  # .batch(index) -> tuple of CPU tensors; index = step * grad_accum + micro
-    loss_fn: Callable  # (model, batch) -> (loss, metrics); see micro_arch.train.step
-    held_out: Callable  # (model) -> (val_loss, {further metric: value}) with the model in eval mode
-    reference: torch.nn.Module | None = None  # DPO: the frozen starting weights
-    notes: list[str] = field(default_factory=list)  # what was skipped or cut, for the console at the start
+from micro_arch.train.step import StagePieces
 
 
 class Stage:

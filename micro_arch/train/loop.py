@@ -1,6 +1,7 @@
 """The training loop: the step, the batches and the bookkeeping, put together.
 
-    trainer = Trainer(cfg, data, dist, device, payload)   # builds and checks everything; writes nothing
+    pieces = stage_of(cfg).pieces(cfg, data, device, rank, world_size)   # micro_arch.stages
+    trainer = Trainer(cfg, data, dist, device, payload, pieces=pieces)   # builds and checks; writes nothing
     trainer.train(run_dir, resume_command)                  # the loop; raises RunInterrupted on Ctrl-C
 """
 
@@ -14,12 +15,11 @@ from micro_arch import checkpoint as ckpt
 from micro_arch.config import ExperimentConfig, to_dict
 from micro_arch.hf.init import load_initial_weights
 from micro_arch.model.model import Model
-from micro_arch.stages import StagePieces, stage_of
 from micro_arch.train.bookkeeping import Bookkeeper, RunState
 from micro_arch.train.distributed import Dist
 from micro_arch.train.optim import build_optimizer
 from micro_arch.train.prefetch import Prefetcher
-from micro_arch.train.step import TrainStep
+from micro_arch.train.step import StagePieces, TrainStep
 from micro_arch.train.stop import RunInterrupted, StopRequests
 
 
@@ -65,16 +65,16 @@ def wrap_model(model, cfg: ExperimentConfig, dist: Dist, device: torch.device):
 
 class Trainer:
     """Model, optimizer, the stage's pieces and the loop. The caller passes the stage's StagePieces (built before
-    the run directory exists, so that bad input leaves nothing behind); without them, the stage builds its own."""
+    the run directory exists, so that bad input leaves nothing behind)."""
 
     def __init__(self, cfg: ExperimentConfig, data, dist: Dist, device: torch.device,
-                 resume_payload: dict | None = None, on_eval=None, pieces: StagePieces | None = None):
+                 resume_payload: dict | None = None, on_eval=None, *, pieces: StagePieces):
         t = cfg.train
         self.cfg, self.data, self.dist, self.device, self.on_eval = cfg, data, dist, device, on_eval
         self.config_dict = to_dict(cfg)
         self.resumed = resume_payload is not None
         self.total_steps = planned_steps(cfg, dist.world_size)
-        self.pieces = pieces or stage_of(cfg).pieces(cfg, data, device, dist.rank, dist.world_size)
+        self.pieces = pieces
         self.batches = Prefetcher(self.pieces.source, t.grad_accum, device)
         torch.manual_seed(t.seed + dist.rank)
         self.model = Model(cfg.model).to(device)

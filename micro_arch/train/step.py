@@ -7,14 +7,15 @@ A training stage is a loss function `loss_fn(model, batch) -> (loss, metrics)`:
 - `metrics` maps names to detached scalar tensors (never Python numbers: reading them would stall the
   device every step); "train_loss" is the one the progress bar shows. Each is averaged over the
   micro-batches and over the log window, and read on the host only at log steps.
-A stage hands its loss to the Trainer in train_loop.StagePieces (with its batch source and held-out
-measurement); pretraining's is `lm_loss`.
+A stage hands its loss to the Trainer in StagePieces (with its batch source and held-out measurement),
+built by its Stage object (micro_arch.stages); pretraining's loss is `lm_loss`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +24,17 @@ from micro_arch.device import autocast
 from micro_arch.train.optim import lr_factor, set_lr
 
 LossFn = Callable[[torch.nn.Module, tuple], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class StagePieces:
+    """What a training stage brings the trainer: where batches come from, what loss they train, how to evaluate."""
+
+    source: object  # .batch(index) -> tuple of CPU tensors; index = step * grad_accum + micro
+    loss_fn: Callable  # (model, batch) -> (loss, metrics); see micro_arch.train.step
+    held_out: Callable  # (model) -> (val_loss, {further metric: value}) with the model in eval mode
+    reference: torch.nn.Module | None = None  # DPO: the frozen starting weights
+    notes: list[str] = field(default_factory=list)  # what was skipped or cut, for the console at the start
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
