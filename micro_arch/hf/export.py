@@ -136,7 +136,7 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
     shutil.rmtree(partial, ignore_errors=True)
     try:
         hf_model.save_pretrained(partial, max_shard_size=max_shard_size)
-        hf_tokenizer(tokenizer, special).save_pretrained(partial)
+        hf_tokenizer(tokenizer, special, model_max_length=cfg.model.max_seq_len).save_pretrained(partial)
         loaded = AutoModelForCausalLM.from_pretrained(partial, local_files_only=True, dtype=torch.float32).eval()
         idx = check_batch(cfg.model.vocab_size, cfg.model.max_seq_len)
         diff, tolerance = compare_logits(reference, loaded, idx)
