@@ -325,3 +325,34 @@ def test_an_unknown_task_and_a_hub_task_offline_are_one_line_each(monkeypatch, m
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MicroArchError, match="--tasks arc_easy: its data is on the Hugging Face hub"):
         load_tasks(manager, ["arc_easy"])
+
+
+def _evaluation(core, se, tasks=("a",), limit=None):
+    return {"tasks": list(tasks), "num_fewshot": None, "limit": limit, "chat_template": False,
+            "core": {"centered": core, "stderr": se}, "scores": {}}
+
+
+def test_a_downstream_winner_is_named_only_beyond_the_noise():
+    from micro_arch.report.downstream import verdict
+
+    line, best = verdict("d", {"x": _evaluation(0.50, 0.02), "y": _evaluation(0.30, 0.02)})
+    assert best == "x" and "x is best" in line
+    line, best = verdict("d", {"x": _evaluation(0.50, 0.10), "y": _evaluation(0.40, 0.10)})
+    assert best is None and "within noise between x, y" in line
+
+
+def test_compare_shows_downstream_scores_only_across_runs_of_one_setting(char_run, bpe_run, mc_task, tmp_path):
+    from rich.console import Console
+
+    from micro_arch.eval.downstream import evaluate_tasks
+    from micro_arch.report.compare import compare
+
+    for run_dir in (char_run, bpe_run):
+        evaluate_tasks(run_dir, ["tiny_mc"], limit=6, batch_size=8, include_path=str(mc_task))
+    evaluate_tasks(char_run, ["tiny_mc"], limit=3, batch_size=8, include_path=str(mc_task))  # this run only
+    folder = compare([char_run, bpe_run], tmp_path / "report", console=Console(file=open(tmp_path / "log", "w")),
+                     max_batches=1)
+    text = (folder / "report.md").read_text()
+    assert "downstream [1] CORE (centered)" in text and "downstream [1] tiny_mc accuracy" in text
+    assert "downstream [2]" not in text  # the limit=3 setting has one run: nothing to compare it with
+    assert "first 6 documents" in text and "downstream [1]: " in text  # the setting, and its verdict line
