@@ -57,13 +57,28 @@ class MicroArchLM(TemplateLM):
             raise MicroArchError("the micro-arch model needs model_args run=RUN_DIR")
         if precision not in ("fp32", "bf16", "auto"):
             raise MicroArchError(f"precision {precision!r}: fp32, bf16 or auto")
-        self._device = resolve_device(device or "auto")
-        self.run_dir = Path(run)
-        self.cfg, self.model, tokenizer = load_run(self.run_dir, checkpoint, self._device)
-        self.text = RunText(self.run_dir, tokenizer)
+        device = resolve_device(device or "auto")
+        cfg, model, tokenizer = load_run(run, checkpoint, device)
+        self._serve(Path(run), cfg, model, RunText(run, tokenizer), device, batch_size, precision, max_gen_toks)
+
+    def _serve(self, run_dir, cfg, model, text, device, batch_size, precision, max_gen_toks) -> None:
+        self.run_dir, self.cfg, self.model, self.text, self._device = run_dir, cfg, model, text, device
         self.batch_size = parse_batch_size(batch_size)
         self.precision, self._max_gen_toks = precision, int(max_gen_toks)
-        self.generator = torch.Generator(device=self._device).manual_seed(0)
+        self.generator = torch.Generator(device=device).manual_seed(0)
+
+    @classmethod
+    def for_model(cls, cfg, model, tokenizer, batch_size=None, device="cpu", precision: str = "fp32",
+                  max_gen_toks: int = 256, run_dir=".") -> MicroArchLM:
+        """The same model around weights already in memory (a benchmark, a notebook): `cfg` an
+        ExperimentConfig, `tokenizer` a micro-arch tokenizer (run_dir: where a chat run's template lives)."""
+        from micro_arch.eval.run_text import RunText
+
+        lm = cls.__new__(cls)
+        TemplateLM.__init__(lm)
+        lm._serve(Path(run_dir), cfg, model.eval(), RunText(run_dir, tokenizer), torch.device(device), batch_size,
+                  precision, max_gen_toks)
+        return lm
 
     # what lm-eval asks of a model
     @property
