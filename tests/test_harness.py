@@ -356,3 +356,17 @@ def test_compare_shows_downstream_scores_only_across_runs_of_one_setting(char_ru
     assert "downstream [1] CORE (centered)" in text and "downstream [1] tiny_mc accuracy" in text
     assert "downstream [2]" not in text  # the limit=3 setting has one run: nothing to compare it with
     assert "first 6 documents" in text and "downstream [1]: " in text  # the setting, and its verdict line
+
+
+def test_the_shipped_shakespeare_task_runs_offline_from_the_repository_root(tmp_path, monkeypatch):
+    from micro_arch.eval.downstream import evaluate_tasks
+    from tests.helpers import ROOT
+
+    text = TINY.replace("max_seq_len: 32", "max_seq_len: 64").replace("seq_len: 32", "seq_len: 64")
+    char_run = train(tmp_path, "context-64", text.replace("max_steps: 30", "max_steps: 2"))  # the default's context
+
+    monkeypatch.chdir(ROOT)  # its data_files path is relative to the repository's root, as the README runs it
+    result = evaluate_tasks(char_run, ["shakespeare_mc"], num_fewshot=1, limit=6, batch_size=8,
+                            include_path="tasks/shakespeare-mc")
+    score = result["scores"]["shakespeare_mc"]
+    assert score["n"] == 6 and score["shots"] == 1 and score["chance"] == pytest.approx(0.25)

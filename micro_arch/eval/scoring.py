@@ -32,7 +32,7 @@ def model_input(context: list[int], continuation: list[int], max_length: int) ->
         raise MicroArchError("a log-likelihood request needs at least one continuation token")
     if len(continuation) > max_length:
         raise MicroArchError(f"a continuation of {len(continuation)} tokens is longer than the model's context "
-                             f"({max_length} tokens); it cannot be scored")
+                             f"({max_length} tokens); it cannot be scored (a model with a longer model.max_seq_len can)")
     if not context:
         raise MicroArchError("a log-likelihood request needs at least one context token (an empty context is "
                              "given the document-boundary token by the caller)")
