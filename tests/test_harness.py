@@ -105,9 +105,33 @@ def bpe_run(tmp_path_factory):
     return train(root, "tiny-llama-bpe", text)
 
 
+def write_rolling_and_generation_tasks(folder):
+    """tiny_roll (perplexity of whole texts, longer than the context) and tiny_gen (greedy until 'e')."""
+    texts = [" ".join(q for q, _, _ in QUESTIONS), "JULIET:\nO Romeo, Romeo!", "To be, or not to be"]
+    prompts = ["ROMEO:\n", "JULIET:\nO", "KING", "HAMLET:\nTo be"]  # lengths 7, 9, 4, 13
+    (folder / "roll.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (folder / "gen.jsonl").write_text("".join(json.dumps({"q": p, "a": "x"}) + "\n" for p in prompts))
+    head = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
+    (folder / "roll.yaml").write_text("task: tiny_roll\n" + head.format(folder / "roll.jsonl") + textwrap.dedent("""\
+        output_type: loglikelihood_rolling
+        doc_to_text: ""
+        doc_to_target: "{{text}}"
+        metric_list: [{metric: word_perplexity}, {metric: bits_per_byte}]
+        """))
+    (folder / "gen.yaml").write_text("task: tiny_gen\n" + head.format(folder / "gen.jsonl") + textwrap.dedent("""\
+        output_type: generate_until
+        doc_to_text: "{{q}}"
+        doc_to_target: "{{a}}"
+        generation_kwargs: {until: ["e"], max_gen_toks: 12, do_sample: false}
+        metric_list: [{metric: exact_match}]
+        """))
+
+
 @pytest.fixture(scope="module")
 def mc_task(tmp_path_factory):
-    return write_mc_task(tmp_path_factory.mktemp("tasks"))
+    folder = write_mc_task(tmp_path_factory.mktemp("tasks"))
+    write_rolling_and_generation_tasks(folder)
+    return folder
 
 
 def local_manager(folder):
@@ -116,12 +140,12 @@ def local_manager(folder):
     return TaskManager(include_path=str(folder), include_defaults=False)
 
 
-def evaluate(model, model_args, task_folder, batch_size, **kwargs):
+def evaluate(model, model_args, task_folder, batch_size, tasks=("tiny_mc",), **kwargs):
     import lm_eval
 
     import micro_arch.eval.harness  # noqa: F401
 
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc"], batch_size=batch_size,
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), batch_size=batch_size,
                                    task_manager=local_manager(task_folder), log_samples=True, **kwargs)
 
 
@@ -136,8 +160,9 @@ def test_every_loglikelihood_equals_lm_evals_hf_model_on_the_exported_folder(run
     config = json.loads((folder / "tokenizer_config.json").read_text())
     assert config["model_max_length"] == 32 and config["bos_token"] == config["eos_token"] == "\n"
     # no prefix_token_id, no max_length: the folder as it is
-    theirs = evaluate("hf", {"pretrained": str(folder), "device": "cpu"}, mc_task, batch_size=4)
-    ours = evaluate("micro-arch", {"run": str(run_dir)}, mc_task, batch_size=4)
+    tasks = ("tiny_mc", "tiny_roll", "tiny_gen")
+    theirs = evaluate("hf", {"pretrained": str(folder), "device": "cpu"}, mc_task, batch_size=4, tasks=tasks)
+    ours = evaluate("micro-arch", {"run": str(run_dir)}, mc_task, batch_size=4, tasks=tasks)
     n_requests = 0
     for a, b in zip(ours["samples"]["tiny_mc"], theirs["samples"]["tiny_mc"], strict=True):
         assert a["arguments"] == b["arguments"]
@@ -147,6 +172,10 @@ def test_every_loglikelihood_equals_lm_evals_hf_model_on_the_exported_folder(run
     assert n_requests == sum(len(c) for _, c, _ in QUESTIONS)
     for metric in ("acc,none", "acc_norm,none"):
         assert ours["results"]["tiny_mc"][metric] == theirs["results"]["tiny_mc"][metric]
+    for a, b in zip(ours["samples"]["tiny_roll"], theirs["samples"]["tiny_roll"], strict=True):  # whole texts
+        assert abs(a["resps"][0][0] - b["resps"][0][0]) <= 1e-4
+    for a, b in zip(ours["samples"]["tiny_gen"], theirs["samples"]["tiny_gen"], strict=True):  # greedy text
+        assert a["resps"] == b["resps"]
 
 
 def naive_logprob(model, context: list[int], continuation: list[int], max_length: int) -> float:
