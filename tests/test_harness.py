@@ -399,3 +399,39 @@ def test_the_shipped_shakespeare_task_runs_offline_from_the_repository_root(tmp_
                             include_path="tasks/shakespeare-mc")
     score = result["scores"]["shakespeare_mc"]
     assert score["n"] == 6 and score["shots"] == 1 and score["chance"] == pytest.approx(0.25)
+
+
+def test_an_sft_run_gets_its_chat_template_only_when_asked(tmp_path, mc_task):
+    from micro_arch.data.chat_template import ChatTokenizer, load_chat_tokenizer, render
+    from micro_arch.data.corpus import read_works
+    from micro_arch.eval.scoring import continuation_logprobs
+    from micro_arch.rundir import load_run
+    from micro_arch.stages.dialogues import exchanges
+
+    rows = [{"messages": e.messages()} for e in exchanges(read_works()[3:4], max_user_chars=60,
+                                                          max_answer_chars=50)[:40]]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pretrain = train(tmp_path, "pretrain", TINY.replace("max_steps: 30", "max_steps: 2"))
+    sft = textwrap.dedent(f"""
+        extends: ../pretrain/config.yaml
+        model: {{max_seq_len: 96, init_from: {pretrain}}}
+        data: {{source: {tmp_path / "sft.jsonl"}, val_source: {tmp_path / "sft.jsonl"}}}
+        train: {{stage: sft, seq_len: 96, batch_size: 4, max_steps: 2, warmup_steps: 1, eval_every: 2,
+                eval_batches: 1, log_every: 1, checkpoint_every: 2}}
+        """)
+    run_dir = train(tmp_path, "sft", sft)
+    plain = evaluate("micro-arch", {"run": str(run_dir)}, mc_task, batch_size=8, limit=3)
+    chat = evaluate("micro-arch", {"run": str(run_dir)}, mc_task, batch_size=8, limit=3, apply_chat_template=True)
+    _, model, base = load_run(run_dir)
+    tok = load_chat_tokenizer(run_dir)
+    for sample in plain["samples"]["tiny_mc"]:
+        assert "<|" not in sample["arguments"][0][0]
+    for sample in chat["samples"]["tiny_mc"]:
+        context = sample["arguments"][0][0]
+        assert context.startswith("<|user|>") and context.endswith("<|assistant|>")
+        question = QUESTIONS[sample["doc_id"]][0]
+        ids, _ = render(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
+        for (_, choice), resp in zip(sample["arguments"], sample["resps"]):
+            (expected, _), = continuation_logprobs(model, [(ids.tolist(), base.encode(choice))], 96, 1)
+            assert abs(resp[0][0] - expected) < 1e-4
+    assert isinstance(tok, ChatTokenizer)
