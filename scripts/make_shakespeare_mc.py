@@ -2,10 +2,11 @@
 
     python scripts/make_shakespeare_mc.py        # -> tasks/shakespeare-mc/shakespeare_mc.jsonl (committed)
 
-"Which line comes next?": the context is a speaker's name and the line before, within one speech of a work
-the pretraining split never saw (micro_arch/data/corpus.py holds out whole works); the choices are the true
-next line and three lines of similar length from elsewhere in the same work, shuffled. Chance is 1/4. Short
-enough for the default run's 64-character context. The task YAML beside the data reads it as
+"Which word ends the line?" (LAMBADA's last-word prediction, as multiple choice): the context is a line and
+the next line of the same speech without its last word, from works the pretraining split never saw
+(micro_arch/data/corpus.py holds out whole works); the choices are that word and three last words of other
+lines of the same work, of the same length give or take a letter, shuffled. Chance is 1/4. Contexts stay
+within 60 characters, so the default run's 64-character context sees most of them. The task YAML beside the data reads it as
 `dataset_path: json` with a local data file, so lm-eval needs no network.
 """
 
@@ -32,24 +33,39 @@ def speeches(text: str):
                 yield lines[0], body
 
 
-def questions(text: str, n: int, rng: random.Random, min_len: int = 15, max_len: int = 45) -> list[dict]:
-    """n questions from one work: (speaker + previous line) -> the next line among four."""
-    pool = [ln for _, body in speeches(text) for ln in body if min_len <= len(ln) <= max_len]
-    candidates = [(speaker, body[i - 1], body[i]) for speaker, body in speeches(text)
-                  for i in range(1, len(body)) if min_len <= len(body[i]) <= max_len and len(body[i - 1]) <= max_len]
+LAST_WORD = re.compile(r"^(.*\S)\s+([A-Za-z']{3,})([^A-Za-z']*)$")  # the line, its last word, what follows it
+
+
+def questions(text: str, n: int, rng: random.Random, max_context: int = 60) -> list[dict]:
+    """n questions from one work: the line before and a line without its last word -> that word among four
+    (LAMBADA's last-word prediction as multiple choice). The distractors are last words of other lines of the
+    same work, of the same length give or take one letter."""
+    candidates = []
+    for _, body in speeches(text):
+        for i in range(1, len(body)):
+            found = LAST_WORD.match(body[i])
+            if found:
+                context = f"{body[i - 1].strip()}\n{found.group(1).strip()}"
+                if len(context) <= max_context:
+                    candidates.append((context, found.group(2)))
+    words = sorted({word for _, word in candidates})
     rows = []
-    for speaker, before, answer in rng.sample(candidates, min(n, len(candidates))):
-        similar = [ln for ln in pool if abs(len(ln) - len(answer)) <= 6 and ln != answer]
+    for context, answer in rng.sample(candidates, len(candidates)):
+        similar = [w for w in words if abs(len(w) - len(answer)) <= 1 and w.lower() != answer.lower()]
+        if len(rows) == n:
+            break
+        if len(similar) < 3:  # a long rare word: no three like it
+            continue
         choices = rng.sample(similar, 3) + [answer]
         rng.shuffle(choices)
-        rows.append({"context": f"{speaker}\n{before}\n", "choices": choices, "label": choices.index(answer)})
+        rows.append({"context": context, "choices": [" " + c for c in choices], "label": choices.index(answer)})
     return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tasks/shakespeare-mc/shakespeare_mc.jsonl")
-    parser.add_argument("--per-work", type=int, default=100, help="questions from each held-out work")
+    parser.add_argument("--per-work", type=int, default=200, help="questions from each held-out work")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
