@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte, top-k accuracy; "
                                     "lm-evaluation-harness tasks with --tasks")
-    p.add_argument("run_dir", nargs="+", metavar="RUN_DIR", help="a run (several with --tasks: one table)")
+    p.add_argument("run_dir", nargs="+", help="a run (several with --tasks: one table)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate on at most this many batches")
