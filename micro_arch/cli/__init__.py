@@ -63,7 +63,9 @@ def cmd_eval(args) -> None:
     from micro_arch.commands.evaluate import eval_command
 
     eval_command(args.run_dir, data=args.data, checkpoint=args.checkpoint, batch_size=args.batch_size,
-                 max_batches=args.max_batches, device=args.device, text_field=args.text_field)
+                 max_batches=args.max_batches, device=args.device, text_field=args.text_field, tasks=args.tasks,
+                 num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path,
+                 apply_chat_template=args.apply_chat_template)
 
 
 def cmd_sweep(args) -> None:
@@ -178,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_sampling(p, top_k=50)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte, top-k accuracy")
-    p.add_argument("run_dir")
+    p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte, top-k accuracy; "
+                                    "lm-evaluation-harness tasks with --tasks")
+    p.add_argument("run_dir", nargs="+", help="a run (several with --tasks: one table)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate on at most this many batches")
@@ -188,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on this text instead of the held-out split: a .txt/.jsonl/.parquet file, a glob, "
                         "a folder or 'shakespeare'; characters the tokenizer cannot encode are counted")
     p.add_argument("--text-field", default="text", help="with --data: the column that holds the text (.jsonl/.parquet)")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="instead: lm-evaluation-harness tasks (needs pip install -e '.[eval]'); scores and their "
+                        "CORE-style centered mean go to each run's downstream.json")
+    p.add_argument("--num-fewshot", type=non_negative_int, default=None, help="with --tasks: examples in each prompt")
+    p.add_argument("--limit", type=positive_int, default=None, help="with --tasks: at most this many documents per task")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="with --tasks: also the task YAMLs in this folder (e.g. tasks/shakespeare-mc)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="with --tasks: an SFT/DPO run's requests in its chat template")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder (logits checked)")

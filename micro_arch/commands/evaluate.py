@@ -24,14 +24,39 @@ def _note_unfinished(console, run_dir: Path) -> None:
 
 
 def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: int = 32,
-                 max_batches: int | None = None, device: str = "auto", text_field: str = "text") -> None:
-    """`micro-arch eval RUN_DIR`: evaluate, write eval.json, print a table."""
+                 max_batches: int | None = None, device: str = "auto", text_field: str = "text",
+                 tasks: str | None = None, num_fewshot: int | None = None, limit: int | None = None,
+                 include_path: str | None = None, apply_chat_template: bool = False) -> None:
+    """`micro-arch eval RUN_DIR`: evaluate, write eval.json, print a table. RUN_DIR may be a list of runs with
+    `tasks` (lm-evaluation-harness tasks, one table for all runs)."""
     import json
 
     from rich.console import Console
 
+    from micro_arch.errors import MicroArchError
+
     console = Console()
-    run_dir = Path(run_dir)
+    run_dirs = [Path(r) for r in (run_dir if isinstance(run_dir, (list, tuple)) else [run_dir])]
+    if tasks is not None:
+        if data:
+            raise MicroArchError("--tasks and --data are two different evaluations; pass one of them")
+        from micro_arch.commands.downstream import downstream_command
+
+        for r in run_dirs:
+            _note_unfinished(console, r)
+        downstream_command(run_dirs, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+                           include_path=include_path, checkpoint=checkpoint, device=device,
+                           apply_chat_template=apply_chat_template, console=console)
+        return
+    others = {"--num-fewshot": num_fewshot, "--limit": limit, "--include-path": include_path,
+              "--apply-chat-template": apply_chat_template or None}
+    given = [k for k, v in others.items() if v is not None]
+    if given:
+        raise MicroArchError(f"{given[0]} goes with --tasks (lm-evaluation-harness tasks); add --tasks T1,T2")
+    if len(run_dirs) > 1:
+        raise MicroArchError(f"{len(run_dirs)} run directories: the held-out evaluation takes one (with --tasks, "
+                             "several give one table; `micro-arch compare` compares runs)")
+    run_dir = run_dirs[0]
     _note_unfinished(console, run_dir)
     if data:
         from micro_arch.eval.text import evaluate_on_data, unencodable_line

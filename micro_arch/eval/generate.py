@@ -60,10 +60,12 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
-             vocab_limit: int | None = None) -> torch.Tensor:
+             vocab_limit: int | None = None, stop=None) -> torch.Tensor:
     """Extend idx (batch, T) by max_new_tokens sampled tokens; returns (batch, T + max_new_tokens).
 
     vocab_limit: sample only ids below it (a model may have a larger vocabulary than its tokenizer).
+    stop: called with idx after each new token; when it returns True, generation ends early (e.g. every row
+    has reached a stop string), so the result may be shorter.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if idx.size(1) == 0:
@@ -89,6 +91,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
             if vocab_limit is not None and vocab_limit < logits.size(-1):
                 logits = logits[:, :vocab_limit]
             idx = torch.cat([idx, next_token(logits, temperature, top_k, top_p, generator)], dim=1)
+            if stop is not None and stop(idx):
+                break
         return idx
     finally:
         model.train(was_training)
@@ -131,7 +135,7 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids or [0]
 
 
-def _continuation(tokenizer, prompt_ids: list[int], new: list[int]) -> str:
+def continuation_text(tokenizer, prompt_ids: list[int], new: list[int]) -> str:
     # Decoding prompt and continuation together keeps what joins them (e.g. SentencePiece's word spaces).
     whole, head = tokenizer.decode(prompt_ids + new), tokenizer.decode(prompt_ids)
     return whole[len(head):] if whole.startswith(head) else tokenizer.decode(new)
@@ -148,7 +152,7 @@ def sample_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 200
                                 temperature=temperature, top_k=top_k, top_p=top_p,
                                 vocab_limit=tokenizer.vocab_size)
     prompt_of = [ids if p else [] for p, ids in zip(prompts, encoded) for _ in range(num_samples)]
-    return [_continuation(tokenizer, ids, tokens) for ids, tokens in zip(prompt_of, new)]
+    return [continuation_text(tokenizer, ids, tokens) for ids, tokens in zip(prompt_of, new)]
 
 
 def sample_from_run(run_dir, prompts: list[str], max_new_tokens: int = 200, temperature: float = 0.8,

@@ -124,8 +124,9 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
     special = chat_tokens(run_dir, tokenizer)
     end = {"eos_token_id": tokenizer.vocab_size + len(special) - 1} if special else {}
     s = cfg.train.sample
+    # no max_new_tokens: it would override a caller's max_length (lm-eval's hf model passes max_length)
     hf_model.generation_config = GenerationConfig(do_sample=True, temperature=s.temperature, top_k=s.top_k,
-                                                  top_p=s.top_p, max_new_tokens=s.max_new_tokens, **end)
+                                                  top_p=s.top_p, **end)
     reference = model
     if dtype != "float32":  # compare against the weights as exported
         reference = copy.deepcopy(model)
@@ -136,7 +137,7 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
     shutil.rmtree(partial, ignore_errors=True)
     try:
         hf_model.save_pretrained(partial, max_shard_size=max_shard_size)
-        hf_tokenizer(tokenizer, special).save_pretrained(partial)
+        hf_tokenizer(tokenizer, special, model_max_length=cfg.model.max_seq_len).save_pretrained(partial)
         loaded = AutoModelForCausalLM.from_pretrained(partial, local_files_only=True, dtype=torch.float32).eval()
         idx = check_batch(cfg.model.vocab_size, cfg.model.max_seq_len)
         diff, tolerance = compare_logits(reference, loaded, idx)

@@ -53,9 +53,13 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ messa
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def hf_tokenizer(tokenizer, special_tokens: list[str] | None = None):
+def hf_tokenizer(tokenizer, special_tokens: list[str] | None = None, model_max_length: int | None = None):
     """A transformers fast tokenizer for a micro-arch CharTokenizer or SentencePieceTokenizer; special_tokens
-    (a chat run's) get the ids right after the base vocabulary, and the chat template comes with them."""
+    (a chat run's) get the ids right after the base vocabulary, and the chat template comes with them, its
+    `<|end|>` the EOS. Without them, the document boundary (the separator's first token, '\n': what precedes
+    every document in training, micro_arch.data.boundary) is both BOS and EOS, so tools that need one
+    (lm-evaluation-harness's prefix token) have it; transformers then counts '\n' as a special token, so
+    decode(..., skip_special_tokens=True) leaves newlines out. model_max_length: the model's context."""
     from tokenizers import AddedToken, Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -80,7 +84,25 @@ def hf_tokenizer(tokenizer, special_tokens: list[str] | None = None):
             raise MicroArchError(f"the chat tokens {special_tokens} would get ids {ids}, not the ids after the "
                                  f"base vocabulary of {tokenizer.vocab_size}; nothing was exported")
         extra = {"chat_template": CHAT_TEMPLATE, "eos_token": special_tokens[-1]}
+    elif not hasattr(tokenizer, "tok"):  # a folder's tokenizer keeps its own BOS/EOS (or none)
+        extra = _boundary_as_bos_eos(tokenizer, tok)
+    if model_max_length is not None:
+        extra["model_max_length"] = int(model_max_length)
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **extra)
+
+
+def _boundary_as_bos_eos(tokenizer, tok) -> dict:
+    """bos_token = eos_token = the document boundary's text, when it is one token of `tok` with the run's id."""
+    from micro_arch.data.boundary import boundary_token
+
+    try:
+        boundary = boundary_token(tokenizer)
+    except MicroArchError:
+        return {}
+    text = tok.id_to_token(boundary)
+    if text is None or tok.token_to_id(text) != boundary or tok.encode(tokenizer.decode([boundary])).ids != [boundary]:
+        return {}
+    return {"bos_token": text, "eos_token": text}
 
 
 def check_tokenizer(folder, tokenizer, text: str) -> None:
@@ -89,7 +111,7 @@ def check_tokenizer(folder, tokenizer, text: str) -> None:
 
     loaded = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     ours = list(tokenizer.encode(text))
-    theirs = loaded(text, add_special_tokens=False)["input_ids"]
+    theirs = loaded(text, add_special_tokens=False, verbose=False)["input_ids"]
     if ours != theirs:
         at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
         raise MicroArchError(f"the exported tokenizer gives other ids than the run's from token {at} of the check "

@@ -84,6 +84,9 @@ def compare(run_dirs, out=None, prompts: list[str] | None = None, console=None, 
     table = runs_table(runs)
     fairness = assess({r.label: {**r.summary, "corpus_key": r.corpus_key} for r in runs})
     report = build_report(runs, table, fairness, left_out, prompts, max_batches)
+    from micro_arch.report.downstream import add_downstream
+
+    add_downstream(report, runs)  # downstream.json scores, compared within one setting (tasks, shots, limit)
     if any(r.curves is not None for r in runs):
         from micro_arch.report.plots import plot_curves
 

@@ -1,0 +1,71 @@
+"""`micro-arch eval RUN_DIR... --tasks T1,T2`: lm-evaluation-harness tasks on one or more runs, one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def downstream_command(run_dirs: list, tasks: str | list[str], num_fewshot: int | None = None,
+                       limit: int | None = None, batch_size: int = 16, include_path: str | None = None,
+                       checkpoint=None, device: str = "auto", apply_chat_template: bool = False,
+                       console=None) -> list[dict]:
+    """Evaluate every run (each into its downstream.json), then print one table; returns the evaluations."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from micro_arch.eval.downstream import (
+        check_request,
+        evaluate_tasks,
+        require_lm_eval,
+        setting_text,
+        task_manager,
+    )
+
+    console = console or Console()
+    names = [n.strip() for n in (tasks.split(",") if isinstance(tasks, str) else tasks) if n.strip()]
+    for run_dir in run_dirs:  # every run's problem before any task is loaded
+        check_request(run_dir, names, num_fewshot, limit, checkpoint)
+    require_lm_eval()
+    manager = task_manager(names, include_path)
+    evaluations = []
+    for run_dir in run_dirs:
+        console.print(f"[dim]{escape(str(run_dir))}: {escape(', '.join(n.strip() for n in names))}[/]")
+        evaluations.append(evaluate_tasks(run_dir, names, num_fewshot=num_fewshot, limit=limit,
+                                          batch_size=batch_size, include_path=include_path, checkpoint=checkpoint,
+                                          device=device, apply_chat_template=apply_chat_template,
+                                          manager=manager))
+    console.print(scores_table(run_dirs, evaluations, f"downstream tasks ({setting_text(evaluations[0])})"))
+    console.print("centered = (accuracy - chance) / (1 - chance); CORE = its mean over the tasks, ± lm-eval's "
+                  "standard errors; written to each run's downstream.json")
+    return evaluations
+
+
+def _cell(value, stderr, fmt="{:.3f}") -> str:
+    if value is None:
+        return "—"
+    return fmt.format(value) + ("" if stderr is None else f"±{fmt.format(stderr)}")
+
+
+def scores_table(run_dirs: list, evaluations: list[dict], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("chance", justify="right")
+    unique = len({Path(x).name for x in run_dirs}) == len(run_dirs)
+    labels = [Path(r).name if unique else str(r) for r in run_dirs]
+    for label in labels:
+        table.add_column(f"{label}\naccuracy", justify="right", no_wrap=True)
+        table.add_column("centered", justify="right", no_wrap=True)
+    for task in sorted(evaluations[0]["scores"]):
+        first = evaluations[0]["scores"][task]
+        row = [task, "—" if first["chance"] is None else f"{first['chance']:.3f}"]
+        for ev in evaluations:
+            s = ev["scores"][task]
+            row += [_cell(s["accuracy"], s["stderr"]), _cell(s["centered"], s["centered_stderr"])]
+        table.add_row(*row)
+    row = ["CORE (mean centered)", ""]
+    for ev in evaluations:
+        row += ["", _cell(ev["core"]["centered"], ev["core"]["stderr"])]
+    table.add_row(*row, style="bold")
+    return table
