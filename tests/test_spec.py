@@ -323,7 +323,7 @@ def test_null_argument_value_still_means_none():
 def test_empty_branch_names_its_index(tmp_path):
     folder = write_config(tmp_path / "e", "model:\n  layers: [{spec: ['Norm->Attn->+', 'Norm->MLP->+', ' ']}]\n")
     message = error_of(load_experiment_model, folder, [])
-    assert message.startswith("model.layers[0].spec[2]: bad block string: empty"), message
+    assert message.startswith(f"{folder / 'config.yaml'}: model.layers[0].spec[2]: bad block string: empty"), message
 
 
 def test_block_argument_rejected_by_the_block_points_at_the_layer_and_argument(tmp_path):
@@ -335,7 +335,7 @@ def test_block_argument_rejected_by_the_block_points_at_the_layer_and_argument(t
             - {spec: ['Norm->MLP->+', 'Norm->Attn(window=8, n_kv_heads=3)->+'], repeat: 2}
         """)
     lines = error_of(load_experiment_model, folder, []).splitlines()
-    assert lines[0].startswith("model.layers[1].spec[1]: "), lines[0]
+    assert lines[0].startswith(f"{folder / 'config.yaml'}: model.layers[1].spec[1]: "), lines[0]
     assert "n_kv_heads=3" in lines[0] and "multiple" in lines[0]
     text = "Norm->Attn(window=8, n_kv_heads=3)->+"
     assert lines[1] == "    " + text

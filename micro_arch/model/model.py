@@ -19,6 +19,16 @@ from micro_arch.model.spec import ADD, branch_where, build_step, format_chain, r
 from micro_arch.model.state import BlockState
 
 
+def layer_dims(cfg: ModelConfig, layer_idx: int) -> Dims:
+    """The shared dimensions the blocks of layer `layer_idx` receive (n_layers: the final norm's index)."""
+    return Dims(
+        d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim or cfg.d_model // cfg.n_heads, d_ff=cfg.d_ff, max_seq_len=cfg.max_seq_len,
+        dropout=cfg.dropout, n_layers=sum(g.repeat for g in cfg.layers), layer_idx=layer_idx,
+        positions=cfg.positions, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+    )
+
+
 class Chain(nn.Module):
     """One branch: `h = block(h)` for each block, `x = x + h; h = x` at each '+'; returns h."""
 
@@ -78,12 +88,7 @@ class Model(nn.Module):
             raise MicroArchError("model.vocab_size is not set; it normally comes from the tokenizer")
         self.cfg = cfg
         n_layers = sum(g.repeat for g in cfg.layers)
-        head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-        dims = lambda i: Dims(  # noqa: E731
-            d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=head_dim,
-            d_ff=cfg.d_ff, max_seq_len=cfg.max_seq_len, dropout=cfg.dropout, n_layers=n_layers,
-            layer_idx=i, positions=cfg.positions, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
-        )
+        dims = lambda i: layer_dims(cfg, i)  # noqa: E731
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
