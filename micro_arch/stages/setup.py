@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,11 +91,29 @@ def prepare_stage_data(cfg: ExperimentConfig) -> StageData:
         train = encode_conversations(tok, conversation_messages(train_rec), t.seq_len, "training")
         val = encode_conversations(tok, conversation_messages(val_rec), t.seq_len, "held-out")
     else:
+        warn_if_dpo_starts_from_pretraining(cfg)
         train = encode_pairs(tok, train_rec, t.seq_len, "training")
         val = encode_pairs(tok, val_rec, t.seq_len, "held-out")
     fingerprint = digest("stage-v1", t.stage, _describe(source), d.val_source and _describe(d.val_source),
                          None if d.val_source else d.val_fraction, tok.identity, t.seq_len)
     return StageData(tok, train, val, fingerprint, [train.report("training"), val.report("held-out")])
+
+
+def warn_if_dpo_starts_from_pretraining(cfg: ExperimentConfig) -> None:
+    """DPO's reference is model.init_from. A pretraining run never saw the chat template: its template tokens
+    start untrained and it answers no turn, so preferences between its replies teach little. It runs, with a
+    warning (once, from the first process). A Hugging Face folder says nothing of its stage: no warning."""
+    from micro_arch.hf.init import resolve_source, run_dir_of
+    from micro_arch.rundir import read_run_config
+
+    kind, path = resolve_source(cfg.model.init_from)
+    if kind == "huggingface" or int(os.environ.get("RANK", "0")) != 0:
+        return
+    parent = read_run_config(run_dir_of(kind, path))
+    if parent.train.stage == "pretrain":
+        print(f"warning: train.stage=dpo starts from {cfg.model.init_from}, a pretraining run (train.stage="
+              "pretrain): it has never seen the chat template, so DPO's reference answers no turn; DPO usually "
+              "follows SFT: run train.stage=sft from it, then DPO from the SFT run", file=sys.stderr)
 
 
 class PairBatches:
