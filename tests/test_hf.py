@@ -87,6 +87,10 @@ def test_init_from_extends_positions_and_grows_the_vocabulary(parent_run):
      "layer 0, branch 0, block 1 (Attention): window is None in the source, 8 here"),
     ("model.defaults.MLP=gelu_mlp", "layer 0, branch 0, block 3 is SwiGLU in the source, GeluMLP here"),
     ("model.vocab_size=60", "model.vocab_size is 84 in the source, 60 here"),  # the corpus has 84 characters
+    # issue 25: a layer of another shape in the block strings' words, not as internal tuples
+    ('model.layers.0.spec=["Norm->Attn->+", "Norm->MLP->+"]', "the source's layer 0 has 1 branch, this one 2"),
+    ("model.layers.0.spec=Norm->Attn->+->MLP->+",
+     "layer 0 is 'rmsnorm->attention->+->rmsnorm->swiglu->+' in the source, 'rmsnorm->attention->+->swiglu->+' here"),
 ])
 def test_init_from_a_mismatching_config_names_the_first_difference(parent_run, override, message):
     exp, run_dir = parent_run
@@ -94,6 +98,7 @@ def test_init_from_a_mismatching_config_names_the_first_difference(parent_run, o
     with pytest.raises(MicroArchError, match="does not match the source") as err:
         load_initial_weights(Model(cfg.model), cfg.model)
     assert message in str(err.value)
+    assert "plan" not in str(err.value) and "(0, 1" not in str(err.value)
 
 
 def test_init_from_a_missing_path_or_hub_name_fails_fast():
