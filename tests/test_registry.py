@@ -269,7 +269,7 @@ def test_blocks_lists_an_experiments_own_blocks_when_named(cli):
 def test_blocks_pattern_lists_matching_blocks_only(cli):
     code, out, err = cli["rms"]
     assert code == 0, err
-    assert "rmsnorm" in out and "blocks/norms.py" in out and "eps=1e-05" in out
+    assert "rmsnorm" in out and "blocks/norms.py" in out and "eps=1e-05 (> 0)" in out  # with its bound
     assert "attention" not in out and "layernorm" not in out and "swiglu" not in out
     assert "zz_plugin_block" not in out  # the plug-in is only visible where it is installed
 

@@ -75,6 +75,10 @@ class BlockEntry:
             if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         }
 
+    def bounds_of(self, argument: str) -> str:
+        """The bounds an argument must keep, in short ('> 0', '>= 1'): its own and a shared dimension's."""
+        return ", ".join(filter(None, (bound_symbols(a) for a in rules_of(self, argument))))
+
     @property
     def description(self) -> str:
         doc = inspect.getdoc(self.cls) or ""
