@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import sys
+import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -155,7 +156,7 @@ def _type_ok(value, annotation) -> bool:
         return _type_ok(value, typing.get_args(annotation)[0])
     if origin is Literal:
         return value in typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
@@ -199,28 +200,23 @@ def bounds(annotation) -> list[tuple[str, object]]:
             for item in (meta if isinstance(meta, at.GroupedMetadata) else [meta]):
                 found += [(k, getattr(item, k)) for k in _CHECKS if getattr(item, k, None) is not None]
         annotation = typing.get_args(annotation)[0]
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         for arg in typing.get_args(annotation):
             found += bounds(arg)
     return found
 
 
-def _allows_none(annotation) -> bool:
-    return _type_ok(None, annotation)
-
-
 def allowed(annotation) -> str:
     """What `annotation`'s bounds allow, in words: 'at least 1 (or null)', 'in [0, 1)'."""
     pairs = dict(bounds(annotation))
-    low = [k for k in ("gt", "ge") if k in pairs]
-    high = [k for k in ("lt", "le") if k in pairs]
-    if low and high:
-        text = f"in {'(' if low[0] == 'gt' else '['}{pairs[low[0]]}, {pairs[high[0]]}{')' if high[0] == 'lt' else ']'}"
-        rest = [k for k in pairs if k not in (low[0], high[0])]
-    else:
-        text, rest = "", list(pairs)
-    text = " and ".join([text] * bool(text) + [_CHECKS[k][1].format(pairs[k]) for k in rest])
-    return text + (" (or null)" if _allows_none(annotation) else "")
+    low = next((k for k in ("gt", "ge") if k in pairs), None)
+    high = next((k for k in ("lt", "le") if k in pairs), None)
+    parts = []
+    if low and high:  # both sides: an interval
+        parts.append(f"in {'(' if low == 'gt' else '['}{pairs.pop(low)}, {pairs.pop(high)}"
+                     f"{')' if high == 'lt' else ']'}")
+    parts += [_CHECKS[k][1].format(b) for k, b in pairs.items()]
+    return " and ".join(parts) + (" (or null)" if _type_ok(None, annotation) else "")
 
 
 def bound_symbols(annotation) -> str:
