@@ -531,8 +531,8 @@ def blame_override(err: MicroArchError, overrides: list[str] | None, root: str =
     message = _relative(str(err), root)
     for item in reversed(overrides):
         key = _bracketed(item.split("=", 1)[0].strip())
-        if any(_under(place, key) for place in places):
-            return MicroArchError(f"--set {item}: {message}")
+        if any(_under(place, key) for place in places):  # same class and fields; blamed once
+            return err.reworded(f"--set {item}: {message}", where=None)
     return err
 
 

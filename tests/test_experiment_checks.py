@@ -155,6 +155,9 @@ def test_a_block_string_error_names_the_file_that_wrote_it(tmp_path):
 ])
 def test_a_rule_over_several_keys_blames_the_override_that_broke_it(tmp_path, override, words):
     folder = experiment(tmp_path / "e", "model: {d_model: 64, n_heads: 4, max_seq_len: 32}\ntrain: {seq_len: 32}\n")
-    message = str(error_of(folder, [override]))
+    err = error_of(folder, [override])
+    message = str(err)
     assert message.startswith(f"--set {override}: "), message
     assert words in message and "config.yaml" not in message
+    if "spec" in override:  # blamed, a block's refusal keeps its fields
+        assert (err.block, err.argument) == ("attention", "n_kv_heads")
