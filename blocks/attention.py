@@ -1,10 +1,14 @@
 """Causal self-attention: MHA, GQA and MQA through n_kv_heads, RoPE, sliding window, QK-norm, KV cache."""
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import nn
 
 from micro_arch.blocks.norms import rms_norm
+from micro_arch.errors import BlockArgumentError
 from micro_arch.model.registry import register_block
 
 
@@ -64,7 +68,7 @@ class Attention(nn.Module):
         positions: str = "rope",
         rope_theta: float = 10000.0,
         rope_scaling: float = 1.0,
-        window: int | None = None,
+        window: Annotated[int | None, Ge(1)] = None,
         qk_norm: bool = False,
         bias: bool = False,
         dropout: float = 0.0,
@@ -73,11 +77,10 @@ class Attention(nn.Module):
         n_kv_heads = n_kv_heads or n_heads
         head_dim = head_dim or d_model // n_heads
         if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+            raise BlockArgumentError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}",
+                                     argument="n_kv_heads")
         if positions == "rope" and head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-        if window is not None and window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
+            raise BlockArgumentError(f"RoPE needs an even head_dim, got {head_dim}", argument="head_dim")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.window, self.qk_norm, self.dropout = window, qk_norm, dropout
         self.use_rope = positions == "rope"

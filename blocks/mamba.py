@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from micro_arch.errors import BlockArgumentError
 from micro_arch.model.registry import register_block
 
 SCANS = ("chunked", "parallel", "sequential")
@@ -230,11 +231,12 @@ class Mamba(nn.Module):
         for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
                             ("expand", expand), ("dt_rank", dt_rank), ("chunk_size", chunk_size)):
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise BlockArgumentError(f"{name} must be at least 1, got {value}", argument=name)
         if not 0 < dt_min <= dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+            raise BlockArgumentError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}",
+                                     argument="dt_min" if dt_min <= 0 else "dt_max")
         if scan not in SCANS:
-            raise ValueError(f"scan must be one of {', '.join(SCANS)}, got {scan!r}")
+            raise BlockArgumentError(f"scan must be one of {', '.join(SCANS)}, got {scan!r}", argument="scan")
         self.d_inner = expand * d_model
         self.d_state, self.d_conv, self.dt_rank = d_state, d_conv, dt_rank
         self.dt_min, self.dt_max = dt_min, dt_max

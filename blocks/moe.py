@@ -36,6 +36,7 @@ from torch import nn
 
 from micro_arch.blocks.grouped_mm import KERNELS, grouped_mm
 from micro_arch.blocks.moe_dispatch import capacity_for, dispatch
+from micro_arch.errors import BlockArgumentError
 from micro_arch.model.registry import register_block
 
 EXPERTS = ("swiglu", "gelu")
@@ -114,18 +115,24 @@ class MoE(nn.Module):
         for arg, value, allowed in (("expert", expert, EXPERTS), ("router", router, ROUTERS),
                                     ("balance", balance, BALANCES), ("kernel", kernel, KERNELS)):
             if value not in allowed:
-                raise ValueError(f"{arg}={value!r} is not one of {', '.join(allowed)}")
-        if n_experts < 1 or not 1 <= top_k <= n_experts:
-            raise ValueError(f"need n_experts >= 1 and 1 <= top_k <= n_experts; got n_experts={n_experts}, "
-                             f"top_k={top_k}")
+                raise BlockArgumentError(f"{arg}={value!r} is not one of {', '.join(allowed)}", argument=arg)
+        if n_experts < 1:
+            raise BlockArgumentError(f"n_experts={n_experts} should be at least 1", argument="n_experts")
+        if not 1 <= top_k <= n_experts:
+            raise BlockArgumentError(f"need 1 <= top_k <= n_experts; got top_k={top_k}, n_experts={n_experts}",
+                                     argument="top_k")
         if n_shared_experts < 0:
-            raise ValueError(f"n_shared_experts={n_shared_experts} should be >= 0")
+            raise BlockArgumentError(f"n_shared_experts={n_shared_experts} should be >= 0",
+                                     argument="n_shared_experts")
         if d_ff is not None and d_ff < 1:
-            raise ValueError(f"d_ff={d_ff} should be a positive width")
+            raise BlockArgumentError(f"d_ff={d_ff} should be a positive width", argument="d_ff")
         if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor={capacity_factor} should be > 0 (or unset for no limit)")
-        if aux_loss_coef < 0 or z_loss_coef < 0 or bias_update_rate < 0:
-            raise ValueError("aux_loss_coef, z_loss_coef and bias_update_rate should be >= 0")
+            raise BlockArgumentError(f"capacity_factor={capacity_factor} should be > 0 (or unset for no limit)",
+                                     argument="capacity_factor")
+        for arg, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef),
+                           ("bias_update_rate", bias_update_rate)):
+            if value < 0:
+                raise BlockArgumentError(f"{arg}={value} should be >= 0", argument=arg)
         self.n_experts, self.top_k, self.expert, self.router_kind = n_experts, top_k, expert, router
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.balance, self.bias_update_rate, self.capacity_factor = balance, bias_update_rate, capacity_factor

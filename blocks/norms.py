@@ -1,7 +1,10 @@
 """Normalisation blocks: RMSNorm and LayerNorm (with or without bias)."""
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt
 from torch import nn
 
 from micro_arch.model.registry import register_block
@@ -40,7 +43,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale (Zhang & Sennrich, 2019)."""
 
-    def __init__(self, d_model: int, eps: float = 1e-5):
+    def __init__(self, d_model: int, eps: Annotated[float, Gt(0)] = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d_model))
@@ -53,7 +56,7 @@ class RMSNorm(nn.Module):
 class LayerNorm(nn.Module):
     """LayerNorm with a learned scale and, unless bias=false, a learned shift."""
 
-    def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True):
+    def __init__(self, d_model: int, eps: Annotated[float, Gt(0)] = 1e-5, bias: bool = True):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d_model))

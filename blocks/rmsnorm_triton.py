@@ -12,8 +12,10 @@ in the process and, on a GPU, on disk); under the interpreter the autotuner time
 
 import os
 import time
+from typing import Annotated
 
 import torch
+from annotated_types import Gt
 from torch import nn
 
 from micro_arch.blocks.norms import rms_norm
@@ -254,7 +256,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 class RMSNormTriton(nn.Module):
     """RMSNorm with fused Triton kernels (falls back to plain RMSNorm where Triton cannot run)."""
 
-    def __init__(self, d_model: int, eps: float = 1e-5):
+    def __init__(self, d_model: int, eps: Annotated[float, Gt(0)] = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d_model))

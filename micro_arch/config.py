@@ -6,6 +6,7 @@ Every error names the file (or override) and the key, and suggests the nearest k
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import types
@@ -252,9 +253,11 @@ def from_dict(cls, data: dict, where: str = "config"):
 
 
 def _validate(obj, where: str) -> None:
-    def need(ok, key, msg):
+    def need(ok, key: str | tuple[str, ...], msg):
+        """`key`, or the keys a rule ties together (the first is named; any of them may be blamed)."""
+        keys = (key,) if isinstance(key, str) else key
         if not ok:
-            raise MicroArchError(f"{where}.{key}: {msg}", where=f"{where}.{key}")
+            raise MicroArchError(f"{where}.{keys[0]}: {msg}", where=tuple(f"{where}.{k}" for k in keys))
 
     if isinstance(obj, LayerGroup):
         need(obj.repeat >= 1, "repeat", f"must be at least 1, got {obj.repeat}")
@@ -263,10 +266,10 @@ def _validate(obj, where: str) -> None:
     elif isinstance(obj, ModelConfig):
         for key in ("d_model", "n_heads", "max_seq_len"):
             need(getattr(obj, key) >= 1, key, f"must be positive, got {getattr(obj, key)}")
-        need(obj.head_dim is not None or obj.d_model % obj.n_heads == 0, "n_heads",
+        need(obj.head_dim is not None or obj.d_model % obj.n_heads == 0, ("n_heads", "d_model", "head_dim"),
              f"d_model={obj.d_model} is not divisible by n_heads={obj.n_heads}; set head_dim or change either")
         if obj.n_kv_heads is not None:
-            need(obj.n_kv_heads >= 1 and obj.n_heads % obj.n_kv_heads == 0, "n_kv_heads",
+            need(obj.n_kv_heads >= 1 and obj.n_heads % obj.n_kv_heads == 0, ("n_kv_heads", "n_heads"),
                  f"n_heads={obj.n_heads} must be a multiple of n_kv_heads={obj.n_kv_heads}")
         need(len(obj.layers) > 0, "layers", "no layers; write e.g. layers: [{spec: 'Norm->Attn->+', repeat: 2}]")
         need(0.0 <= obj.dropout < 1.0, "dropout", f"must be in [0, 1), got {obj.dropout}")
@@ -479,7 +482,7 @@ def load_config(target: str | Path, overrides: list[str] | None = None) -> Exper
     try:
         cfg = from_dict(ExperimentConfig, data, where=str(path))
     except MicroArchError as err:
-        raise blame_override(err, overrides, root=str(path)) from None
+        raise blame(err, overrides, path) from None
     if not cfg.name:
         cfg.name = path.parent.name if path.name == "config.yaml" else path.stem
     if empty:
@@ -510,17 +513,77 @@ def _bracketed(dotted: str) -> str:
     return out
 
 
+def _relative(text: str, root: str) -> str:
+    return text[len(root):].lstrip(".") if root and text.startswith(root) else text
+
+
+def _under(place: str, key: str) -> bool:
+    """Is config place `place` (bracketed: model.layers[0].spec) the key `key` or inside it?"""
+    return place == key or place.startswith((key + ".", key + "["))
+
+
 def blame_override(err: MicroArchError, overrides: list[str] | None, root: str = "") -> MicroArchError:
-    """The same error, reported against the last `--set` override that set the key it is about (or
+    """The same error, reported against the last `--set` override that set a key it is about (or
     a section holding it), rather than against the config file; unchanged when no override did."""
-    if not overrides or not err.where:
+    if not overrides or not err.places:
         return err
-    place = err.where[len(root):].lstrip(".") if root and err.where.startswith(root) else err.where
-    message = str(err)
-    if root and message.startswith(root):
-        message = message[len(root):].lstrip(".")
+    places = [_relative(p, root) for p in err.places]
+    message = _relative(str(err), root)
     for item in reversed(overrides):
         key = _bracketed(item.split("=", 1)[0].strip())
-        if place == key or place.startswith((key + ".", key + "[")):
-            return MicroArchError(f"--set {item}: {message}")
+        if any(_under(place, key) for place in places):  # same class and fields; blamed once
+            return err.reworded(f"--set {item}: {message}", where=None)
     return err
+
+
+def key_origins(path: Path) -> dict[str, int]:
+    """Which file of `path`'s extends chain (its index in extends_chain) set each key last: dotted keys of
+    every section and value (list items are not entered: a list is replaced whole by the file that sets it)."""
+    origins: dict[str, int] = {}
+
+    def walk(node: dict, prefix: str, index: int) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            origins[dotted] = index
+            if isinstance(value, dict):
+                walk(value, dotted, index)
+
+    for index, file in enumerate(extends_chain(path)):
+        with contextlib.suppress(MicroArchError):
+            walk({k: v for k, v in read_yaml(file).items() if k != "extends"}, "", index)
+    return origins
+
+
+def _origin(place: str, origins: dict[str, int]) -> int | None:
+    """The file index of the longest key that holds `place` (model.layers[0].spec -> model.layers)."""
+    found = [(len(key), index) for key, index in origins.items() if _under(place, _bracketed(key))]
+    return max(found)[1] if found else None
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would write it: relative to the working folder when it is inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def blame(err: MicroArchError, overrides: list[str] | None, path: Path) -> MicroArchError:
+    """`err` (about the config of `path`) reported against what set its key: the last `--set` override that
+    did, else the file of the `extends` chain that set it last (a parent's unknown key names the parent), else
+    `path` itself. The message then starts with that override or file."""
+    root = str(path)
+    blamed = blame_override(err, overrides, root)
+    if blamed is not err:
+        return blamed
+    chain, origins = extends_chain(path), key_origins(path)
+    found = [i for p in err.places if (i := _origin(_relative(p, root), origins)) is not None]
+    last = max(found, default=len(chain) - 1)  # of keys tied together, the file that set one last
+    file = root if last == len(chain) - 1 else _shown(chain[last])
+    message = str(err)
+    if message.startswith(root):
+        message = file + message[len(root):]
+    elif not message.startswith(file):
+        message = f"{file}: {message}"
+    return err.reworded(message, where=tuple(file + p[len(root):] if p.startswith(root) else p
+                                             for p in err.places))

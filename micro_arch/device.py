@@ -12,17 +12,21 @@ import torch
 from micro_arch.errors import MicroArchError
 
 
-def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
+def resolve_device(spec: str = "auto", local_rank: int | None = None, option: str = "train.device") -> torch.device:
+    """The device `spec` names ('auto': the GPU if there is one); errors name `option`, the config key or the
+    command-line flag the spec came from, and its fix in that form (train.device=cpu, --device cpu)."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank or 0)
         return torch.device("cpu")
+    flag = option.startswith("-")
+    said, fix = (f"{option} {spec}", f"{option} cpu") if flag else (f"{option}={spec!r}", f"{option}=cpu")
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise MicroArchError(f"train.device={spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise MicroArchError(f"{said} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MicroArchError(f"train.device={spec!r} but no CUDA GPU is visible; use train.device=cpu")
+        raise MicroArchError(f"{said} but no CUDA GPU is visible; use {fix}")
     if device.type == "cuda" and local_rank is not None:
         device = torch.device("cuda", local_rank)
     return device

@@ -280,7 +280,7 @@ def test_model_kv_cache_equals_full_forward():
 
 @pytest.mark.parametrize("dims,kwargs,needle", [
     (dict(n_heads=4, n_kv_heads=3), {}, "multiple of n_kv_heads"),
-    (dict(n_heads=4), {"window": 0}, "window must be at least 1"),
+    (dict(n_heads=4), {"window": 0}, "window=0 must be at least 1"),
     (dict(n_heads=4, head_dim=7), {}, "even head_dim"),
     (dict(n_heads=4), {"windw": 8}, "takes no argument 'windw'"),
     (dict(n_heads=4), {"window": "wide"}, "window='wide' should be int"),

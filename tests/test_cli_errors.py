@@ -88,6 +88,34 @@ def test_trace_out_in_a_read_only_folder_is_refused(capsys, tmp_path):
     assert_one_line_error(code, out, err, "--out", "not writable")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("args", [
+    ["trace", EXPERIMENT, "--out", "/proc/trace.txt"],  # was a FileNotFoundError traceback after tracing
+    ["compare", "RUN", "--out", "/proc/report"],
+    ["run", EXPERIMENT, "--runs-dir", "/proc/runs"],
+    ["export", "RUN", "--out", "/proc/hf"],
+])
+def test_an_output_path_where_no_file_can_be_made_is_refused_before_any_work(capsys, args):
+    """os.access says /proc is writable to root; creating a file there is what tells."""
+    code, out, err = cli(capsys, *args)
+    assert_one_line_error(code, out, err, "'/proc'", "not writable")
+    assert out == ""
+
+
+def test_an_empty_chat_prompt_is_refused(capsys):
+    code, out, err = cli(capsys, "chat", "RUN", "--prompt", "Who goes there?", "--prompt", " ")
+    assert_one_line_error(code, out, err, "--prompt ' ' (the 2nd of 2) is empty", "needs text")
+    assert out == ""
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_device_option_the_machine_lacks_names_the_option(capsys, command):
+    code, out, err = cli(capsys, command, "RUN", "--device", "cuda")
+    assert_one_line_error(code, out, err, "--device cuda but no CUDA GPU is visible; use --device cpu")
+    assert "train.device" not in err
+
+
 def test_trace_out_writes_the_tree(capsys, tmp_path):
     target = tmp_path / "t.txt"
     code, out, err = cli(capsys, "trace", EXPERIMENT, "--depth", "1", "--batch", "1", "--seq-len", "8",

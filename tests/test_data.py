@@ -130,6 +130,31 @@ def test_jsonl_holds_out_the_last_documents(cache, tmp_path):
     assert decode(data.val) == SEPARATOR.join(texts[18:])
 
 
+def test_jsonl_rows_whose_text_is_not_text_are_counted_and_said(cache, tmp_path, capsys):
+    """Issue 25: a number or null (or no field at all) where the text should be was dropped without a word."""
+    texts = docs("json", 10)
+    rows = [{"text": t} for t in texts[:4]] + [{"text": 5}, {"text": None}, {"title": "no text"}, {"text": 2.5}] + \
+        [{"text": t} for t in texts[4:]]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = prepare_data(DataConfig(source=str(path), val_fraction=0.1))
+    assert data.tokenizer.decode(data.train) + SEPARATOR + data.tokenizer.decode(data.val) == SEPARATOR.join(texts)
+    err = capsys.readouterr().err
+    assert f"warning: {path}: 4 of 14 rows have a 'text' that is not text" in err, err
+    assert "2 null or missing, 2 number; the first at row 5" in err
+
+
+def test_a_file_of_a_kind_not_read_says_which_kind(tmp_path):
+    from micro_arch.data.sources import resolve_source
+
+    (tmp_path / "README.md").write_text("# a title\n\nsome text\n")
+    with pytest.raises(MicroArchError) as info:
+        resolve_source(str(tmp_path / "README.md"), "text", tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'README.md'}: micro-arch does not read '.md' files; it reads .txt")
+    assert "one kind" not in message and "copy or link it to a name ending in .txt" in message
+
+
 def test_parquet_with_another_text_field(cache, tmp_path):
     datasets = pytest.importorskip("datasets")
     texts = docs("parquet", 10)

@@ -87,6 +87,10 @@ def test_init_from_extends_positions_and_grows_the_vocabulary(parent_run):
      "layer 0, branch 0, block 1 (Attention): window is None in the source, 8 here"),
     ("model.defaults.MLP=gelu_mlp", "layer 0, branch 0, block 3 is SwiGLU in the source, GeluMLP here"),
     ("model.vocab_size=60", "model.vocab_size is 84 in the source, 60 here"),  # the corpus has 84 characters
+    # issue 25: a layer of another shape in the block strings' words, not as internal tuples
+    ('model.layers.0.spec=["Norm->Attn->+", "Norm->MLP->+"]', "the source's layer 0 has 1 branch, this one 2"),
+    ("model.layers.0.spec=Norm->Attn->+->MLP->+",
+     "layer 0 is 'rmsnorm->attention->+->rmsnorm->swiglu->+' in the source, 'rmsnorm->attention->+->swiglu->+' here"),
 ])
 def test_init_from_a_mismatching_config_names_the_first_difference(parent_run, override, message):
     exp, run_dir = parent_run
@@ -94,6 +98,7 @@ def test_init_from_a_mismatching_config_names_the_first_difference(parent_run, o
     with pytest.raises(MicroArchError, match="does not match the source") as err:
         load_initial_weights(Model(cfg.model), cfg.model)
     assert message in str(err.value)
+    assert "plan" not in str(err.value) and "(0, 1" not in str(err.value)
 
 
 def test_init_from_a_missing_path_or_hub_name_fails_fast():
@@ -383,6 +388,8 @@ def test_export_writes_a_folder_transformers_loads_with_the_same_logits(llama_ru
     assert {"config.json", "generation_config.json", "tokenizer.json", "README.md",
             "model.safetensors.index.json"} <= files and len([f for f in files if f.endswith(".safetensors")]) > 1
     assert run_dir.name in (out / "README.md").read_text() and "loss.png" in files
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as the rest (were 0600; issue 25)
     _, ours, tokenizer = load_run(run_dir)
     theirs = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert type(theirs).__name__ == "LlamaForCausalLM"
@@ -466,6 +473,20 @@ def test_a_refused_export_says_why_in_one_line_and_leaves_no_folder(parent_run, 
                                      "RoPE; nearest supported layout: Llama (LlamaForCausalLM): every layer "
                                      "Norm->Attn->+->Norm->MLP->+ with rmsnorm, attention, swiglu and RoPE")
     assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_makes_the_out_folder_but_never_its_parents(llama_run, tmp_path, capsys):
+    from micro_arch.cli import main
+    from micro_arch.hf.export import export_run
+
+    target = tmp_path / "a" / "b" / "c"
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(llama_run[1]), "--out", str(target)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: ") and "does not exist" in err, err
+    with pytest.raises(MicroArchError, match="does not exist; create it first"):
+        export_run(llama_run[1], target)  # the library function keeps the rule too
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("size", ["foo", "0", "-1GB", "2 GiB"])

@@ -217,6 +217,21 @@ def test_bad_spec_error_names_the_layer_group():
         Model(tiny_cfg(layers=[LayerGroup("Norm->Attn->+", 1), LayerGroup("Norm->Atn->+", 1)]))
 
 
+def test_a_constructor_refusal_points_at_the_argument_it_names():
+    """The caret comes from the BlockArgumentError's `argument` field (no message parsing): the attention
+    block names n_kv_heads, though head_dim also appears in the string and the message names n_heads."""
+    from micro_arch.errors import BlockArgumentError
+
+    spec = "Norm->Attn(head_dim=8, n_kv_heads=3)->+"
+    with pytest.raises(BlockArgumentError) as info:
+        Model(tiny_cfg(layers=[LayerGroup(spec, 1)]))
+    err = info.value
+    assert (err.block, err.argument, err.where) == ("attention", "n_kv_heads", "model.layers[0].spec")
+    first, shown, caret = str(err).splitlines()
+    assert first.startswith("model.layers[0].spec: bad block string: block 'attention'") and "multiple" in first
+    assert caret.index("^") == shown.index("n_kv_heads")
+
+
 def test_loss_is_cross_entropy_of_the_logits():
     model = Model(tiny_cfg())
     g = torch.Generator().manual_seed(0)

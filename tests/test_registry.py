@@ -269,6 +269,98 @@ def test_blocks_lists_an_experiments_own_blocks_when_named(cli):
 def test_blocks_pattern_lists_matching_blocks_only(cli):
     code, out, err = cli["rms"]
     assert code == 0, err
-    assert "rmsnorm" in out and "blocks/norms.py" in out and "eps=1e-05" in out
+    assert "rmsnorm" in out and "blocks/norms.py" in out and "eps=1e-05 (> 0)" in out  # with its bound
     assert "attention" not in out and "layernorm" not in out and "swiglu" not in out
     assert "zz_plugin_block" not in out  # the plug-in is only visible where it is installed
+
+
+# --- issue 25, items 6 and 7: bounds beside the argument, the shared dimensions' rules, the error's fields ----
+
+def test_a_bound_declared_beside_the_argument_is_enforced(scratch_registry):
+    from typing import Annotated
+
+    from annotated_types import Ge, Interval
+
+    @register_block("zz_test_bounded", kind="other")
+    class Bounded(nn.Module):
+        def __init__(self, d_model: int, rank: Annotated[int, Ge(1)] = 4,
+                     share: Annotated[float | None, Interval(gt=0, le=1)] = None):
+            super().__init__()
+            self.rank, self.share = rank, share
+
+    assert build_block("zz_test_bounded", Dims(d_model=8), rank=1, share=1.0).rank == 1
+    for kwargs, words in ((dict(rank=0), "argument rank=0 must be at least 1"),
+                          (dict(share=0.0), "argument share=0.0 must be in (0, 1] (or null)"),
+                          (dict(share=1.5), "share=1.5 must be in (0, 1]")):
+        with pytest.raises(registry.BlockArgumentError) as info:
+            build_block("zz_test_bounded", Dims(d_model=8), **kwargs)
+        assert words in str(info.value)
+        assert (info.value.block, info.value.argument) == ("zz_test_bounded", next(iter(kwargs)))
+
+
+def test_a_bound_in_a_file_with_postponed_annotations(scratch_registry, tmp_path):
+    folder = tmp_path / "postponed"
+    folder.mkdir()
+    (folder / "blocks.py").write_text(textwrap.dedent("""\
+        from __future__ import annotations
+        from typing import Annotated
+        from annotated_types import Gt
+        from torch import nn
+        from micro_arch.model.registry import register_block
+
+        @register_block("zz_test_postponed", kind="other")
+        class Postponed(nn.Module):
+            def __init__(self, d_model: int, scale: Annotated[float, Gt(0)] = 1.0):
+                super().__init__()
+        """))
+    registry.load_experiment_blocks(folder)
+    with pytest.raises(MicroArchError, match="argument scale=-2 must be greater than 0"):
+        build_block("zz_test_postponed", Dims(d_model=8), scale=-2)
+
+
+@pytest.mark.parametrize("name", [n for n in registry.DIM_NAMES if n not in ("n_layers", "layer_idx")])
+def test_a_shared_dimension_refuses_in_a_block_what_the_model_key_refuses(scratch_registry, name):
+    """Dims' rules and config.ModelConfig's checks agree on every probe value: what `model.X: v` refuses,
+    `block(X=v)` refuses, and the other way round."""
+    from micro_arch.config import ModelConfig, from_dict
+
+    @register_block("zz_test_takes_all", kind="other")
+    class TakesAll(nn.Module):
+        def __init__(self, d_model: int = 64, n_heads: int = 4, n_kv_heads: int | None = None,
+                     head_dim: int | None = None, d_ff: int | None = None, max_seq_len: int = 8,
+                     dropout: float = 0.0, positions: str = "rope", rope_theta: float = 1e4,
+                     rope_scaling: float = 1.0):
+            super().__init__()
+
+    probes = [-1, 0, 1, 2, 0.0, 0.5, 1.0, -0.5, None, "rope", "alibi"]
+    for value in probes:
+        base = {"d_model": 64, "n_heads": 2, "head_dim": 32, "vocab_size": 10, name: value}
+        try:
+            from_dict(ModelConfig, base)
+            model_refuses = False
+        except MicroArchError:
+            model_refuses = True
+        try:
+            registry.check_arguments("zz_test_takes_all", {name: value})
+            block_refuses = False
+        except registry.BlockArgumentError as err:
+            block_refuses = True
+            assert err.argument == name
+        assert block_refuses == model_refuses, (name, value)
+
+
+def test_a_constructor_error_keeps_the_argument_as_a_field(scratch_registry):
+    with pytest.raises(registry.BlockArgumentError) as info:
+        build_block("attention", Dims(d_model=16, n_heads=4), n_kv_heads=3)
+    assert (info.value.block, info.value.argument) == ("attention", "n_kv_heads")
+    assert isinstance(info.value, ValueError)  # what code that builds the class directly catches
+
+    @register_block("zz_test_plain_error", kind="other")
+    class Plain(nn.Module):
+        def __init__(self, d_model: int, rank: int = 1):
+            super().__init__()
+            raise ValueError("rank is wrong")  # says nothing structured: the whole block is blamed
+
+    with pytest.raises(registry.BlockArgumentError) as info:
+        build_block("zz_test_plain_error", Dims(d_model=8), rank=2)
+    assert (info.value.block, info.value.argument) == ("zz_test_plain_error", None)

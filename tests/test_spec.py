@@ -112,9 +112,21 @@ BAD = [
     ("->Norm", ["missing block"], 0),
     ("Norm->->Attn", ["missing block"], 6),
     ("Norm->Atn->+", ["unknown block 'Atn'", "did you mean", "Attn"], 6),
-    ("Norm->Attn(windw=3)->+", ["no argument 'windw'", "did you mean: window", "it takes: window", "qk_norm"], 6),
-    ("Attn(window=abc)", ["window='abc'", "should be int"], 0),
-    ("Norm(eps=small)", ["eps='small'", "should be float"], 0),
+    ("Norm->Attn(windw=3)->+", ["no argument 'windw'", "did you mean: window", "it takes: window", "qk_norm"], 11),
+    ("Attn(window=abc)", ["window='abc'", "should be int"], 5),
+    ("Norm(eps=small)", ["eps='small'", "should be float"], 5),
+    # issue 25, items 6 and 7: a block's arguments get the model keys' checks, the caret under the argument
+    ("Norm->Attn->+->Norm->MLP(d_ff=-5)->+", ["block 'swiglu'", "argument d_ff=-5", "at least 1 (or null)"], 25),
+    ("Norm->Attn(head_dim=-2)->+", ["block 'attention'", "head_dim=-2", "at least 1 (or null)"], 11),
+    ("Norm->Attn(head_dim=0)->+", ["block 'attention'", "head_dim=0", "at least 1 (or null)"], 11),
+    ("Norm->Attn(n_kv_heads=0)->+", ["block 'attention'", "n_kv_heads=0", "at least 1 (or null)"], 11),
+    ("Norm->MLP(d_ff=0)", ["block 'swiglu'", "d_ff=0", "at least 1"], 10),
+    ("Norm->Attn(rope_theta=0)->+", ["block 'attention'", "rope_theta=0", "greater than 0"], 11),
+    ("layernorm(eps=-1)->Attn->+", ["block 'layernorm'", "eps=-1", "greater than 0"], 10),
+    ("Norm->Attn(dropout=1.0)", ["dropout=1.0", "in [0, 1)"], 11),
+    ("Norm->Attn(positions=alibi)", ["positions='alibi'", "should be one of 'rope', 'learned', 'none'"], 11),
+    ("Norm->Attn(window=0)", ["window=0", "at least 1 (or null)"], 11),
+    ("Norm->Attn(n_kv_heads=1, n_kv_heads=2)->+", ["argument n_kv_heads of Attn is given twice", "keep one"], 25),
     ("Norm->Attn(window=3->+", ["'(' is never closed"], 10),
     ("Norm->Attn(window=3))->+", ["')' without a matching '('"], 20),
     ("Norm)->Attn", ["')' without a matching '('"], 4),
@@ -311,7 +323,7 @@ def test_null_argument_value_still_means_none():
 def test_empty_branch_names_its_index(tmp_path):
     folder = write_config(tmp_path / "e", "model:\n  layers: [{spec: ['Norm->Attn->+', 'Norm->MLP->+', ' ']}]\n")
     message = error_of(load_experiment_model, folder, [])
-    assert message.startswith("model.layers[0].spec[2]: bad block string: empty"), message
+    assert message.startswith(f"{folder / 'config.yaml'}: model.layers[0].spec[2]: bad block string: empty"), message
 
 
 def test_block_argument_rejected_by_the_block_points_at_the_layer_and_argument(tmp_path):
@@ -323,7 +335,7 @@ def test_block_argument_rejected_by_the_block_points_at_the_layer_and_argument(t
             - {spec: ['Norm->MLP->+', 'Norm->Attn(window=8, n_kv_heads=3)->+'], repeat: 2}
         """)
     lines = error_of(load_experiment_model, folder, []).splitlines()
-    assert lines[0].startswith("model.layers[1].spec[1]: "), lines[0]
+    assert lines[0].startswith(f"{folder / 'config.yaml'}: model.layers[1].spec[1]: "), lines[0]
     assert "n_kv_heads=3" in lines[0] and "multiple" in lines[0]
     text = "Norm->Attn(window=8, n_kv_heads=3)->+"
     assert lines[1] == "    " + text

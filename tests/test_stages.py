@@ -544,6 +544,24 @@ def test_dpo_reference_stays_frozen_while_the_policy_trains(tmp_path):
         torch.testing.assert_close(ahead.loss_fn(policy, batch)[0], stage.loss_fn(policy, stage.source.batch(step))[0])
 
 
+def test_dpo_straight_from_a_pretraining_run_warns(tmp_path, capsys):
+    """Issue 25: DPO from a run that never saw the chat template runs, and says that DPO usually follows SFT."""
+    from micro_arch.rundir import read_run_config, write_config
+    from micro_arch.stages.setup import prepare_stage_data
+
+    source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    pretrained, _, _ = make_run(tmp_path / "pretrained")
+    prepare_stage_data(stage_config(tmp_path, "dpo", source, pretrained))
+    err = capsys.readouterr().err
+    assert f"warning: train.stage=dpo starts from {pretrained}, a pretraining run" in err and "SFT" in err, err
+    sft, _, _ = make_run(tmp_path / "sft")
+    cfg = read_run_config(sft)
+    cfg.train.stage = "sft"
+    write_config(sft, cfg)
+    prepare_stage_data(stage_config(tmp_path, "dpo", source, sft))
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_reference_that_trained_on_since_the_run_began_is_refused(tmp_path):
     """DPO's resumed reference and eval's 'before' are init_from's weights as the run began: when the parent run
     has trained on (its latest.pt moved), say so and name the parent's checkpoint of that step."""

@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder (logits checked)")
     p.add_argument("run_dir")
-    p.add_argument("--out", required=True, help="the folder to create (must not exist or be empty)")
+    p.add_argument("--out", required=True, type=output_dir,
+                   help="the folder to create (must not exist or be empty); its parent must exist")
     p.add_argument("--checkpoint", default=None, help="e.g. step_0001000.pt (default: the run's latest)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-shard-size", default="2GB", help="safetensors files are split above this size")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -49,6 +50,18 @@ def probability(text: str) -> float:
     return value
 
 
+def can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in `folder`, found by creating (and removing) one: os.access says yes to
+    root everywhere, and to folders where no file can be made (/proc, a read-only mount)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".micro-arch-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
 def check_parent(path: Path) -> None:
     """The folder `path` goes into must exist and be writable (ArgumentTypeError otherwise)."""
     parent = path.parent if str(path.parent) else Path(".")
@@ -57,7 +70,7 @@ def check_parent(path: Path) -> None:
                                          "create it first or pick a path in an existing folder")
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"{str(path)!r}: {str(parent)!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK) or not can_create_in(parent):
         raise argparse.ArgumentTypeError(f"{str(path)!r}: the folder {str(parent)!r} is not writable; "
                                          "pick a path in a folder you can write to")
 
@@ -81,7 +94,7 @@ def output_dir(text: str) -> Path:
     if path.exists():
         if not path.is_dir():
             raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
+        if not os.access(path, os.W_OK | os.X_OK) or not can_create_in(path):
             raise argparse.ArgumentTypeError(f"{text!r}: the folder is not writable")
         return path
     check_parent(path)

@@ -23,7 +23,8 @@ def blocks_command(pattern: str = "*", kind: str | None = None, experiment: str 
     for col in ("name", "kind", "arguments (defaults)", "defined in"):
         table.add_column(col, overflow="fold")
     for entry in list_blocks(pattern, kind):
-        own = [f"{n}={p.default!r}" if p.default is not p.empty else n
+        own = [(f"{n}={p.default!r}" if p.default is not p.empty else n)
+               + (f" ({bounds})" if (bounds := entry.bounds_of(n)) else "")
                for n, p in entry.arguments.items() if n not in DIM_NAMES]
         shared = [n for n in entry.arguments if n in DIM_NAMES]
         text = ", ".join(own) + (f"  [dim](from model: {', '.join(shared)})[/]" if shared else "")

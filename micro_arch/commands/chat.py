@@ -15,7 +15,11 @@ def chat_command(run_dir, prompts: list[str] | None = None, system: str | None =
     from micro_arch.device import resolve_device
     from micro_arch.rundir import load_run
 
-    device = resolve_device(device)
+    for number, text in enumerate(prompts or [], 1):
+        if not text.strip():  # an empty user turn would send the template's markers alone
+            which = f" (the {_ordinal(number)} of {len(prompts)})" if len(prompts) > 1 else ""
+            raise MicroArchError(f"--prompt {text!r}{which} is empty; a user turn needs text")
+    device = resolve_device(device, option="--device")
     tok = load_chat_tokenizer(run_dir)
     _, model, _ = load_run(run_dir, checkpoint, device)
     session = ChatSession(model, tok, system=system, temperature=temperature, top_k=top_k,
@@ -52,3 +56,7 @@ def chat_command(run_dir, prompts: list[str] | None = None, system: str | None =
             print(f"\n{err}")
             continue
         print()
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"

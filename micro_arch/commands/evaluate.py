@@ -91,7 +91,7 @@ def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: 
         from micro_arch.eval.context import context_lines
         from micro_arch.rundir import load_run
 
-        device = resolve_device(device)
+        device = resolve_device(device, option="--device")
         cfg, model, _ = load_run(run_dir, checkpoint, device)
         for line in context_lines(run_dir, model, prepare_data(cfg.data).val, result["seq_len"], batch_size,
                                   device, max_batches):

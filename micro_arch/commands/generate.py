@@ -20,7 +20,7 @@ def generate_command(run_dir, prompts: list[str] | None = None, max_new_tokens: 
     from micro_arch.rundir import load_run
 
     console = Console()
-    device = resolve_device(device)
+    device = resolve_device(device, option="--device")
     cfg, model, tokenizer = load_run(run_dir, checkpoint, device)
     prompts = prompts or cfg.train.sample.prompts
     start = time.perf_counter()

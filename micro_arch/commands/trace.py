@@ -30,5 +30,8 @@ def trace_command(experiment, overrides: list[str] = (), depth: int | None = Non
                   f"({model.num_params(non_embedding=True):,} without embeddings), "
                   f"{model.flops_per_token(seq):,.0f} training FLOPs per token at seq_len {seq}")
     if out:
-        out.write_text(trace_text(tree))
+        try:
+            out.write_text(trace_text(tree))
+        except OSError as err:  # checked while parsing; the disk may still fill up or the folder go
+            raise MicroArchError(f"--out {out}: cannot write the trace: {err.strerror or err}") from None
         console.print(f"written to {out}")

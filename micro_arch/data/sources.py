@@ -9,12 +9,14 @@ A source's `description` identifies it for the caches without reading it (paths,
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import glob
 import json
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -141,7 +143,29 @@ def column_texts(table, text_field: str, where: str, field_option: str = "data.t
     if text_field not in table.column_names:
         raise MicroArchError(f"{where}: no column {text_field!r} (columns: {', '.join(table.column_names)}); "
                              f"set {field_option} to the one that holds the text")
-    return [t for t in table[text_field] if isinstance(t, str) and t]
+    texts, skipped, first = [], collections.Counter(), None
+    for row, value in enumerate(table[text_field], 1):
+        if isinstance(value, str):
+            if value:
+                texts.append(value)
+        else:  # a number, null, a missing field, a list or a mapping: not text, and said so below
+            skipped[_kind(value)] += 1
+            first = first or row
+    if skipped:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items(), key=lambda kn: (-kn[1], kn[0])))
+        print(f"warning: {where}: {sum(skipped.values())} of {row} rows have a {text_field!r} that is not text "
+              f"({kinds}; the first at row {first}) and were left out", file=sys.stderr)
+    return texts
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null or missing"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "list" if isinstance(value, list) else "mapping" if isinstance(value, dict) else type(value).__name__
 
 
 def local_files(pattern: str) -> list[str]:
@@ -164,11 +188,25 @@ def resolve_source(source: str, text_field: str, cache_dir: Path):
         return HubSource(source, text_field)
     files = local_files(source)
     builders = {file_format(f) for f in files}
-    if None in builders or len(builders) > 1:
+    if None in builders:
+        raise unsupported_kind(source, [f for f in files if file_format(f) is None])
+    if len(builders) > 1:
         names = ", ".join(os.path.basename(f) for f in files[:5])
         raise MicroArchError(f"{source}: needs files of one kind (.txt, .jsonl or .parquet), matched {names}; use "
                              "one source per kind in a mixture (data.source: [{source: ..., weight: ...}, ...])")
     return FileSource(source, files, builders.pop(), text_field, cache_dir / "hf-datasets")
+
+
+def unsupported_kind(source: str, files: list[str]) -> MicroArchError:
+    """A file whose name says no kind this reads (README.md, data.csv): which, and what is read."""
+    kinds = " or ".join(sorted({repr(os.path.splitext(f)[1]) if os.path.splitext(f)[1] else "extension-less"
+                                for f in files}))
+    names = ", ".join(os.path.basename(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+    where = source if os.path.abspath(os.path.expanduser(source)) == files[0] else f"{source}: {names}"
+    return MicroArchError(
+        f"{where}: micro-arch does not read {kinds} files; it reads .txt (plain text), .jsonl/.json and .parquet "
+        "(also .gz, .bz2, .xz or .zst compressed); to read another text file as plain text, copy or link it to "
+        "a name ending in .txt")
 
 
 def first_line(err: BaseException) -> str:

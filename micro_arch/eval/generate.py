@@ -161,6 +161,6 @@ def sample_from_run(run_dir, prompts: list[str], max_new_tokens: int = 200, temp
     from micro_arch.device import resolve_device
     from micro_arch.rundir import load_run
 
-    _, model, tokenizer = load_run(run_dir, checkpoint, resolve_device(device))
+    _, model, tokenizer = load_run(run_dir, checkpoint, resolve_device(device, option="--device"))
     return sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples)

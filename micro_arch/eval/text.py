@@ -71,7 +71,7 @@ def evaluate_on_data(run_dir, source: str, checkpoint=None, batch_size: int = 32
     from micro_arch.eval.evaluate import evaluate
     from micro_arch.rundir import load_run
 
-    device = resolve_device(device)
+    device = resolve_device(device, option="--device")
     cfg, model, tokenizer = load_run(run_dir, checkpoint, device)
     tokens, report = encode_counting(tokenizer, source_documents(source, text_field))
     if len(tokens) < 2:

@@ -95,6 +95,16 @@ def check_shard_size(text: str) -> None:
                              "KB, MB, GB or TB)")
 
 
+def with_default_modes(folder: Path) -> None:
+    """Every file of `folder` with the permissions of its config.json, a file written the ordinary way (0644
+    under the usual umask): the safetensors writer creates its files 0600, unreadable to the other users that
+    the rest of the folder is readable to."""
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for path in folder.iterdir():
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
+
+
 def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_size: str = "2GB") -> dict:
     """Export `run_dir` (its latest checkpoint, or `checkpoint`) to the folder `out`; returns what was checked."""
     offline()
@@ -113,6 +123,9 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MicroArchError(f"--out {out}: exists and is not an empty folder; choose a new folder or remove it")
+    if not out.parent.is_dir():  # the folder itself is made, never its parents (a typo is not a new tree)
+        raise MicroArchError(f"--out {out}: the folder {out.parent} does not exist; create it first or pick a path "
+                             "in an existing folder")
     ckpt_path = resolve_checkpoint(run_dir, checkpoint) if checkpoint else latest_checkpoint(run_dir)
     cfg, model, tokenizer = load_run(run_dir, ckpt_path)
     model.float()
@@ -132,7 +145,6 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
         reference = copy.deepcopy(model)
         for p in reference.parameters():
             p.data = p.data.to(DTYPES[dtype]).float()
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -148,6 +160,7 @@ def export_run(run_dir, out, checkpoint=None, dtype: str = "float32", max_shard_
         check = {"hf_class": layout.hf_class, "max_abs_diff": diff, "tolerance": tolerance,
                  "tokens": idx.numel(), "dtype": dtype}
         write_card(partial, run_dir, info, layout, check)
+        with_default_modes(partial)
         if out.exists():
             out.rmdir()
         partial.rename(out)

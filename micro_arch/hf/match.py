@@ -12,10 +12,12 @@ from __future__ import annotations
 from torch import nn
 
 from micro_arch.config import ModelConfig
+from micro_arch.model.model import Chain
 
 # Block attributes that change training or initialisation, never what a forward pass computes.
 TRAINING_ONLY = {"training", "dropout", "p", "inplace", "scan", "chunk_size", "dt_min", "dt_max", "aux_loss_coef",
                  "z_loss_coef", "bias_update_rate", "n_layers", "spec"}
+STRUCTURE = {"plan"}  # a chain's order of blocks and adds: compared first, in words (layer_difference)
 SCALARS = (int, float, bool, str, tuple, type(None))
 GROWABLE = {"embed.weight", "head.weight"}  # rows = vocabulary
 
@@ -51,7 +53,7 @@ def settings(module: nn.Module) -> dict:
     if type(module).__module__.startswith("torch."):  # Linear, Embedding, Conv1d: their shapes say it all
         return {}
     return {k: v for k, v in vars(module).items()
-            if not k.startswith("_") and k not in TRAINING_ONLY and isinstance(v, SCALARS)}
+            if not k.startswith("_") and k not in TRAINING_ONLY | STRUCTURE and isinstance(v, SCALARS)}
 
 
 def setting_difference(a: nn.Module, b: nn.Module) -> tuple[str, object, object] | None:
@@ -76,6 +78,26 @@ def block_difference(a: nn.Module, b: nn.Module, other_class: str, other_setting
     return other_setting.format(key=key, a=repr(first), b=repr(second), **names)
 
 
+def _branches(n: int) -> str:
+    return "1 branch" if n == 1 else f"{n} parallel branches"
+
+
+def layer_difference(source: nn.Module, target: nn.Module) -> str | None:
+    """The first layer whose shape differs, in the words of the block strings: its number of parallel branches,
+    or a branch's (or the final norm's) chain of blocks and adds; None when every layer has the same shape."""
+    for i, (a, b) in enumerate(zip(source.layers, target.layers)):
+        if len(a.branches) != len(b.branches):
+            return f"the source's layer {i} has {_branches(len(a.branches))}, this one {len(b.branches)}"
+        for j, (ca, cb) in enumerate(zip(a.branches, b.branches)):
+            if ca.plan != cb.plan:
+                place = f"layer {i}" + (f", branch {j}" if len(a.branches) > 1 else "")
+                return f"{place} is {ca.spec!r} in the source, {cb.spec!r} here"
+    a, b = getattr(source, "final_norm", None), getattr(target, "final_norm", None)
+    if isinstance(a, Chain) and isinstance(b, Chain) and a.plan != b.plan:
+        return f"the final norm is {a.spec!r} in the source, {b.spec!r} here"
+    return None
+
+
 def first_difference(source_cfg: ModelConfig, source: nn.Module, target_cfg: ModelConfig,
                      target: nn.Module) -> str | None:
     """None when `target` can take `source`'s weights; else one line naming the first difference.
@@ -88,6 +110,9 @@ def first_difference(source_cfg: ModelConfig, source: nn.Module, target_cfg: Mod
     if tgt_vocab is not None and src_vocab is not None and tgt_vocab < src_vocab:
         return (f"model.vocab_size is {src_vocab} in the source, {tgt_vocab} here (it may grow for new tokens, "
                 "never shrink)")
+    shape = layer_difference(source, target)
+    if shape:
+        return shape
     src_modules, tgt_modules = dict(source.named_modules()), dict(target.named_modules())
     for name, module in tgt_modules.items():
         if name not in src_modules:

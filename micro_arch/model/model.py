@@ -18,6 +18,18 @@ from micro_arch.model.registry import DIM_NAMES, Dims
 from micro_arch.model.spec import ADD, branch_where, build_step, format_chain, resolve_chain, resolve_layer
 from micro_arch.model.state import BlockState
 
+# The shared dimensions a block may ask for, read from the model config under the same names; the others are
+# computed per model (head_dim's default) or per layer. tests/test_model.py checks each is a ModelConfig field.
+DIMS_FROM_CONFIG = tuple(n for n in DIM_NAMES if n not in ("head_dim", "n_layers", "layer_idx"))
+
+
+def layer_dims(cfg: ModelConfig, layer_idx: int) -> Dims:
+    """The shared dimensions the blocks of layer `layer_idx` receive (n_layers: the final norm's index): the
+    ModelConfig fields of the same names, head_dim's default, and the layer's place."""
+    return Dims(**{name: getattr(cfg, name) for name in DIMS_FROM_CONFIG},
+                head_dim=cfg.head_dim or cfg.d_model // cfg.n_heads, n_layers=sum(g.repeat for g in cfg.layers),
+                layer_idx=layer_idx)
+
 
 class Chain(nn.Module):
     """One branch: `h = block(h)` for each block, `x = x + h; h = x` at each '+'; returns h."""
@@ -71,11 +83,6 @@ class ModelOutput:
     stats: dict = field(default_factory=dict)
 
 
-# The shared dimensions a block may ask for, read from the model config under the same names; the others are
-# computed per model (head_dim's default) or per layer. tests/test_model.py checks each is a ModelConfig field.
-DIMS_FROM_CONFIG = tuple(n for n in DIM_NAMES if n not in ("head_dim", "n_layers", "layer_idx"))
-
-
 class Model(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -83,9 +90,7 @@ class Model(nn.Module):
             raise MicroArchError("model.vocab_size is not set; it normally comes from the tokenizer")
         self.cfg = cfg
         n_layers = sum(g.repeat for g in cfg.layers)
-        head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-        shared = {name: getattr(cfg, name) for name in DIMS_FROM_CONFIG}
-        dims = lambda i: Dims(**shared, head_dim=head_dim, n_layers=n_layers, layer_idx=i)  # noqa: E731
+        dims = lambda i: layer_dims(cfg, i)  # noqa: E731
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)

@@ -37,9 +37,18 @@ class BlockCall:
 Step = BlockCall | str  # a BlockCall, or ADD
 
 
-def spec_error(text: str, position: int, message: str) -> MicroArchError:
-    caret = " " * position + "^"
-    return MicroArchError(f"{message}\n    {text}\n    {caret}")
+def spec_error(text: str, position: int, message: str, cause: MicroArchError | None = None) -> MicroArchError:
+    """`message`, then the string with a caret under `position`; of `cause`'s class and fields when given (a
+    BlockArgumentError stays one, with its block and argument)."""
+    located = f"{message}\n    {text}\n    {' ' * position}^"
+    return cause.reworded(located) if cause is not None else MicroArchError(located)
+
+
+def _argument_position(call: BlockCall, err: MicroArchError) -> int:
+    """Where to put the caret for an error about `call`: under the argument the error names (a
+    BlockArgumentError's field), when the string wrote it; else under the block's name."""
+    argument = getattr(err, "argument", None)
+    return call.arg_positions.get(argument, call.position)
 
 
 def _split_top_level(text: str, sep: str, base: int, whole: str) -> list[tuple[str, int]]:
@@ -99,6 +108,9 @@ def _parse_token(raw: str, offset: int, whole: str) -> Step:
         key = key.strip()
         if not _NAME.match(key):
             raise spec_error(whole, at, f"bad block string: {key!r} is not an argument name")
+        if key in kwargs:
+            raise spec_error(whole, at + len(item) - len(item.lstrip()), f"bad block string: argument {key} of "
+                             f"{name} is given twice (first at column {arg_positions[key] + 1}); keep one")
         if not value.strip():
             raise spec_error(whole, at + item.index("=") + 1, f"bad block string: argument {key} of {name} has an "
                              "empty value; write a value, or null for None (e.g. n_kv_heads=null)")
@@ -161,7 +173,7 @@ def resolve_call(call: BlockCall, defaults: dict[str, str], text: str) -> BlockC
     try:
         registry.check_arguments(name, kwargs)
     except MicroArchError as err:
-        raise spec_error(text, call.position, f"bad block string: {err}") from None
+        raise spec_error(text, _argument_position(call, err), f"bad block string: {err}", err) from None
     return BlockCall(name.lower(), kwargs, call.position, call.text, call.arg_positions)
 
 
@@ -186,22 +198,21 @@ def resolve_layer(spec: str | list[str], defaults: dict[str, str], where: str = 
         try:
             resolved.append(resolve_chain(branch, defaults))
         except MicroArchError as err:
-            raise MicroArchError(f"{at}: {err}", where=at) from None
+            raise err.reworded(f"{at}: {err}", where=at) from None
     return resolved
 
 
 def build_step(call: BlockCall, dims, where: str = ""):
     """Construct a resolved block; when the block refuses its arguments, the error points at the
-    argument it names (else at the block) in the spec string, prefixed with `where`."""
+    argument it names (its BlockArgumentError's field; else at the block) in the spec string, prefixed
+    with `where`."""
     try:
         return registry.build_block(call.name, dims, **call.kwargs)
     except MicroArchError as err:
         if not call.text:
             raise
-        said = str(err).split(repr(call.kwargs), 1)[-1]  # the complaint, after build_block's "with {...}"
-        named = [p for k, p in call.arg_positions.items() if re.search(rf"\b{re.escape(k)}\b", said)]
-        located = spec_error(call.text, named[0] if named else call.position, f"bad block string: {err}")
-        raise MicroArchError(f"{where}: {located}" if where else str(located), where=where or None) from None
+        located = spec_error(call.text, _argument_position(call, err), f"bad block string: {err}", err)
+        raise located.reworded(f"{where}: {located}" if where else str(located), where=where or None) from None
 
 
 def format_chain(steps: list[Step]) -> str:

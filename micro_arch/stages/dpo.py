@@ -3,6 +3,9 @@ held out as preference accuracy, reward margin and the DPO loss."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 from micro_arch.stages.dpo_data import Pairs, encode_pairs
@@ -22,6 +25,7 @@ class DPO(Stage):
     records = "preference pairs"
 
     def prepare_data(self, cfg):
+        warn_if_starting_from_pretraining(cfg)
         return prepare_stage_data(cfg, self)
 
     def encode(self, tok, records, seq_len: int, split: str):
@@ -62,6 +66,23 @@ class DPO(Stage):
         ref = pair_logprobs(start, val, batch_size, device)
         return (preference_metrics(start, val, *ref, train.dpo_beta, batch_size, device),
                 preference_metrics(model, val, *ref, train.dpo_beta, batch_size, device))
+
+
+def warn_if_starting_from_pretraining(cfg) -> None:
+    """DPO's reference is model.init_from. A pretraining run never saw the chat template: its template tokens
+    start untrained and it answers no turn, so preferences between its replies teach little. It runs, with a
+    warning (once, from the first process). A Hugging Face folder says nothing of its stage: no warning."""
+    from micro_arch.hf.init import resolve_source, run_dir_of
+    from micro_arch.rundir import read_run_config
+    from micro_arch.stages.stage import stage_of
+
+    kind, path = resolve_source(cfg.model.init_from)
+    if kind == "huggingface" or int(os.environ.get("RANK", "0")) != 0:
+        return
+    if not stage_of(read_run_config(run_dir_of(kind, path))).is_chat:
+        print(f"warning: train.stage=dpo starts from {cfg.model.init_from}, a pretraining run (train.stage="
+              "pretrain): it has never seen the chat template, so DPO's reference answers no turn; DPO usually "
+              "follows SFT: run train.stage=sft from it, then DPO from the SFT run", file=sys.stderr)
 
 
 class PairBatches:

@@ -22,7 +22,7 @@ def evaluate_stage_run(run_dir, checkpoint=None, batch_size: int = 32, device: s
     from micro_arch.rundir import load_run, write_json
 
     run_dir = Path(run_dir)
-    device = resolve_device(device)
+    device = resolve_device(device, option="--device")
     cfg, model, _ = load_run(run_dir, checkpoint, device)
     from micro_arch.stages import stage_of
 

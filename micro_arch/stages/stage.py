@@ -16,11 +16,23 @@ import torch
 
 from micro_arch.train.step import StagePieces
 
+STAGES: dict[str, Stage] = {}  # train.stage -> its object; each subclass registers itself by its name
+
+
+def stage_of(cfg) -> Stage:
+    """The Stage object of an experiment config (or of its train section)."""
+    train = getattr(cfg, "train", cfg)
+    return STAGES[train.stage]
+
 
 class Stage:
     name: str = ""
     is_chat: bool = False  # its runs answer as the assistant of the chat template (samples, eval, chat)
     rows_per_example: int = 1  # model rows per training example (DPO: a chosen and a rejected row)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        STAGES[cls.name] = cls()
 
     def prepare_data(self, cfg):
         raise NotImplementedError
