@@ -547,18 +547,20 @@ def test_dpo_reference_stays_frozen_while_the_policy_trains(tmp_path):
 def test_dpo_straight_from_a_pretraining_run_warns(tmp_path, capsys):
     """Issue 25: DPO from a run that never saw the chat template runs, and says that DPO usually follows SFT."""
     from micro_arch.rundir import read_run_config, write_config
-    from micro_arch.stages.setup import prepare_stage_data
+    from micro_arch.stages import stage_of
 
     source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     pretrained, _, _ = make_run(tmp_path / "pretrained")
-    prepare_stage_data(stage_config(tmp_path, "dpo", source, pretrained))
+    cfg = stage_config(tmp_path, "dpo", source, pretrained)
+    stage_of(cfg).prepare_data(cfg)
     err = capsys.readouterr().err
     assert f"warning: train.stage=dpo starts from {pretrained}, a pretraining run" in err and "SFT" in err, err
     sft, _, _ = make_run(tmp_path / "sft")
     cfg = read_run_config(sft)
     cfg.train.stage = "sft"
     write_config(sft, cfg)
-    prepare_stage_data(stage_config(tmp_path, "dpo", source, sft))
+    cfg = stage_config(tmp_path, "dpo", source, sft)
+    stage_of(cfg).prepare_data(cfg)
     assert "warning" not in capsys.readouterr().err
 
 

@@ -25,8 +25,9 @@ class DPO(Stage):
     records = "preference pairs"
 
     def prepare_data(self, cfg):
+        data = prepare_stage_data(cfg, self)  # init_from and the records checked first
         warn_if_starting_from_pretraining(cfg)
-        return prepare_stage_data(cfg, self)
+        return data
 
     def encode(self, tok, records, seq_len: int, split: str):
         return encode_pairs(tok, records, seq_len, split)
