@@ -338,17 +338,21 @@ def test_bad_input_is_one_line_each(char_run, tmp_path, monkeypatch, mc_task):
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     result = run_cli("eval", char_run, "--limit", "3")
     assert result.returncode == 2 and "--limit goes with --tasks" in result.stderr
+    from micro_arch.eval.harness import MicroArchLM
+
+    with pytest.raises(MicroArchError, match=r"char tokenizer cannot encode a request's text .*'☃'"):
+        MicroArchLM(run=str(char_run)).tok_encode("a snowman ☃")
 
 
 def test_an_unknown_task_and_a_hub_task_offline_are_one_line_each(monkeypatch, mc_task, tmp_path):
     import datasets
     from huggingface_hub import constants
 
-    from micro_arch.eval.downstream import load_tasks, task_manager
+    from micro_arch.eval.downstream import check_task_names, load_tasks, task_manager
 
+    manager = task_manager(["arc_easy"], str(mc_task))  # lm-eval's own tasks and the local ones, indexed once
     with pytest.raises(MicroArchError, match=r"--tasks tiny_mq: no such lm-eval task .*did you mean: tiny_mc"):
-        task_manager(["tiny_mq"], str(mc_task))
-    manager = task_manager(["arc_easy"], None)
+        check_task_names(manager, ["tiny_mq"], str(mc_task))
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as with no connection and an empty cache,
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # whatever this machine has
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
