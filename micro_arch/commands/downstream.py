@@ -22,6 +22,12 @@ def downstream_command(run_dirs: list, tasks: str | list[str], num_fewshot: int 
     )
 
     console = console or Console()
+    seen, unique = set(), []
+    for run_dir in run_dirs:  # a run given twice is evaluated once
+        if Path(run_dir).resolve() not in seen:
+            seen.add(Path(run_dir).resolve())
+            unique.append(run_dir)
+    run_dirs = unique
     names = [n.strip() for n in (tasks.split(",") if isinstance(tasks, str) else tasks) if n.strip()]
     for run_dir in run_dirs:  # every run's problem before any task is loaded
         check_request(run_dir, names, num_fewshot, limit, checkpoint)
