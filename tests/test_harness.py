@@ -357,7 +357,7 @@ def test_an_unknown_task_and_a_hub_task_offline_are_one_line_each(monkeypatch, m
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # whatever this machine has
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MicroArchError, match="--tasks arc_easy: its data is on the Hugging Face hub"):
-        load_tasks(manager, ["arc_easy"])
+        load_tasks(manager, ["arc_easy"], reason="HF_HUB_OFFLINE is set")
 
 
 def _evaluation(core, se, tasks=("a",), limit=None):
