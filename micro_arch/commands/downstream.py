@@ -67,6 +67,9 @@ def scores_table(run_dirs: list, evaluations: list[dict], title: str):
         row = [task, "—" if first["chance"] is None else f"{first['chance']:.3f}"]
         for ev in evaluations:
             s = ev["scores"][task]
+            if s["accuracy"] is None and "bits_per_byte" in s.get("metrics", {}):  # a perplexity task
+                row.append(f"{s['metrics']['bits_per_byte']:.4f} bits/byte")
+                continue
             row.append(f"{_cell(s['accuracy'], s['stderr'])} | {_cell(s['centered'], s['centered_stderr'], '{:+.3f}')}")
         table.add_row(*row)
     table.add_row("CORE (mean centered)", "", *(_cell(ev["core"]["centered"], ev["core"]["stderr"], "{:+.3f}")
