@@ -465,3 +465,17 @@ def test_every_shipped_family_scores_alike_in_any_batch_and_generates(experiment
     lm = MicroArchLM.for_model(cfg, model, tok, batch_size=2)
     out = lm.generate_until([Req("ROMEO:", {"until": ["zz"], "max_gen_toks": 6}), Req("KING:", {"max_gen_toks": 6})])
     assert all(isinstance(t, str) and len(t) <= 6 for t in out)
+
+
+def test_eval_with_tasks_on_several_runs_prints_one_table(char_run, bpe_run, mc_task):
+    from tests.helpers import run_cli
+
+    result = run_cli("eval", char_run, bpe_run, char_run, "--tasks", "tiny_mc,tiny_roll", "--include-path", mc_task,
+                     "--limit", "2", "--batch-size", "4", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("CORE (mean centered)") == 1  # one table; the run given twice is evaluated once
+    assert char_run.name in result.stdout and bpe_run.name in result.stdout and "bits/byte" in result.stdout
+    for run_dir in (char_run, bpe_run):
+        (evaluation,) = [e for e in json.loads((run_dir / "downstream.json").read_text())["evaluations"]
+                         if e["tasks"] == ["tiny_mc", "tiny_roll"]]
+        assert evaluation["limit"] == 2 and evaluation["scores"]["tiny_mc"]["n"] == 2
