@@ -242,6 +242,11 @@ def test_generate_until_stops_at_stop_strings_and_equals_micro_arch_generate(cha
         expected = expected.split(stop[0])[0]
         assert out == expected
         assert stop[0] not in out
+    calls = []  # generation itself ends at the stop string, not only its text
+    hook = lm.model.register_forward_hook(lambda *_: calls.append(1))
+    lm.generate_until([Req(prompts[0], {"until": stops[0], "max_gen_toks": 24})])
+    hook.remove()
+    assert len(calls) == len(got[0]) + 1 < 24  # one forward per new token, the stop string's included
 
 
 def test_an_experiments_own_block_evaluates(tmp_path, mc_task):
