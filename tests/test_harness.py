@@ -242,6 +242,11 @@ def test_generate_until_stops_at_stop_strings_and_equals_micro_arch_generate(cha
         expected = expected.split(stop[0])[0]
         assert out == expected
         assert stop[0] not in out
+    calls = []  # generation itself ends at the stop string, not only its text
+    hook = lm.model.register_forward_hook(lambda *_: calls.append(1))
+    lm.generate_until([Req(prompts[0], {"until": stops[0], "max_gen_toks": 24})])
+    hook.remove()
+    assert len(calls) == len(got[0]) + 1 < 24  # one forward per new token, the stop string's included
 
 
 def test_an_experiments_own_block_evaluates(tmp_path, mc_task):
@@ -338,22 +343,26 @@ def test_bad_input_is_one_line_each(char_run, tmp_path, monkeypatch, mc_task):
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     result = run_cli("eval", char_run, "--limit", "3")
     assert result.returncode == 2 and "--limit goes with --tasks" in result.stderr
+    from micro_arch.eval.harness import MicroArchLM
+
+    with pytest.raises(MicroArchError, match=r"char tokenizer cannot encode a request's text .*'☃'"):
+        MicroArchLM(run=str(char_run)).tok_encode("a snowman ☃")
 
 
 def test_an_unknown_task_and_a_hub_task_offline_are_one_line_each(monkeypatch, mc_task, tmp_path):
     import datasets
     from huggingface_hub import constants
 
-    from micro_arch.eval.downstream import load_tasks, task_manager
+    from micro_arch.eval.downstream import check_task_names, load_tasks, task_manager
 
+    manager = task_manager(["arc_easy"], str(mc_task))  # lm-eval's own tasks and the local ones, indexed once
     with pytest.raises(MicroArchError, match=r"--tasks tiny_mq: no such lm-eval task .*did you mean: tiny_mc"):
-        task_manager(["tiny_mq"], str(mc_task))
-    manager = task_manager(["arc_easy"], None)
+        check_task_names(manager, ["tiny_mq"], str(mc_task))
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as with no connection and an empty cache,
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # whatever this machine has
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MicroArchError, match="--tasks arc_easy: its data is on the Hugging Face hub"):
-        load_tasks(manager, ["arc_easy"])
+        load_tasks(manager, ["arc_easy"], reason="HF_HUB_OFFLINE is set")
 
 
 def _evaluation(core, se, tasks=("a",), limit=None):
@@ -435,3 +444,43 @@ def test_an_sft_run_gets_its_chat_template_only_when_asked(tmp_path, mc_task):
             (expected, _), = continuation_logprobs(model, [(ids.tolist(), base.encode(choice))], 96, 1)
             assert abs(resp[0][0] - expected) < 1e-4
     assert isinstance(tok, ChatTokenizer)
+
+
+@pytest.mark.parametrize("experiment", ["hybrid-mamba", "moe", "parallel-gptj", "sliding-window"])
+def test_every_shipped_family_scores_alike_in_any_batch_and_generates(experiment):
+    """Right padding leaves every causal model's scores unchanged (Mamba's scan and conv, MoE routing, windows);
+    generation with each family's cache runs and stops."""
+    from micro_arch.data import CharTokenizer
+    from micro_arch.eval.harness import MicroArchLM
+    from micro_arch.eval.scoring import continuation_logprobs
+    from micro_arch.experiment import load_experiment
+    from micro_arch.model.model import Model
+    from tests.helpers import ROOT
+
+    tok = CharTokenizer("".join(sorted({c for q, cs, _ in QUESTIONS for c in q + "".join(cs) + " \n"})))
+    cfg = load_experiment(str(ROOT / "experiments" / experiment), ["model.d_model=32", "model.max_seq_len=48",
+                                                                       "train.seq_len=48"])
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    model = Model(cfg.model).eval()
+    requests = [(tok.encode(q or "\n"), tok.encode(" " + c)) for q, choices, _ in QUESTIONS for c in choices]
+    one = continuation_logprobs(model, requests, 48, batch_size=1)
+    many = continuation_logprobs(model, requests, 48, batch_size=8)
+    assert max(abs(a[0] - b[0]) for a, b in zip(one, many)) < 1e-4
+    lm = MicroArchLM.for_model(cfg, model, tok, batch_size=2)
+    out = lm.generate_until([Req("ROMEO:", {"until": ["zz"], "max_gen_toks": 6}), Req("KING:", {"max_gen_toks": 6})])
+    assert all(isinstance(t, str) and len(t) <= 6 for t in out)
+
+
+def test_eval_with_tasks_on_several_runs_prints_one_table(char_run, bpe_run, mc_task):
+    from tests.helpers import run_cli
+
+    result = run_cli("eval", char_run, bpe_run, char_run, "--tasks", "tiny_mc,tiny_roll", "--include-path", mc_task,
+                     "--limit", "2", "--batch-size", "4", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("CORE (mean centered)") == 1  # one table; the run given twice is evaluated once
+    assert char_run.name in result.stdout and bpe_run.name in result.stdout and "bits/byte" in result.stdout
+    for run_dir in (char_run, bpe_run):
+        (evaluation,) = [e for e in json.loads((run_dir / "downstream.json").read_text())["evaluations"]
+                         if e["tasks"] == ["tiny_mc", "tiny_roll"]]
+        assert evaluation["limit"] == 2 and evaluation["scores"]["tiny_mc"]["n"] == 2

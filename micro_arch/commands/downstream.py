@@ -22,6 +22,12 @@ def downstream_command(run_dirs: list, tasks: str | list[str], num_fewshot: int 
     )
 
     console = console or Console()
+    seen, unique = set(), []
+    for run_dir in run_dirs:  # a run given twice is evaluated once
+        if Path(run_dir).resolve() not in seen:
+            seen.add(Path(run_dir).resolve())
+            unique.append(run_dir)
+    run_dirs = unique
     names = [n.strip() for n in (tasks.split(",") if isinstance(tasks, str) else tasks) if n.strip()]
     for run_dir in run_dirs:  # every run's problem before any task is loaded
         check_request(run_dir, names, num_fewshot, limit, checkpoint)
@@ -43,29 +49,29 @@ def downstream_command(run_dirs: list, tasks: str | list[str], num_fewshot: int 
 def _cell(value, stderr, fmt="{:.3f}") -> str:
     if value is None:
         return "—"
-    return fmt.format(value) + ("" if stderr is None else f"±{fmt.format(stderr)}")
+    return fmt.format(value) + ("" if stderr is None else f"±{stderr:.3f}")
 
 
 def scores_table(run_dirs: list, evaluations: list[dict], title: str):
+    """Tasks as rows, one column per run: accuracy ± its error, then the centered accuracy ± its error."""
     from rich.table import Table
 
     table = Table(title=title)
-    table.add_column("task")
-    table.add_column("chance", justify="right")
+    table.add_column("task", no_wrap=True)
+    table.add_column("chance", justify="right", no_wrap=True)
     unique = len({Path(x).name for x in run_dirs}) == len(run_dirs)
-    labels = [Path(r).name if unique else str(r) for r in run_dirs]
-    for label in labels:
-        table.add_column(f"{label}\naccuracy", justify="right", no_wrap=True)
-        table.add_column("centered", justify="right", no_wrap=True)
+    for run_dir in run_dirs:
+        table.add_column(f"{Path(run_dir).name if unique else run_dir}\naccuracy | centered", justify="right")
     for task in sorted(evaluations[0]["scores"]):
         first = evaluations[0]["scores"][task]
         row = [task, "—" if first["chance"] is None else f"{first['chance']:.3f}"]
         for ev in evaluations:
             s = ev["scores"][task]
-            row += [_cell(s["accuracy"], s["stderr"]), _cell(s["centered"], s["centered_stderr"])]
+            if s["accuracy"] is None and "bits_per_byte" in s.get("metrics", {}):  # a perplexity task
+                row.append(f"{s['metrics']['bits_per_byte']:.4f} bits/byte")
+                continue
+            row.append(f"{_cell(s['accuracy'], s['stderr'])} | {_cell(s['centered'], s['centered_stderr'], '{:+.3f}')}")
         table.add_row(*row)
-    row = ["CORE (mean centered)", ""]
-    for ev in evaluations:
-        row += ["", _cell(ev["core"]["centered"], ev["core"]["stderr"])]
-    table.add_row(*row, style="bold")
+    table.add_row("CORE (mean centered)", "", *(_cell(ev["core"]["centered"], ev["core"]["stderr"], "{:+.3f}")
+                                                for ev in evaluations), style="bold")
     return table

@@ -77,11 +77,11 @@ def check_task_names(manager, tasks: list[str], include_path: str | None) -> Non
             raise MicroArchError(f"--tasks {name}: no such lm-eval task among the built-in ones{where} ({hint})")
 
 
-def load_tasks(manager, tasks: list[str]) -> None:
-    """Every task's data, read now: a hub task offline or a missing local data file is one line."""
-    from micro_arch.data.sources import hub_offline_reason, offline_mode
+def load_tasks(manager, tasks: list[str], reason: str | None = None) -> None:
+    """Every task's data, read now: a hub task offline or a missing local data file is one line. reason: why
+    the hub cannot be reached (micro_arch.data.sources.hub_offline_reason), None when it can."""
+    from micro_arch.data.sources import offline_mode
 
-    reason = hub_offline_reason()
     for name in tasks:
         try:
             with offline_mode(reason is not None):
@@ -134,12 +134,13 @@ def evaluate_tasks(run_dir, tasks: list[str], num_fewshot: int | None = None, li
 
     levels = _quiet(quiet_lm_eval)
     try:
-        manager = manager or task_manager(tasks, include_path)
-        load_tasks(manager, tasks)
         from micro_arch.data.sources import hub_offline_reason, offline_mode
 
+        manager = manager or task_manager(tasks, include_path)
+        reason = hub_offline_reason()  # checked once (at most 3 s): offline, lm-eval reads the local cache only
+        load_tasks(manager, tasks, reason)
         model_args = {"run": str(run_dir), "checkpoint": checkpoint, "device": device}
-        with offline_mode(hub_offline_reason() is not None):
+        with offline_mode(reason is not None):
             out = lm_eval.simple_evaluate(model="micro-arch", model_args=model_args, tasks=tasks,
                                           num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                                           task_manager=manager, log_samples=True,

@@ -114,9 +114,6 @@ class MicroArchLM(TemplateLM):
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         return self.text.render(chat_history, add_generation_prompt)
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return super().loglikelihood(requests, disable_tqdm=True)  # its bar only counts tokenizing; ours scores
-
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         from micro_arch.eval.scoring import continuation_logprobs
 

@@ -61,11 +61,13 @@ def continuation_logprobs(model, requests: list[Request], max_length: int, batch
             idx[r, :len(inp)] = torch.tensor(inp, dtype=torch.long)
         with autocast(device, precision):
             logits = model(idx.to(device)).logits
-        logprobs = F.log_softmax(logits.float(), dim=-1)
         for r, inp in enumerate(batch):
-            for i in rows[inp]:
+            served = rows[inp]
+            needed = max(len(requests[i][1]) for i in served)  # log-softmax only where continuations are scored
+            logprobs = F.log_softmax(logits[r, len(inp) - needed:len(inp)].float(), dim=-1)
+            for i in served:
                 cont = requests[i][1]
-                scored = logprobs[r, len(inp) - len(cont):len(inp)]
+                scored = logprobs[needed - len(cont):]
                 target = torch.tensor(cont, device=scored.device)
                 total = float(scored.gather(-1, target[:, None]).sum())
                 results[i] = (total, bool((scored.argmax(-1) == target).all()))

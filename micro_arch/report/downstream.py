@@ -79,7 +79,7 @@ def add_downstream(report, runs) -> None:
         rows.append({"metric": f"{name} CORE (centered)",
                      **{lab: _cell(evaluations[lab]["core"]["centered"], evaluations[lab]["core"]["stderr"])
                         if lab in evaluations else "—" for lab in labels}})
-        for task in first["tasks"]:
+        for task in sorted(first["scores"]):  # the tasks scored: a group's (e.g. mmlu) subtasks
             rows.append({"metric": f"{name} {task} accuracy",
                          **{lab: _cell(evaluations[lab]["scores"].get(task, {}).get("accuracy"),
                                        evaluations[lab]["scores"].get(task, {}).get("stderr"))
