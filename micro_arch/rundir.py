@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import secrets
 import time
@@ -15,6 +16,21 @@ from micro_arch.data.sources import BUILTIN
 from micro_arch.errors import MicroArchError
 
 SUMMARY_FORMAT_VERSION = 1  # of summary.json; bump when its keys change meaning, so compare can tell old runs
+
+
+# train keys that leave the trained model as it is: how often to log, evaluate, save and sample, and where
+NOT_THE_CONFIGURATION = {"seed", "eval_every", "eval_batches", "log_every", "checkpoint_every", "sample", "device",
+                         "compile", "compile_mode"}
+
+
+def group_id(cfg: ExperimentConfig) -> str:
+    """A stable id of the resolved configuration without its seed: runs with one group id differ only in
+    train.seed (and in how often they logged, evaluated and saved), so their spread is training noise."""
+    full = to_dict(cfg)
+    full.pop("description", None)
+    full["train"] = {k: v for k, v in full["train"].items() if k not in NOT_THE_CONFIGURATION}
+    text = json.dumps(full, sort_keys=True, default=str)
+    return f"{cfg.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
 def new_run_dir(runs_root: str | Path, experiment: str) -> Path:

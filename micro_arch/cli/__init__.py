@@ -34,11 +34,16 @@ def cmd_trace(args) -> None:
 
 def cmd_run(args) -> None:
     from micro_arch.commands.run import run_experiment
+    from micro_arch.commands.seeds import group_folder, run_group
     from micro_arch.train.stop import RunInterrupted
 
     try:
+        if (args.seeds is not None or group_folder(args.resume) is not None) and not args.dry_run:
+            run_group(args.experiment, seeds=args.seeds, overrides=args.set, resume=args.resume,
+                      runs_root=args.runs_dir, nproc=args.nproc, checkpoint=args.checkpoint)
+            return
         run_experiment(args.experiment, overrides=args.set, resume=args.resume, dry_run=args.dry_run,
-                       runs_root=args.runs_dir, nproc=args.nproc, checkpoint=args.checkpoint)
+                       runs_root=args.runs_dir, nproc=args.nproc, checkpoint=args.checkpoint, into=args.into)
     except RunInterrupted as stop:  # saved and explained already; 130 for Ctrl-C, 143 for SIGTERM
         sys.exit(stop.exit_code)
 
@@ -127,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", type=output_dir,
                    help="where run directories go (default: runs)")
     p.add_argument("--nproc", type=positive_int, default=1, help="processes to train with (DDP through torchrun)")
+    p.add_argument("--seeds", default=None, metavar="N|S1,S2,...",
+                   help="a seed group: N seeds from train.seed on, or these seeds, each in its own run folder "
+                        "under one group folder; --resume GROUP (or any member) trains what is unfinished")
+    p.add_argument("--into", default=None, help=argparse.SUPPRESS)  # a seed group's member folder (its workers)
     p.set_defaults(func=cmd_run)
 
     p = with_set(sub.add_parser("trace", help="show how shapes flow through every module"))

@@ -165,7 +165,7 @@ class Stage:
         self.eval_rows = t.eval_batches * t.batch_size * world_size  # the same on every rank and world size
         self.eval_batch = t.batch_size * world_size
         if t.stage == "sft":
-            self.source = ConversationBatches(data.train, t.batch_size, t.seed, rank, world_size)
+            self.source = ConversationBatches(data.train, t.batch_size, t.data_order_seed, rank, world_size)
             self.loss = stage_loss(t, None)
             self.reference = None
             return
@@ -173,7 +173,7 @@ class Stage:
         table = None
         if t.dpo_precompute_reference:
             table = pair_logprobs(self.reference, data.train, t.batch_size, device, t.precision)
-        self.source = PairBatches(data.train, t.batch_size, t.seed, rank, world_size, table)
+        self.source = PairBatches(data.train, t.batch_size, t.data_order_seed, rank, world_size, table)
         self.loss = stage_loss(t, self.reference)
         self.val_pairs = first_rows(data.val, self.eval_rows)
         self.val_reference = pair_logprobs(self.reference, self.val_pairs, self.eval_batch, device, t.precision)

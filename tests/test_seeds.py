@@ -1,0 +1,109 @@
+"""Seeds as an axis: seed groups, their ids, their resume, and a data order held apart from the init seed."""
+
+import json
+
+import pytest
+import torch
+from test_train import make_experiment
+
+from micro_arch.commands import seeds as seeds_module
+from micro_arch.commands.seeds import group_folder, member_state, run_group, seed_list
+from micro_arch.config import load_config
+from micro_arch.errors import MicroArchError
+from micro_arch.rundir import group_id
+from micro_arch.train.loop import planned_steps, tokens_per_step, training_flops_per_token
+from micro_arch.train.prefetch import TokenWindows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_seed_list_counts_from_the_experiments_seed_or_takes_a_list():
+    assert seed_list("3", 1337) == [1337, 1338, 1339]
+    assert seed_list("1,5,9", 1337) == [1, 5, 9]
+    assert seed_list("7,", 1337) == [7]
+    for bad in ("0", "x", "1,1", "1,a"):
+        with pytest.raises(MicroArchError, match="--seeds"):
+            seed_list(bad, 0)
+
+
+def test_group_id_ignores_the_seed_and_cadences_but_not_the_configuration(tmp_path):
+    exp = make_experiment(tmp_path)
+    base = group_id(load_config(exp))
+    assert group_id(load_config(exp, ["train.seed=5", "train.eval_every=3", "train.device=cpu"])) == base
+    assert group_id(load_config(exp, ["model.d_model=48"])) != base
+    assert group_id(load_config(exp, ["train.lr=0.002"])) != base
+    assert group_id(load_config(exp, ["train.data_seed=1"])) != base  # a fixed data order is another design
+
+
+def test_data_seed_holds_the_data_order_while_the_seed_changes(tmp_path):
+    exp = make_experiment(tmp_path)
+    tokens = torch.arange(5000) % 97
+
+    def first_batch(*overrides):
+        return TokenWindows(tokens, load_config(exp, list(overrides)).train).batch(0)[0]
+
+    assert torch.equal(first_batch("train.seed=1", "train.data_seed=9"), first_batch("train.seed=2", "train.data_seed=9"))
+    assert not torch.equal(first_batch("train.seed=1"), first_batch("train.seed=2"))
+    assert torch.equal(first_batch("train.seed=9"), first_batch("train.seed=1", "train.data_seed=9"))
+
+
+def test_budgets_replace_max_steps(tmp_path):
+    exp = make_experiment(tmp_path)
+    cfg = load_config(exp, ["train.budget_tokens=1000", "model.vocab_size=65"])
+    assert planned_steps(cfg, 1) == -(-1000 // tokens_per_step(cfg, 1)) == 8  # 4 x 32 tokens per step
+    cfg = load_config(exp, ["train.budget_flops=3e9", "model.vocab_size=65"])
+    per_step = training_flops_per_token(cfg) * tokens_per_step(cfg, 1)
+    assert planned_steps(cfg, 1) == int(-(-3e9 // per_step))
+    assert (planned_steps(cfg, 1) - 1) * per_step < 3e9 <= planned_steps(cfg, 1) * per_step
+    with pytest.raises(MicroArchError, match="set together; a run has one budget"):
+        load_config(exp, ["train.budget_tokens=1000", "train.budget_flops=1e9"])
+    with pytest.raises(MicroArchError, match="budget_flops: must be positive"):
+        load_config(exp, ["train.budget_flops=-1"])
+
+
+def test_a_seed_group_trains_each_seed_in_its_own_folder_and_resumes_only_what_is_unfinished(tmp_path):
+    exp = make_experiment(tmp_path)
+    overrides = ["train.max_steps=8", "train.eval_every=4", "train.checkpoint_every=4", "train.log_every=4",
+                 "train.sample.max_new_tokens=2"]
+    group = run_group(exp, seeds="3,4", overrides=overrides, runs_root=tmp_path / "runs")
+    summaries = [json.loads((group / f"seed-{s}" / "summary.json").read_text()) for s in (3, 4)]
+    assert [s["seed"] for s in summaries] == [3, 4]
+    assert summaries[0]["group"] == summaries[1]["group"] and summaries[0]["status"] == "completed"
+    assert summaries[0]["final_val_loss"] != summaries[1]["final_val_loss"]  # another init: another result
+    assert json.loads((group / "group.json").read_text())["seeds"] == [3, 4]
+    assert group_folder(group / "seed-4") == group and group_folder(tmp_path) is None
+
+    # seed 4 lost everything; seed 3 is complete: a resume from a member trains seed 4 alone
+    kept = (group / "seed-3" / "checkpoints" / "latest.pt").stat().st_mtime_ns
+    for path in sorted((group / "seed-4").rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    assert member_state(group / "seed-4") == "fresh"
+    run_group(exp, overrides=overrides, resume=group / "seed-3", runs_root=tmp_path / "runs")
+    assert (group / "seed-3" / "checkpoints" / "latest.pt").stat().st_mtime_ns == kept
+    assert json.loads((group / "seed-4" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_group_resume_continues_an_interrupted_member_from_its_checkpoint(tmp_path, monkeypatch):
+    exp = make_experiment(tmp_path)
+    group = tmp_path / "g"
+    (group / "seed-1" / "checkpoints").mkdir(parents=True)
+    (group / "seed-1" / "checkpoints" / "latest.pt").write_bytes(b"x")
+    (group / "seed-2").mkdir()
+    (group / "seed-2" / "summary.json").write_text('{"status": "completed"}')
+    (group / "group.json").write_text(json.dumps({"seeds": [1, 2, 3]}))
+    calls = []
+    monkeypatch.setattr("micro_arch.commands.run.run_experiment", lambda target, **kw: calls.append(kw))
+    run_group(exp, resume=group, runs_root=tmp_path)
+    assert [(c["overrides"], c["resume"], c["into"]) for c in calls] == [
+        (["train.seed=1"], group / "seed-1", None), (["train.seed=3"], None, group / "seed-3")]
+    with pytest.raises(MicroArchError, match="not a seed group"):
+        run_group(exp, resume=tmp_path / "elsewhere")
+    with pytest.raises(MicroArchError, match="drop the override"):
+        run_group(exp, seeds="2", overrides=["train.seed=4"])
+
+
+def test_side_by_side_members_see_one_gpu_each(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert seeds_module._nth_visible(1) == "5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert seeds_module._nth_visible(1) == "1"
