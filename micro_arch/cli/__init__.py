@@ -85,7 +85,7 @@ def cmd_compare(args) -> None:
         return
     from micro_arch.report.compare import compare
 
-    compare(args.runs, args.out, prompts=args.prompt or None, console=console)
+    compare(args.runs, args.out, prompts=args.prompt or None, console=console, at=args.at)
 
 
 def cmd_export(args) -> None:
@@ -163,10 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compare", help="write a report that compares runs")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or seed-group folders (their members)")
     p.add_argument("--out", type=output_dir, default=None,
                    help="report folder, created if missing; its parent must exist (default: runs/compare/<time>)")
     p.add_argument("--prompt", action="append", help="generate fresh samples for this prompt (repeatable)")
+    p.add_argument("--at", choices=["flops", "tokens", "time", "end"], default="flops",
+                   help="where held-out loss is compared: equal training FLOPs (default), equal tokens, equal wall "
+                        "time (same hardware, not busy) or the end of training (full split)")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="instead: rank the runs in bits per byte on this text (a file, glob or 'shakespeare')")
     p.add_argument("--text-field", default="text", help="with --data: the column that holds the text (.jsonl/.parquet)")
