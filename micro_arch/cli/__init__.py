@@ -8,12 +8,14 @@ import sys
 from rich.console import Console
 
 from micro_arch.cli.argtypes import (
+    budget_list,
     non_negative_float,
     non_negative_int,
     output_dir,
     output_file,
     positive_int,
     probability,
+    seeds_value,
 )
 from micro_arch.errors import MicroArchError
 
@@ -75,6 +77,13 @@ def cmd_sweep(args) -> None:
     from micro_arch.sweep.study import run_sweep
 
     run_sweep(args.sweep, overrides=args.set, n_trials=args.trials)
+
+
+def cmd_ladder(args) -> None:
+    from micro_arch.commands.ladder import ladder_command
+
+    ladder_command(args.ladder, overrides=args.set, budgets=args.budgets, seeds=args.seeds, runs_root=args.runs_dir,
+                   report_only=args.report_only)
 
 
 def cmd_compare(args) -> None:
@@ -161,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep file, e.g. sweeps/tiny.yaml")
     p.add_argument("--trials", type=positive_int, default=None, help="override the number of trials")
     p.set_defaults(func=cmd_sweep)
+
+    p = with_set(sub.add_parser("ladder", help="train a scaling ladder; fit loss against compute with intervals"))
+    p.add_argument("ladder", help="ladder file, e.g. ladders/attention-heads.yaml")
+    p.add_argument("--budgets", type=budget_list, default=None, metavar="C1,C2,...",
+                   help="replace the file's compute budgets (training FLOPs), e.g. for a quick trial")
+    p.add_argument("--seeds", default=None, metavar="N|S1,S2,...", type=seeds_value,
+                   help="replace the file's seeds per point: a number or a list")
+    p.add_argument("--runs-dir", default="runs", type=output_dir, help="the ladder goes in RUNS_DIR/ladders/<name>")
+    p.add_argument("--report-only", action="store_true", help="train nothing; fit and report the completed points")
+    p.set_defaults(func=cmd_ladder)
 
     p = sub.add_parser("compare", help="write a report that compares runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or seed-group folders (their members)")

@@ -125,7 +125,11 @@ def _seeds_to_resolve(diff, se_of, df_of, stats, q, most: int = 10_000) -> int |
     return None
 
 
-def describe(d: Difference, fmt=lambda v: f"{v:+.4f}", unit: str = "nats", where: str = "") -> str:
+MEASURE = "train each arm as a seed group (`micro-arch run EXP --seeds 3`) and compare the groups"
+
+
+def describe(d: Difference, fmt=lambda v: f"{v:+.4f}", unit: str = "nats", where: str = "",
+             measure: str = MEASURE) -> str:
     """One line: the verdict, the difference with its interval, the seeds, and what would settle it."""
     seeds = (("one seed each" if d.a.n == 1 else f"{d.a.n} seeds each") if d.a.n == d.b.n else
              f"{d.a.n} and {d.b.n} seeds")
@@ -134,8 +138,7 @@ def describe(d: Difference, fmt=lambda v: f"{v:+.4f}", unit: str = "nats", where
     if d.half_width is None:
         return (f"no winner: {core} {unit}{at}, {seeds}; training noise is unknown with one seed in an arm "
                 "(initialisation and data order alone often move the loss by as much), so this difference may "
-                "be noise; measure it: train each arm as a seed group (`micro-arch run EXP --seeds 3`) and "
-                "compare the groups")
+                f"be noise; measure it: {measure}")
     interval = f"{core} ± {fmt(d.half_width).lstrip('+')} {unit} (95% interval, {d.method}, {seeds}){at}"
     if d.resolved:
         return f"{d.better} is better: {interval}"
