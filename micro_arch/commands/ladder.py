@@ -53,8 +53,7 @@ def ladder_command(path, overrides=None, budgets=None, seeds=None, runs_root="ru
     table.to_csv(root / "points.csv", index=False)
     write_json(root / "fits.json", {a: None if r.fit is None else {
         "E": r.fit.law.E, "A": r.fit.law.A, "alpha": r.fit.law.alpha,
-        "E_interval": r.fit.interval("E") if r.fit.boot else None,
-        "alpha_interval": r.fit.interval("alpha") if r.fit.boot else None,
+        **{f"{name}_interval": _clipped(r.fit.interval(name)) if r.fit.boot else None for name in ("E", "alpha")},
         "holdout": None if r.holdout is None else {"budget": r.holdout.budget, "predicted": r.holdout.predicted,
                                                    "measured": r.holdout.measured, "error": r.holdout.error},
     } for a, r in results.items()})
@@ -66,6 +65,11 @@ def ladder_command(path, overrides=None, budgets=None, seeds=None, runs_root="ru
                    checks, table, command)
     _print(fits, checks, budget_lines, cross_lines, notes, root)
     return root
+
+
+def _clipped(interval) -> list[float]:
+    """E and α are fitted at or above 0; so are their intervals."""
+    return [max(interval[0], 0.0), interval[1]]
 
 
 def _print(fits, checks, budget_lines, cross_lines, notes, root: Path) -> None:

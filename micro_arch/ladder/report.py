@@ -13,6 +13,8 @@ import numpy as np
 from micro_arch.ladder.fit import ALPHAS, LadderFit, PowerLaw, crossings, fit_with_bootstrap
 from micro_arch.report.seed_stats import Arm, describe, difference
 
+BOUNDS = {"E": 0.0, "alpha": 0.0}  # an interval stops at the bound the fit keeps its parameter above
+
 EXTRAPOLATE = 10.0  # the report predicts the loss at this multiple of the largest budget
 
 
@@ -85,10 +87,13 @@ def budget_verdicts(points) -> list[str]:
         if len(arms) < 2:
             continue
         arms.sort(key=lambda a: a.mean)
-        verdicts = [describe(difference(arms[0], other), measure="give the ladder 2 or more seeds per point "
-                             "(seeds: 3 in the ladder file, or --seeds 3)") for other in arms[1:]]
-        lines.append(f"at {budget:.3g} FLOPs: lowest mean {arms[0].label} ({arms[0].mean:.4f}); "
-                     + "; ".join(verdicts))
+        means = " < ".join(f"{a.label} {a.mean:.4f}" for a in arms)
+        if min(a.n for a in arms) < 2:
+            lines.append(f"at {budget:.3g} FLOPs: means {means}; no winner: one seed per point leaves training "
+                         "noise unknown (give the ladder seeds: 3, or --seeds 3)")
+            continue
+        verdicts = [describe(difference(arms[0], other)) for other in arms[1:]]
+        lines.append(f"at {budget:.3g} FLOPs: means {means}; " + "; ".join(verdicts))
     return lines
 
 
@@ -134,7 +139,7 @@ def fits_table(results: dict[str, ArchResult], largest: float):
 
 def _with_interval(fit: LadderFit, name: str) -> str:
     low, high = fit.interval(name) if fit.boot else (math.nan, math.nan)
-    return _span(getattr(fit.law, name), low, high)
+    return _span(getattr(fit.law, name), max(low, BOUNDS[name]), high)
 
 
 def _span(mid, low, high) -> str:
@@ -166,6 +171,11 @@ def plot_ladder(points, results: dict[str, ArchResult], path: Path) -> None:
     ax.axvspan(high, grid[-1], color="0.9", zorder=0)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.yaxis,):  # plain numbers on the log loss axis, not 4 x 10^0
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("held-out loss (nats per token)")
     ax.set_title("L(C) = E + A·C^(−α), 95% bands (shaded: extrapolated)")
