@@ -107,3 +107,32 @@ def test_side_by_side_members_see_one_gpu_each(monkeypatch):
     assert seeds_module._nth_visible(1) == "5"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert seeds_module._nth_visible(1) == "1"
+
+
+def test_a_sweeps_trial_budget_outranks_an_experiments_flop_budget(tmp_path):
+    from micro_arch.sweep.study import budget_overrides
+
+    exp = make_experiment(tmp_path)
+    cfg = load_config(exp, ["train.budget_flops=1e12", "model.vocab_size=65", *budget_overrides(10, None)])
+    assert planned_steps(cfg, 1) == 10
+    cfg = load_config(exp, ["train.budget_flops=1e12", "model.vocab_size=65", *budget_overrides(None, 1280)])
+    assert planned_steps(cfg, 1) == 10  # 1280 tokens of 4 x 32
+
+
+def test_a_completed_budget_run_says_how_to_train_it_further(tmp_path, capsys):
+    import shlex
+
+    from micro_arch.commands.run import run_experiment
+
+    exp = make_experiment(tmp_path)
+    quiet = ["train.sample.max_new_tokens=2", "train.eval_every=4", "train.log_every=4"]
+    run = run_experiment(exp, overrides=[*quiet, "train.budget_tokens=512"], runs_root=tmp_path / "runs")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    capsys.readouterr()
+    run_experiment(exp, overrides=[*quiet, "train.budget_tokens=512"], resume=run, runs_root=tmp_path / "runs")
+    command = " ".join(capsys.readouterr().out.split()).split("e.g. ")[1].split(" run directory")[0]
+    args = shlex.split(command)
+    overrides = args[args.index("--set") + 1:]
+    assert "train.budget_tokens=null" in overrides and "train.max_steps=8" in overrides
+    run_experiment(exp, overrides=overrides, resume=run, runs_root=tmp_path / "runs")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8

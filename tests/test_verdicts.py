@@ -131,6 +131,7 @@ def test_equal_flops_is_the_most_every_run_reached():
     assert point.x == 2e10 and point.values["b"] == pytest.approx(1.9)
     assert point.values["a"] == pytest.approx(2.0 - 0.5 * math.log10(2)) and point.values["c"] is None
     assert "c: no held-out curve" in point.notes[0] and "2e+10 FLOPs" in point.words
+    assert point.notes[1].startswith("a: read before the end of training") and "train.budget_flops" in point.notes[1]
     assert comparison_point("end", curves, {"a": 1.4, "b": 1.8}).values == {"a": 1.4, "b": 1.8}
     assert comparison_point("tokens", curves, {}).x == 2e9
     busy = Fairness(True, [["a", "b"]], True, [], busy=["b"])

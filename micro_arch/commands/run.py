@@ -219,7 +219,9 @@ def _load_resume_state(run_dir: Path, cfg: ExperimentConfig, checkpoint, dist: D
 def _say_complete(run_dir: Path, target, overrides, payload, cfg, world_size) -> None:
     steps = planned_steps(cfg, world_size)
     longer = [o for o in overrides if not o.startswith(("train.max_steps=", "train.max_tokens=", "train.budget_"))]
-    more = resume_command(target, [*longer, f"train.max_steps={2 * max(payload['step'], 1)}"], run_dir)
+    t = cfg.train  # a token or FLOP budget outranks max_steps: cleared in the suggestion
+    unset = [f"train.{k}=null" for k in ("max_tokens", "budget_tokens", "budget_flops") if getattr(t, k) is not None]
+    more = resume_command(target, [*longer, f"train.max_steps={2 * max(payload['step'], 1)}", *unset], run_dir)
     console.print(f"{run_dir}: this run is complete ({payload['step']:,} of {steps:,} steps); nothing to do, "
                   f"nothing changed. To train it further, resume with a larger train.max_steps, e.g.\n  {more}",
                   soft_wrap=True, highlight=False)

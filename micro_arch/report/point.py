@@ -82,4 +82,9 @@ def comparison_point(at: str, curves: dict, end_values: dict, fairness=None) -> 
         if values[label] is None:
             notes.append(f"{label}: its first held-out evaluation comes after {x:.3g} {UNIT[at]}, the most every run "
                          "reached; it has no value there (evaluate more often: train.eval_every)")
+    early = [label for label, rows in reach.items() if values[label] is not None and float(rows[column].max()) > x * 1.01]
+    if early:
+        budget = {"flops": "train.budget_flops", "tokens": "train.budget_tokens"}.get(at, "one budget")
+        notes.append(f"{', '.join(early)}: read before the end of training, where a decaying learning rate has not "
+                     f"finished its schedule; for a like-for-like point train every arm to one {budget}")
     return Point(at, x, values, notes)
