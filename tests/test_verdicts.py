@@ -172,3 +172,20 @@ def test_compare_two_seed_groups_prints_the_difference_with_its_interval(tmp_pat
     diff, half = sum(deltas) / 2, (high - low) / 2
     assert f"= {diff:+.4f} ± {half:.4f} nats (95% interval" in overall
     assert "best" not in overall
+
+
+def test_the_command_line_takes_seeds_at_and_ladder_options(capsys):
+    from micro_arch.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["run", "exp", "--seeds", "1,5,9"]).seeds == "1,5,9"
+    assert parser.parse_args(["compare", "a", "b"]).at == "flops"
+    assert parser.parse_args(["compare", "a", "b", "--at", "end"]).at == "end"
+    args = parser.parse_args(["ladder", "l.yaml", "--budgets", "1e9,3e9,1e10", "--seeds", "2"])
+    assert args.budgets == [1e9, 3e9, 1e10] and args.seeds == 2 and not args.report_only
+    assert parser.parse_args(["ladder", "l.yaml", "--seeds", "4,7"]).seeds == [4, 7]
+    for bad in (["compare", "a", "--at", "noon"], ["ladder", "l.yaml", "--budgets", "1e9,-3"],
+                ["ladder", "l.yaml", "--seeds", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "--budgets" in capsys.readouterr().err

@@ -27,7 +27,7 @@ class Report:
 
 def _sections(report: Report):
     """(heading, bullet lines) of the sections made of lines; empty ones are left out."""
-    sections = (("Runs left out", report.left_out), ("Fairness", report.notes), ("Best", report.best))
+    sections = (("Runs left out", report.left_out), ("Fairness", report.notes), ("Verdicts", report.best))
     for heading, lines in sections:
         if lines:
             yield heading, lines
