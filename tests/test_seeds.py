@@ -82,6 +82,14 @@ def test_a_seed_group_trains_each_seed_in_its_own_folder_and_resumes_only_what_i
     assert (group / "seed-3" / "checkpoints" / "latest.pt").stat().st_mtime_ns == kept
     assert json.loads((group / "seed-4" / "summary.json").read_text())["status"] == "completed"
 
+    # a longer budget extends every member; another model is refused before anything trains
+    longer = [o for o in overrides if not o.startswith("train.max_steps=")] + ["train.max_steps=12"]
+    run_group(exp, overrides=longer, resume=group, runs_root=tmp_path / "runs")
+    assert [json.loads((group / f"seed-{s}" / "summary.json").read_text())["steps"] for s in (3, 4)] == [12, 12]
+    with pytest.raises(MicroArchError, match="model.d_model: the run has 32, this experiment 16"):
+        run_group(exp, overrides=[*longer, "model.d_model=16"], resume=group, seeds="3,4,5", runs_root=tmp_path)
+    assert not (group / "seed-5").exists()
+
 
 def test_a_group_resume_continues_an_interrupted_member_from_its_checkpoint(tmp_path, monkeypatch):
     exp = make_experiment(tmp_path)

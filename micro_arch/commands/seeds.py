@@ -96,6 +96,7 @@ def run_group(target, seeds=None, overrides=None, resume=None, runs_root="runs",
     if resume is not None and group is None:
         raise MicroArchError(f"--resume {resume}: not a seed group (no {GROUP_FILE} in it or in its parent); "
                              "resume a single run without --seeds")
+    changed = False  # the group's overrides changed (a longer budget, other cadences): completed members too
     if group is None:
         chosen = seed_list(seeds if seeds is not None else 1, cfg.train.seed)
         group = new_run_dir(runs_root, cfg.name)
@@ -103,11 +104,15 @@ def run_group(target, seeds=None, overrides=None, resume=None, runs_root="runs",
         recorded = json.loads((group / GROUP_FILE).read_text())
         chosen = recorded["seeds"] if seeds is None else seed_list(seeds, cfg.train.seed)
         chosen = recorded["seeds"] + [s for s in chosen if s not in recorded["seeds"]]  # --seeds adds members
+        changed = recorded.get("overrides", []) != overrides
+        _check_members_agree(group, chosen, target, overrides)
     write_json(group / GROUP_FILE, {"experiment": cfg.name, "target": str(target), "overrides": overrides,
                                     "seeds": chosen, "started_in": os.getcwd()})
     command = shlex.join(["micro-arch", "run", str(target), "--resume", str(group)]
                          + (["--set", *overrides] if overrides else []))
     plan = [(seed, member_dir(group, seed), member_state(member_dir(group, seed))) for seed in chosen]
+    if changed:  # run_experiment extends a completed member to a new budget, or says there is nothing to do
+        plan = [(seed, folder, "resumable" if state == "completed" else state) for seed, folder, state in plan]
     todo = [(seed, folder, state) for seed, folder, state in plan if state != "completed"]
     done = len(plan) - len(todo)
     console.print(f"[bold]seed group[/] {group}: seeds {', '.join(map(str, chosen))}"
@@ -133,6 +138,22 @@ def run_group(target, seeds=None, overrides=None, resume=None, runs_root="runs",
     console.print(f"seed group complete: {group} ({len(plan)} seeds); compare groups with "
                   f"`micro-arch compare {group} OTHER_GROUP`", soft_wrap=True, highlight=False)
     return group
+
+
+def _check_members_agree(group: Path, seeds: list[int], target, overrides: list[str]) -> None:
+    """Every trained member could be resumed with these settings (run.check_resumable: the same model and data,
+    a budget or cadence may change), so members trained now join a group of one configuration."""
+    from micro_arch.commands.run import check_resumable
+    from micro_arch.experiment import load_experiment
+    from micro_arch.rundir import read_run_config
+
+    for seed in seeds:
+        folder = member_dir(group, seed)
+        if (folder / "config.yaml").is_file():
+            cfg = load_experiment(target, [*overrides, f"train.seed={seed}"])
+            if cfg.model.vocab_size is None:  # the tokenizer's, filled in when the member started
+                cfg.model.vocab_size = read_run_config(folder).model.vocab_size
+            check_resumable(folder, cfg)
 
 
 def _visible_gpus(device: str) -> int:
