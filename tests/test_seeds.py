@@ -144,3 +144,32 @@ def test_a_completed_budget_run_says_how_to_train_it_further(tmp_path, capsys):
     assert "train.budget_tokens=null" in overrides and "train.max_steps=8" in overrides
     run_experiment(exp, overrides=overrides, resume=run, runs_root=tmp_path / "runs")
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def test_side_by_side_trains_each_job_in_its_own_process_and_reports_failures(tmp_path, monkeypatch):
+    """The several-GPU path, on a CPU: two `micro-arch run` processes at once, each told its own device."""
+    import subprocess
+
+    from micro_arch.commands.seeds import Job, side_by_side
+
+    real, seen = subprocess.Popen, {}
+
+    def popen(args, env=None, **kw):
+        seen[args[args.index("--into") + 1]] = env["CUDA_VISIBLE_DEVICES"]
+        return real(args, env=env, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    exp = make_experiment(tmp_path)
+    quick = ["train.max_steps=4", "train.eval_every=4", "train.sample.max_new_tokens=2", "train.device=cpu"]
+    jobs = [Job(f"seed {s}", str(exp), [*quick, f"train.seed={s}"], tmp_path / "g" / f"seed-{s}", "fresh")
+            for s in (1, 2)]
+    side_by_side(jobs, tmp_path / "runs", gpus=2)
+    for s, gpu in ((1, "0"), (2, "1")):
+        assert seen[str(tmp_path / "g" / f"seed-{s}")] == gpu
+        summary = json.loads((tmp_path / "g" / f"seed-{s}" / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["seed"] == s
+        assert (tmp_path / "g" / f"seed-{s}.log").is_file()
+    bad = Job("broken", str(exp), [*quick, "model.d_model=-1"], tmp_path / "g" / "seed-3", "fresh")
+    with pytest.raises(MicroArchError, match=r"1 run\(s\) failed: broken \(exit code 2"):
+        side_by_side([bad], tmp_path / "runs", gpus=2)

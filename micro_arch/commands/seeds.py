@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -117,10 +118,11 @@ def run_group(target, seeds=None, overrides=None, resume=None, runs_root="runs",
     done = len(plan) - len(todo)
     console.print(f"[bold]seed group[/] {group}: seeds {', '.join(map(str, chosen))}"
                   + (f" ({done} completed, {len(todo)} to train)" if done else ""), highlight=False)
-    gpus = _visible_gpus(cfg.train.device) if nproc == 1 else 0
+    gpus = visible_gpus(cfg.train.device) if nproc == 1 else 0
     try:
         if gpus > 1 and len(todo) > 1:
-            _side_by_side(target, overrides, todo, runs_root, gpus)
+            side_by_side([Job(f"seed {seed}", str(target), [*overrides, f"train.seed={seed}"], folder, state)
+                          for seed, folder, state in todo], runs_root, gpus)
         else:
             from micro_arch.commands.run import run_experiment
 
@@ -156,7 +158,7 @@ def _check_members_agree(group: Path, seeds: list[int], target, overrides: list[
             check_resumable(folder, cfg)
 
 
-def _visible_gpus(device: str) -> int:
+def visible_gpus(device: str) -> int:
     if device not in ("auto", "cuda"):
         return 0  # a named device (cpu, cuda:1): the user chose where it runs
     import torch
@@ -164,34 +166,45 @@ def _visible_gpus(device: str) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _side_by_side(target, overrides, todo, runs_root, gpus: int) -> None:
-    """One member per GPU at a time, each a `micro-arch run` process that sees only its GPU. Untested on a
-    machine with several GPUs (written for it, checked only through the one-at-a-time path)."""
-    waiting, running, failed = list(todo), {}, []
+@dataclass
+class Job:
+    """One run to train in a process of its own: a seed group's member or a ladder's point."""
+    name: str
+    target: str
+    overrides: list[str]
+    folder: Path
+    state: str  # member_state: 'fresh' or 'resumable'
+
+
+def side_by_side(jobs: list[Job], runs_root, gpus: int) -> None:
+    """One job per GPU at a time, each a `micro-arch run` process that sees only its GPU (CUDA_VISIBLE_DEVICES),
+    its output in <folder>.log. Untested on a machine with several GPUs (written for it; the test machines have
+    at most one, where jobs train one after another in this process instead)."""
+    waiting, running, failed = list(jobs), {}, []
     while waiting or running:
         free = [g for g in range(gpus) if g not in running]
         while waiting and free:
-            seed, folder, state = waiting.pop(0)
-            gpu = free.pop(0)
-            if state == "fresh" and folder.exists():
-                shutil.rmtree(folder)
-            args = ["run", str(target), "--runs-dir", str(runs_root), "--set", *overrides, f"train.seed={seed}",
-                    *(["--resume", str(folder)] if state == "resumable" else ["--into", str(folder)])]
+            job, gpu = waiting.pop(0), free.pop(0)
+            if job.state == "fresh" and job.folder.exists():
+                shutil.rmtree(job.folder)
+            job.folder.parent.mkdir(parents=True, exist_ok=True)
+            args = ["run", job.target, "--runs-dir", str(runs_root), "--set", *job.overrides,
+                    *(["--resume", str(job.folder)] if job.state == "resumable" else ["--into", str(job.folder)])]
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": _nth_visible(gpu)}
-            log = open(folder.parent / f"seed-{seed}.log", "a")  # noqa: SIM115 (closed when it ends)
-            running[gpu] = (seed, subprocess.Popen([sys.executable, "-m", "micro_arch", *args], env=env,
-                                                   stdout=log, stderr=subprocess.STDOUT), log)
-            console.print(f"seed {seed} on GPU {gpu} (log: {log.name})", highlight=False)
+            log = open(job.folder.with_name(job.folder.name + ".log"), "a")  # noqa: SIM115 (closed when it ends)
+            running[gpu] = (job, subprocess.Popen([sys.executable, "-m", "micro_arch", *args], env=env,
+                                                  stdout=log, stderr=subprocess.STDOUT), log)
+            console.print(f"{job.name} on GPU {gpu} (log: {log.name})", highlight=False)
         time.sleep(1.0)
-        for gpu, (seed, process, log) in list(running.items()):
+        for gpu, (job, process, log) in list(running.items()):
             if process.poll() is not None:
                 log.close()
                 del running[gpu]
                 if process.returncode:
-                    failed.append(f"seed {seed} (exit code {process.returncode}, see {log.name})")
+                    failed.append(f"{job.name} (exit code {process.returncode}, see {log.name})")
     if failed:
-        raise MicroArchError(f"members of the seed group failed: {'; '.join(failed)}; fix the cause and resume "
-                             "the group with --resume GROUP_FOLDER")
+        raise MicroArchError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix the cause and start the same "
+                             "command again (completed runs are kept)")
 
 
 def _nth_visible(i: int) -> str:

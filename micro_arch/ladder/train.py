@@ -127,11 +127,18 @@ def check_plan(points: list[Point], root: Path) -> None:
 def train_points(points: list[Point], runs_root, extra: list[str] | None = None) -> dict[str, int]:
     """Train every point that is not completed; returns how many points were {completed, trained}."""
     from micro_arch.commands.run import run_experiment
+    from micro_arch.commands.seeds import Job, side_by_side, visible_gpus
+    from micro_arch.config import load_config
 
     todo = [p for p in points if point_state(p) != "completed"]
     total_flops = sum(p.budget for p in todo)
     console.print(f"[bold]ladder[/]: {len(points)} points, {len(points) - len(todo)} completed, {len(todo)} to "
                   f"train ({total_flops:.3g} training FLOPs)", highlight=False)
+    gpus = visible_gpus(load_config(todo[0].target, todo[0].overrides).train.device) if todo else 0
+    if gpus > 1 and len(todo) > 1:  # one point per GPU, side by side
+        side_by_side([Job(p.key, p.target, [*p.overrides, *(extra or [])], p.folder, point_state(p)) for p in todo],
+                     runs_root, gpus)
+        return {"completed": len(points) - len(todo), "trained": len(todo)}
     done_flops, start = 0.0, time.monotonic()
     for i, p in enumerate(todo):
         spent = time.monotonic() - start
@@ -159,8 +166,9 @@ def point_results(points: list[Point]):
         if not summary_file.is_file():
             continue
         s = json.loads(summary_file.read_text())
-        if s.get("status") != "completed" or s.get("final_val_loss") is None:
-            continue
+        loss = s.get("final_val_loss")
+        if s.get("status") != "completed" or loss is None or not math.isfinite(loss):
+            continue  # unfinished, or diverged: the fit leaves it out (point_results' caller counts it missing)
         rows.append({"arch": p.arch, "budget": p.budget, "seed": p.seed,
                      "flops": s["tokens_seen"] * s["flops_per_token"], "loss": s["final_val_loss"],
                      "params_non_embedding": s.get("params_non_embedding"), "tokens": s["tokens_seen"],
