@@ -192,8 +192,10 @@ def write_markdown(path: Path, title: str, description: str, table, budget_lines
 
     out = [f"# Ladder: {title}", "", description, "", f"Command: `{command}`", "",
            "![loss against compute](ladder.png)", "", "## Laws", "",
-           "L(C) = E + A·C^(−α) per architecture, C in training FLOPs; intervals are 95%, from a bootstrap over "
-           "the points (residuals drawn again at every budget and seed, t-scaled for the few points).", "",
+           "L(C) = E + A·C^(−α) per architecture: C is each point's training FLOPs (tokens seen x FLOPs per "
+           "token), L its final held-out loss (the trainer's evaluation on train.eval_batches batches). "
+           "Intervals are 95%, from a bootstrap over the points (residuals drawn again at every budget and seed, "
+           "t-scaled for the few points); they assume the law's shape, which the honesty check tests.", "",
            markdown_table(table), "", "## Honesty check", "", *[f"- {line}" for line in holdout_lines], "",
            "## Better at each budget", "", *[f"- {line}" for line in budget_lines or ["one architecture only"]], "",
            "## Crossings", "", *[f"- {line}" for line in cross_lines or ["one law only"]], ""]
