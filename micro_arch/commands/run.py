@@ -34,8 +34,8 @@ from micro_arch.train.step import held_out_loss
 __all__ = ["Trainer", "held_out_loss", "planned_steps", "print_plan", "run_experiment", "tokens_per_step"]
 
 console = Console()
-CHANGEABLE = {"max_steps", "max_tokens", "budget_tokens", "budget_flops", "eval_every", "log_every", "checkpoint_every", "sample", "eval_batches",
-              "compile", "compile_mode", "device"}
+CHANGEABLE = {"max_steps", "max_tokens", "budget_tokens", "budget_flops", "eval_every", "log_every",
+              "checkpoint_every", "sample", "eval_batches", "compile", "compile_mode", "device"}
 
 
 def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:

@@ -97,8 +97,7 @@ def compare(run_dirs, out=None, prompts: list[str] | None = None, console=None, 
     table["compared_at"] = [_at_text(point) for _ in runs]
     table["at_value"] = [point.values.get(r.label) for r in runs]
     groups = group_runs(runs)
-    report = build_report(runs, table, fairness, left_out, prompts, max_batches, point=point, groups=groups,
-                          unit=unit)
+    report = build_report(runs, table, fairness, left_out, prompts, max_batches, point=point, groups=groups)
     if curves:
         from micro_arch.report.plots import plot_curves
 
@@ -262,8 +261,7 @@ def _at_text(point: Point) -> str:
 
 
 def build_report(runs: list[Run], table, fairness: Fairness, left_out: list[str], prompts,
-                 max_batches: int | None = None, point: Point | None = None, groups: dict | None = None,
-                 unit: str = "nats per token") -> Report:
+                 max_batches: int | None = None, point: Point | None = None, groups: dict | None = None) -> Report:
     found = verdicts(table, fairness, FORMAT) if len(runs) > 1 else []
     headline = next((v for v in found if v.key == fairness.headline), None)
     best, arms_shown = [], None
@@ -274,7 +272,6 @@ def build_report(runs: list[Run], table, fairness: Fairness, left_out: list[str]
             found_arms = arms(groups, point.values)
             arms_shown = arms_table(found_arms)
             lines = arm_verdicts(found_arms, "", "nats" if fairness.one_tokenizer else "bits per byte")
-            where = point.words
             if lines:
                 outcome = "; ".join(lines)
             elif len(groups) < 2:
@@ -283,7 +280,7 @@ def build_report(runs: list[Run], table, fairness: Fairness, left_out: list[str]
             else:
                 outcome = ("fewer than two arms have a value there (the notes say why); nothing is ranked; "
                            "compare at the end of training (--at end), or evaluate more often (train.eval_every)")
-            best.append(f"Overall, on {headline.metric} ({why}), {where}: {outcome}.")
+            best.append(f"Overall, on {headline.metric} ({why}), {point.words}: {outcome}.")
         else:
             best.append(f"Overall, on {headline.metric} ({why}): {headline.text.split(': ', 1)[1]}.")
     # held-out numbers are ranked across seeds above (training noise), never run against run on the noise
