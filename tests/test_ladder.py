@@ -82,11 +82,14 @@ def test_a_ladder_file_needs_three_budgets_over_ten_x(tmp_path, budgets, words):
 
 
 def test_a_ladder_file_names_existing_experiments_and_a_shape_per_budget(tmp_path):
+    with pytest.raises(MicroArchError, match="no such ladder file"):
+        load_ladder(tmp_path / "missing.yaml")
     path = ladder_file(tmp_path)
     path.write_text(path.read_text().replace("experiment: tiny}", "experiment: nowhere}"))
     with pytest.raises(MicroArchError, match="architectures.wide.experiment: nowhere is not an experiment"):
         load_ladder(path)
-    path = ladder_file(tmp_path / "b" if (tmp_path / "b").mkdir() is None else None)
+    (tmp_path / "b").mkdir()
+    path = ladder_file(tmp_path / "b")
     path.write_text(path.read_text().replace("size: {shapes: [{}]}", "size: {shapes: [{}, {}]}"))
     with pytest.raises(MicroArchError, match="2 shapes for 3 budgets"):
         load_ladder(path)

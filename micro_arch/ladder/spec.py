@@ -61,6 +61,10 @@ def as_overrides(values: dict) -> list[str]:
 def load_ladder(path, budgets: list[float] | None = None, seeds=None) -> LadderConfig:
     """The ladder file, checked; `budgets` and `seeds` replace the file's (a quick trial of the path)."""
     path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.name for p in Path("ladders").glob("*.yaml")) if Path("ladders").is_dir() else []
+        raise MicroArchError(f"{path}: no such ladder file; pass a YAML file such as ladders/attention-heads.yaml"
+                             + (f" (in ladders/: {', '.join(shipped)})" if shipped else ""))
     raw = read_yaml(path)
     if budgets is not None:
         raw["budgets"] = budgets
