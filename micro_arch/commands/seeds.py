@@ -89,7 +89,7 @@ def run_group(target, seeds=None, overrides=None, resume=None, runs_root="runs",
     overrides = list(overrides or [])
     if checkpoint:
         raise MicroArchError("--checkpoint picks one run's checkpoint; a seed group resumes each member from "
-                             "its latest: leave --checkpoint out, or resume one member alone")
+                             "its latest intact checkpoint: leave --checkpoint out")
     if any(o.split("=", 1)[0].strip() == "train.seed" for o in overrides):
         raise MicroArchError("--set train.seed=... with --seeds: the seeds come from --seeds; drop the override")
     cfg = load_experiment(target, overrides)
