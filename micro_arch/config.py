@@ -90,7 +90,7 @@ class TrainConfig:
     max_tokens: int | None = None  # if set, the step budget is derived from it
     # Equal compute: at most one of max_tokens, budget_tokens, budget_flops; it replaces max_steps, and the
     # steps are derived from it (budget_flops: flops_per_token x tokens_per_step per step), schedule included
-    budget_tokens: int | None = None
+    budget_tokens: float | None = None  # tokens (a float, so that 5e6 reads as a number)
     budget_flops: float | None = None  # training FLOPs (forward + backward), e.g. 1e13
     optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-3

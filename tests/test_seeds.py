@@ -51,6 +51,7 @@ def test_budgets_replace_max_steps(tmp_path):
     exp = make_experiment(tmp_path)
     cfg = load_config(exp, ["train.budget_tokens=1000", "model.vocab_size=65"])
     assert planned_steps(cfg, 1) == -(-1000 // tokens_per_step(cfg, 1)) == 8  # 4 x 32 tokens per step
+    assert planned_steps(load_config(exp, ["train.budget_tokens=128e2"]), 1) == 100  # YAML reads 128e2 as text
     cfg = load_config(exp, ["train.budget_flops=3e9", "model.vocab_size=65"])
     per_step = training_flops_per_token(cfg) * tokens_per_step(cfg, 1)
     assert planned_steps(cfg, 1) == int(-(-3e9 // per_step))

@@ -34,7 +34,7 @@ def planned_steps(cfg: ExperimentConfig, world_size: int) -> int:
         return max(1, math.ceil(t.budget_flops / (training_flops_per_token(cfg) * tokens_per_step(cfg, world_size))))
     if tokens is None:
         return t.max_steps
-    return -(-tokens // tokens_per_step(cfg, world_size))
+    return max(1, math.ceil(tokens / tokens_per_step(cfg, world_size)))
 
 
 def training_flops_per_token(cfg: ExperimentConfig) -> float:
