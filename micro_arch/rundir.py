@@ -25,12 +25,26 @@ NOT_THE_CONFIGURATION = {"seed", "eval_every", "eval_batches", "log_every", "che
 
 def group_id(cfg: ExperimentConfig) -> str:
     """A stable id of the resolved configuration without its seed: runs with one group id differ only in
-    train.seed (and in how often they logged, evaluated and saved), so their spread is training noise."""
+    train.seed (and in how often they logged, evaluated and saved), so their spread is training noise.
+    Only values that differ from the defaults count, so a config key added later (at its default) leaves
+    the ids of earlier runs as they were."""
     full = to_dict(cfg)
     full.pop("description", None)
     full["train"] = {k: v for k, v in full["train"].items() if k not in NOT_THE_CONFIGURATION}
-    text = json.dumps(full, sort_keys=True, default=str)
+    defaults = _flat(to_dict(ExperimentConfig()))
+    changed = {k: v for k, v in _flat(full).items() if k not in defaults or defaults[k] != v}
+    text = json.dumps(changed, sort_keys=True, default=str)
     return f"{cfg.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "defaults":  # model.defaults stays one value
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def new_run_dir(runs_root: str | Path, experiment: str) -> Path:

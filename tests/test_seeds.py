@@ -33,6 +33,9 @@ def test_group_id_ignores_the_seed_and_cadences_but_not_the_configuration(tmp_pa
     assert group_id(load_config(exp, ["model.d_model=48"])) != base
     assert group_id(load_config(exp, ["train.lr=0.002"])) != base
     assert group_id(load_config(exp, ["train.data_seed=1"])) != base  # a fixed data order is another design
+    cfg = load_config(exp)
+    cfg.train.budget_flops = 1e9
+    assert group_id(cfg) != base
 
 
 def test_data_seed_holds_the_data_order_while_the_seed_changes(tmp_path):
