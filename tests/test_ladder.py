@@ -45,6 +45,20 @@ def test_the_95_percent_interval_covers_the_true_alpha_at_least_90_percent_of_th
     assert covered["alpha"] >= 90 and covered["E"] >= 90, covered
 
 
+def test_a_loss_that_rises_with_compute_has_no_law():
+    from micro_arch.ladder.report import analyse, fits_table
+
+    C = np.repeat([1e9, 1e10, 1e11], 2)
+    with pytest.raises(MicroArchError, match="does not fall with compute"):
+        fit_with_bootstrap(C, 2.0 + 1e-12 * C)
+    import pandas as pd
+
+    points = pd.DataFrame({"arch": "up", "budget": C, "seed": [1, 2] * 3, "flops": C, "loss": 2.0 + 1e-12 * C})
+    results, _, _ = analyse(points, n_boot=20)
+    assert results["up"].fit is None and "does not fall with compute" in results["up"].notes[0]
+    assert list(fits_table(results, 1e11)["architecture"]) == ["up"]
+
+
 def test_crossings_are_where_two_laws_meet():
     a, b = PowerLaw(1.0, 50.0, 0.2), PowerLaw(0.9, 5000.0, 0.5)  # b starts higher and ends lower
     (c,) = crossings(a, b, 1e6, 1e20)

@@ -78,7 +78,8 @@ def fit_many(C, Y, floor: bool = True):
     alpha = np.exp(la[best] + shift)
     E, A, _ = _solve(np.exp(-logc[:, None] * alpha[None, :]), Y, floor)
     E, A = E[rows, rows], A[rows, rows]
-    return E, A * scale ** alpha, alpha
+    none = ~np.isfinite(sse.min(axis=1))  # the loss does not fall with compute: no law of this shape
+    return (np.where(none, np.nan, E), np.where(none, np.nan, A * scale ** alpha), np.where(none, np.nan, alpha))
 
 
 def fit_power_law(C, L, floor: bool = True) -> PowerLaw:
@@ -119,6 +120,11 @@ def fit_with_bootstrap(C, L, n_boot: int = 1000, seed: int = 0, floor: bool = Tr
     """The fit of L against C, and n_boot refits on residuals drawn again (see the module's docstring)."""
     C, L = np.asarray(C, dtype=float), np.asarray(L, dtype=float)
     law = fit_power_law(C, L, floor)
+    if not math.isfinite(law.alpha):
+        from micro_arch.errors import MicroArchError
+
+        raise MicroArchError("the held-out loss does not fall with compute at these points, so no law "
+                             "E + A·C^(−α) fits them; check the runs (a diverged or mis-sized point?)")
     n, p = len(L), 3 if floor else 2
     df = n - p
     fit = LadderFit(C, L, law, df=max(df, 0))
@@ -129,7 +135,8 @@ def fit_with_bootstrap(C, L, n_boot: int = 1000, seed: int = 0, floor: bool = Tr
     rng = np.random.default_rng(seed)
     Y = law(C)[None, :] + residuals[rng.integers(0, n, size=(n_boot, n))]
     E, A, alpha = fit_many(C, Y, floor)
-    fit.boot = {"E": E, "A": A, "alpha": alpha}
+    keep = np.isfinite(alpha)  # a replicate whose loss rises with compute has no law: left out
+    fit.boot = {"E": E[keep], "A": A[keep], "alpha": alpha[keep]}
     return fit
 
 

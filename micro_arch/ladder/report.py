@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from micro_arch.errors import MicroArchError
 from micro_arch.ladder.fit import ALPHAS, LadderFit, PowerLaw, crossings, fit_with_bootstrap
 from micro_arch.report.seed_stats import Arm, describe, difference
 
@@ -53,7 +54,10 @@ def _analyse_arch(arch: str, rows, n_boot: int) -> ArchResult:
     budgets = sorted(rows["budget"].unique())
     if len(budgets) < 3:
         return ArchResult(arch, None, None, [f"{arch}: {len(budgets)} budget(s) completed; a law needs 3"])
-    fit = fit_with_bootstrap(rows["flops"].to_numpy(), rows["loss"].to_numpy(), n_boot=n_boot)
+    try:
+        fit = fit_with_bootstrap(rows["flops"].to_numpy(), rows["loss"].to_numpy(), n_boot=n_boot)
+    except MicroArchError as err:
+        return ArchResult(arch, None, None, [f"{arch}: {err}"])
     notes = []
     if fit.df == 0:
         notes.append(f"{arch}: one seed at each of 3 budgets fits the law exactly, so it has no intervals; "
@@ -66,7 +70,10 @@ def _analyse_arch(arch: str, rows, n_boot: int) -> ArchResult:
                      "trustworthy")
     rest = rows[rows["budget"] < budgets[-1]]
     floor = len(budgets) - 1 >= 3
-    early = fit_with_bootstrap(rest["flops"].to_numpy(), rest["loss"].to_numpy(), n_boot=n_boot, floor=floor)
+    try:
+        early = fit_with_bootstrap(rest["flops"].to_numpy(), rest["loss"].to_numpy(), n_boot=n_boot, floor=floor)
+    except MicroArchError as err:
+        return ArchResult(arch, fit, None, [*notes, f"{arch}: no honesty check: without the largest budget, {err}"])
     top = rows[rows["budget"] == budgets[-1]]
     at = float(top["flops"].mean())
     mid, low, high = (float(v[0]) for v in (early.predict([at]) if early.boot else
@@ -127,13 +134,13 @@ def fits_table(results: dict[str, ArchResult], largest: float):
         f, h = r.fit, r.holdout
         far = EXTRAPOLATE * largest
         mid, low, high = (float(v[0]) for v in (f.predict([far]) if f.boot else (f.law([far]), [math.nan], [math.nan])))
-        rows.append({
-            "architecture": arch, "α": _with_interval(f, "alpha"), "E": _with_interval(f, "E"),
-            "A": f"{f.law.A:.3g}",
-            f"loss at {far:.3g} FLOPs (10x)": _span(mid, low, high),
-            f"without {h.budget:.3g}: predicted": _span(h.predicted, h.low, h.high),
-            "measured": f"{h.measured:.4f}", "prediction error": f"{h.error:+.4f} ({h.error / h.measured:+.1%})",
-        })
+        row = {"architecture": arch, "α": _with_interval(f, "alpha"), "E": _with_interval(f, "E"),
+               "A": f"{f.law.A:.3g}", f"loss at {far:.3g} FLOPs (10x)": _span(mid, low, high)}
+        if h is not None:
+            row |= {"largest budget, predicted without it": f"{h.budget:.3g}: {_span(h.predicted, h.low, h.high)}",
+                    "measured": f"{h.measured:.4f}",
+                    "prediction error": f"{h.error:+.4f} ({h.error / h.measured:+.1%})"}
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
