@@ -89,6 +89,10 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 2000
     max_tokens: int | None = None  # if set, the step budget is derived from it
+    # Equal compute: at most one of max_tokens, budget_tokens, budget_flops; it replaces max_steps, and the
+    # steps are derived from it (budget_flops: flops_per_token x tokens_per_step per step), schedule included
+    budget_tokens: float | None = None  # tokens (a float, so that 5e6 reads as a number)
+    budget_flops: float | None = None  # training FLOPs (forward + backward), e.g. 1e13
     optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -117,7 +121,8 @@ class TrainConfig:
     eval_batches: int = 20
     log_every: int = 10
     checkpoint_every: int = 1000
-    seed: int = 1337
+    seed: int = 1337  # initialisation and, unless data_seed is set, the order of the training data
+    data_seed: int | None = None  # the order of the training data alone (paired designs: one data order, N inits)
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     sample: SampleConfig = field(default_factory=SampleConfig)
     # pretrain: next tokens of text; sft: conversations (JSONL) with the loss on assistant tokens; dpo:
@@ -125,6 +130,11 @@ class TrainConfig:
     stage: Literal["pretrain", "sft", "dpo"] = "pretrain"
     dpo_beta: float = 0.1  # DPO's KL strength: the implicit reward is beta * log(pi / pi_ref)
     dpo_precompute_reference: bool = False  # the reference's log-probs of every pair computed once at the start
+
+    @property
+    def data_order_seed(self) -> int:
+        """The seed of the training data's order: data_seed when set, else seed."""
+        return self.seed if self.data_seed is None else self.data_seed
 
 
 @dataclass
@@ -293,6 +303,14 @@ def _validate(obj, where: str) -> None:
         need(0.0 < obj.decay_fraction <= 1.0, "decay_fraction", "must be in (0, 1]")
         need(obj.max_tokens is None or obj.max_tokens >= 1, "max_tokens",
              f"must be at least 1 (or null to use max_steps), got {obj.max_tokens}")
+        budgets = [k for k in ("max_tokens", "budget_tokens", "budget_flops") if getattr(obj, k) is not None]
+        need(len(budgets) <= 1, budgets[-1] if budgets else "budget_flops",
+             f"{' and '.join(budgets)} are set together; a run has one budget: keep one (the others null), "
+             "or none to train max_steps steps")
+        need(obj.budget_tokens is None or obj.budget_tokens >= 1, "budget_tokens",
+             f"must be at least 1 (or null), got {obj.budget_tokens}")
+        need(obj.budget_flops is None or obj.budget_flops > 0, "budget_flops",
+             f"must be positive (or null), got {obj.budget_flops}")
         need(obj.grad_clip is None or obj.grad_clip > 0, "grad_clip",
              f"must be positive (or null for no clipping), got {obj.grad_clip}")
         need(obj.min_lr >= 0, "min_lr", f"must be >= 0, got {obj.min_lr}")

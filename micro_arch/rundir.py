@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import secrets
 import time
@@ -15,6 +16,42 @@ from micro_arch.data.sources import BUILTIN
 from micro_arch.errors import MicroArchError
 
 SUMMARY_FORMAT_VERSION = 1  # of summary.json; bump when its keys change meaning, so compare can tell old runs
+
+
+# train keys that leave the trained model as it is: how often to log, evaluate, save and sample, and where
+NOT_THE_CONFIGURATION = {"seed", "eval_every", "eval_batches", "log_every", "checkpoint_every", "sample", "device",
+                         "compile", "compile_mode"}
+
+GROUP_FILE = "group.json"  # a seed group's folder: its seeds and settings; one run folder per seed inside
+
+
+def member_dir(group: Path, seed: int) -> Path:
+    """The run folder of one seed of a seed group (micro-arch run --seeds)."""
+    return group / f"seed-{seed}"
+
+
+def group_id(cfg: ExperimentConfig) -> str:
+    """A stable id of the resolved configuration without its seed: runs with one group id differ only in
+    train.seed (and in how often they logged, evaluated and saved), so their spread is training noise.
+    Only values that differ from the defaults count, so a config key added later (at its default) leaves
+    the ids of earlier runs as they were."""
+    full = to_dict(cfg)
+    full.pop("description", None)
+    full["train"] = {k: v for k, v in full["train"].items() if k not in NOT_THE_CONFIGURATION}
+    defaults = _flat(to_dict(ExperimentConfig()))
+    changed = {k: v for k, v in _flat(full).items() if k not in defaults or defaults[k] != v}
+    text = json.dumps(changed, sort_keys=True, default=str)
+    return f"{cfg.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "defaults":  # model.defaults stays one value
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def new_run_dir(runs_root: str | Path, experiment: str) -> Path:

@@ -8,12 +8,14 @@ import sys
 from rich.console import Console
 
 from micro_arch.cli.argtypes import (
+    budget_list,
     non_negative_float,
     non_negative_int,
     output_dir,
     output_file,
     positive_int,
     probability,
+    seeds_value,
 )
 from micro_arch.errors import MicroArchError
 
@@ -34,11 +36,16 @@ def cmd_trace(args) -> None:
 
 def cmd_run(args) -> None:
     from micro_arch.commands.run import run_experiment
+    from micro_arch.commands.seeds import group_folder, run_group
     from micro_arch.train.stop import RunInterrupted
 
     try:
+        if (args.seeds is not None or group_folder(args.resume) is not None) and not args.dry_run:
+            run_group(args.experiment, seeds=args.seeds, overrides=args.set, resume=args.resume,
+                      runs_root=args.runs_dir, nproc=args.nproc, checkpoint=args.checkpoint)
+            return
         run_experiment(args.experiment, overrides=args.set, resume=args.resume, dry_run=args.dry_run,
-                       runs_root=args.runs_dir, nproc=args.nproc, checkpoint=args.checkpoint)
+                       runs_root=args.runs_dir, nproc=args.nproc, checkpoint=args.checkpoint, into=args.into)
     except RunInterrupted as stop:  # saved and explained already; 130 for Ctrl-C, 143 for SIGTERM
         sys.exit(stop.exit_code)
 
@@ -74,6 +81,13 @@ def cmd_sweep(args) -> None:
     run_sweep(args.sweep, overrides=args.set, n_trials=args.trials)
 
 
+def cmd_ladder(args) -> None:
+    from micro_arch.ladder.command import ladder_command
+
+    ladder_command(args.ladder, overrides=args.set, budgets=args.budgets, seeds=args.seeds, runs_root=args.runs_dir,
+                   report_only=args.report_only)
+
+
 def cmd_compare(args) -> None:
     if args.data:
         from micro_arch.eval.text import compare_on_data
@@ -82,7 +96,7 @@ def cmd_compare(args) -> None:
         return
     from micro_arch.report.compare import compare
 
-    compare(args.runs, args.out, prompts=args.prompt or None, console=console)
+    compare(args.runs, args.out, prompts=args.prompt or None, console=console, at=args.at)
 
 
 def cmd_export(args) -> None:
@@ -129,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", type=output_dir,
                    help="where run directories go (default: runs)")
     p.add_argument("--nproc", type=positive_int, default=1, help="processes to train with (DDP through torchrun)")
+    p.add_argument("--seeds", default=None, metavar="N|S1,S2,...",
+                   help="a seed group: N seeds from train.seed on, or these seeds, each in its own run folder "
+                        "under one group folder; --resume GROUP (or any member) trains what is unfinished")
+    p.add_argument("--into", default=None, help=argparse.SUPPRESS)  # a seed group's member folder (its workers)
     p.set_defaults(func=cmd_run)
 
     p = with_set(sub.add_parser("trace", help="show how shapes flow through every module"))
@@ -155,11 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=positive_int, default=None, help="override the number of trials")
     p.set_defaults(func=cmd_sweep)
 
+    p = with_set(sub.add_parser("ladder", help="train a scaling ladder; fit loss against compute with intervals"))
+    p.add_argument("ladder", help="ladder file, e.g. ladders/attention-heads.yaml")
+    p.add_argument("--budgets", type=budget_list, default=None, metavar="C1,C2,...",
+                   help="replace the file's compute budgets (training FLOPs), e.g. for a quick trial")
+    p.add_argument("--seeds", default=None, metavar="N|S1,S2,...", type=seeds_value,
+                   help="replace the file's seeds per point: a number or a list")
+    p.add_argument("--runs-dir", default="runs", type=output_dir, help="the ladder goes in RUNS_DIR/ladders/<name>")
+    p.add_argument("--report-only", action="store_true", help="train nothing; fit and report the completed points")
+    p.set_defaults(func=cmd_ladder)
+
     p = sub.add_parser("compare", help="write a report that compares runs")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or seed-group folders (their members)")
     p.add_argument("--out", type=output_dir, default=None,
                    help="report folder, created if missing; its parent must exist (default: runs/compare/<time>)")
     p.add_argument("--prompt", action="append", help="generate fresh samples for this prompt (repeatable)")
+    p.add_argument("--at", choices=["flops", "tokens", "time", "end"], default="flops",
+                   help="where held-out loss is compared: equal training FLOPs (default), equal tokens, equal wall "
+                        "time (same hardware, not busy) or the end of training (full split)")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="instead: rank the runs in bits per byte on this text (a file, glob or 'shakespeare')")
     p.add_argument("--text-field", default="text", help="with --data: the column that holds the text (.jsonl/.parquet)")

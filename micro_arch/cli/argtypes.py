@@ -99,3 +99,26 @@ def output_dir(text: str) -> Path:
         return path
     check_parent(path)
     return path
+
+
+def budget_list(text: str) -> list[float]:
+    """Compute budgets: positive numbers joined by commas, e.g. 1e12,3e12,1e13."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be numbers joined by commas, e.g. 1e12,3e12,1e13; got {text!r}") from None
+    if not values or any(not v > 0 or v == float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"must be positive numbers joined by commas, e.g. 1e12,3e12,1e13; got {text!r}")
+    return values
+
+
+def seeds_value(text: str) -> int | list[int]:
+    """A number of seeds (3) or a list of seeds (1,5,9)."""
+    try:
+        parts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seeds (3) or seeds joined by commas (1,5,9); "
+                                         f"got {text!r}") from None
+    if not parts or ("," not in text and parts[0] < 1):
+        raise argparse.ArgumentTypeError(f"must be a number of seeds of at least 1, or a list; got {text!r}")
+    return parts if "," in text else parts[0]

@@ -35,8 +35,8 @@ from micro_arch.train.step import held_out_loss
 __all__ = ["Trainer", "held_out_loss", "planned_steps", "print_plan", "run_experiment", "tokens_per_step"]
 
 console = Console()
-CHANGEABLE = {"max_steps", "max_tokens", "eval_every", "log_every", "checkpoint_every", "sample", "eval_batches",
-              "compile", "compile_mode", "device"}
+CHANGEABLE = {"max_steps", "max_tokens", "budget_tokens", "budget_flops", "eval_every", "log_every",
+              "checkpoint_every", "sample", "eval_batches", "compile", "compile_mode", "device"}
 
 
 def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
@@ -77,8 +77,8 @@ def print_plan(cfg: ExperimentConfig, model: Model, world_size: int, device: tor
         console.print(f"  [bold yellow]warning[/]: {escape(est.warning)}", soft_wrap=True)
 
 
-def _cli_args(target, overrides, resume, runs_root, checkpoint=None) -> list[str]:
-    args = ["run", str(target), "--runs-dir", str(runs_root)]
+def _cli_args(target, overrides, resume, runs_root, checkpoint=None, into=None) -> list[str]:
+    args = ["run", str(target), "--runs-dir", str(runs_root)] + (["--into", str(into)] if into else [])
     if overrides:
         args += ["--set", *overrides]
     if resume:
@@ -98,14 +98,15 @@ def resume_command(target, overrides, run_dir: Path) -> str:
 
 
 def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root="runs", nproc=1,
-                   on_eval=None, checkpoint=None) -> Path | None:
+                   on_eval=None, checkpoint=None, into=None) -> Path | None:
     """Train `target` (an experiment folder); returns the run directory (None on non-main ranks).
     `on_eval(step, val_loss)` is called after each held-out evaluation (single process only; sweeps
     use it to prune); an exception it raises stops training and propagates. Ctrl-C (or SIGTERM) saves
-    a checkpoint between steps and raises stop.RunInterrupted (a KeyboardInterrupt)."""
+    a checkpoint between steps and raises stop.RunInterrupted (a KeyboardInterrupt). `into`: the folder a new
+    run goes into (created; a seed group's member), instead of a new runs_root/<experiment>/<run-id>."""
     overrides = list(overrides or [])
     if nproc > 1 and "RANK" not in os.environ and not dry_run:
-        code = launch(nproc, _cli_args(target, overrides, resume, runs_root, checkpoint))
+        code = launch(nproc, _cli_args(target, overrides, resume, runs_root, checkpoint, into))
         if code in (130, -2):
             raise KeyboardInterrupt
         if code:
@@ -156,7 +157,7 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
                 console.print(f"{stage.name}: {note}", highlight=False)
         trainer = Trainer(cfg, data, dist, device, payload, on_eval=on_eval, pieces=pieces)
         trace = _trace(trainer.model, cfg, device) if dist.main and not resume else None
-        run_dir = Path(resume) if resume else (new_run_dir(runs_root, cfg.name) if dist.main else None)
+        run_dir = Path(resume) if resume else (_fresh_dir(into, runs_root, cfg.name) if dist.main else None)
         run_dir = Path(dist.broadcast(str(run_dir)))
         with _removed_on_failure(run_dir, fresh=not resume and dist.main, trainer=trainer):
             if dist.main:
@@ -174,6 +175,13 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
         return run_dir if dist.main else None
     finally:
         shutdown()
+
+
+def _fresh_dir(into, runs_root, name: str) -> Path:
+    if into is None:
+        return new_run_dir(runs_root, name)
+    Path(into).mkdir(parents=True, exist_ok=True)
+    return Path(into)
 
 
 def _keep_experiment_blocks(target, run_dir: Path) -> None:
@@ -202,8 +210,10 @@ def _load_resume_state(run_dir: Path, cfg: ExperimentConfig, checkpoint, dist: D
 
 def _say_complete(run_dir: Path, target, overrides, payload, cfg, world_size) -> None:
     steps = planned_steps(cfg, world_size)
-    longer = [o for o in overrides if not o.startswith(("train.max_steps=", "train.max_tokens="))]
-    more = resume_command(target, [*longer, f"train.max_steps={2 * max(payload['step'], 1)}"], run_dir)
+    longer = [o for o in overrides if not o.startswith(("train.max_steps=", "train.max_tokens=", "train.budget_"))]
+    t = cfg.train  # a token or FLOP budget outranks max_steps: cleared in the suggestion
+    unset = [f"train.{k}=null" for k in ("max_tokens", "budget_tokens", "budget_flops") if getattr(t, k) is not None]
+    more = resume_command(target, [*longer, f"train.max_steps={2 * max(payload['step'], 1)}", *unset], run_dir)
     console.print(f"{run_dir}: this run is complete ({payload['step']:,} of {steps:,} steps); nothing to do, "
                   f"nothing changed. To train it further, resume with a larger train.max_steps, e.g.\n  {more}",
                   soft_wrap=True, highlight=False)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from micro_arch.errors import MicroArchError
 from micro_arch.report.fairness import NOISE_SIGMAS, Fairness, assess, standard_error, verdicts
+from micro_arch.report.groups import arm_verdicts, arms, arms_table, expand_groups, group_runs
+from micro_arch.report.point import Point, comparison_point
 from micro_arch.report.runs import Run, collect_run, lineage
 from micro_arch.report.write import Report, write_report
 
@@ -39,6 +41,8 @@ ROWS = [
     ("best held-out loss (training)", "best_val_loss", "{:.4f}".format),
     ("final held-out loss (training)", "final_val_loss", "{:.4f}".format),
     ("held-out loss (full split)", "eval_loss", "{:.4f}".format),
+    ("compared at", "compared_at", str),
+    ("held-out value compared", "at_value", "{:.4f}".format),
     ("perplexity", "perplexity", "{:.3f}".format),
     ("bits per byte", "bits_per_byte", "{:.4f}".format),
     ("top-1 accuracy", "top1", "{:.2%}".format),
@@ -53,11 +57,14 @@ WITH_ERROR = {"eval_loss", "perplexity", "bits_per_byte"}
 
 
 def compare(run_dirs, out=None, prompts: list[str] | None = None, console=None, batch_size: int = 32,
-            max_batches: int | None = None, device: str = "auto") -> Path:
+            max_batches: int | None = None, device: str = "auto", at: str = "flops") -> Path:
     """Write the report on run_dirs into `out` (default runs/compare/<time>), print it, return the folder.
 
-    Runs that cannot be compared get a line in the report instead; MicroArchError only when none can.
+    A seed group's folder stands for its members. Runs that differ only in seed are one arm; arms are
+    compared at `at` (report.point: flops, tokens, time or end). Runs that cannot be compared get a line in
+    the report instead; MicroArchError only when none can.
     """
+    run_dirs = expand_groups(run_dirs)
     from rich.console import Console
 
     console = console or Console()
@@ -83,15 +90,22 @@ def compare(run_dirs, out=None, prompts: list[str] | None = None, console=None, 
     label_runs(runs)
     table = runs_table(runs)
     fairness = assess({r.label: {**r.summary, "corpus_key": r.corpus_key} for r in runs})
-    report = build_report(runs, table, fairness, left_out, prompts, max_batches)
+    curves, unit = loss_curves(runs, table, fairness)
+    point = comparison_point(at, {r.label: curves.get(r.label) for r in runs},
+                             table[fairness.headline].map(lambda v: None if _missing(v) else float(v)).to_dict(),
+                             fairness)
+    table["compared_at"] = [_at_text(point) for _ in runs]
+    table["at_value"] = [point.values.get(r.label) for r in runs]
+    groups = group_runs(runs)
+    report = build_report(runs, table, fairness, left_out, prompts, max_batches, point=point, groups=groups)
     from micro_arch.report.downstream import add_downstream
 
     add_downstream(report, runs)  # downstream.json scores, compared within one setting (tasks, shots, limit)
-    if any(r.curves is not None for r in runs):
+    if curves:
         from micro_arch.report.plots import plot_curves
 
-        curves, unit = loss_curves(runs, table, fairness)
-        report.images = plot_curves(curves, folder, unit)
+        report.images = plot_curves(curves, folder, unit, groups={g: [r.label for r in members]
+                                                                  for g, members in groups.items()})
     table.to_csv(folder / "report.csv", index_label="run")
     write_report(report, folder)
     print_report(console, report, folder)
@@ -143,7 +157,9 @@ def label_runs(runs: list[Run]) -> None:
     """Name each run by its experiment, adding the run folder where an experiment appears twice."""
     names = [r.summary.get("experiment") or r.path.name for r in runs]
     for run, name in zip(runs, names):
-        run.label = name if names.count(name) == 1 else f"{name}/{run.path.name}"
+        folder = (f"{run.path.parent.name}/{run.path.name}" if (run.path.parent / "group.json").is_file()
+                  else run.path.name)  # a seed group's member: seed-N in its group's folder
+        run.label = name if names.count(name) == 1 else f"{name}/{folder}"
     labels = [r.label for r in runs]
     for i, run in enumerate(runs):
         if labels.count(run.label) > 1:
@@ -234,31 +250,58 @@ def formatted_table(table, fairness: Fairness):
     return pd.DataFrame(rows, columns=["metric", *table.index]), footnotes
 
 
+def _metric(key: str):
+    from micro_arch.report.fairness import RANKED
+
+    return next(m for m in RANKED if m.key == key)
+
+
+def _at_text(point: Point) -> str:
+    if point.at == "end":
+        return "end (full split)"
+    return {"flops": f"{point.x:.3g} FLOPs", "tokens": f"{point.x:,.0f} tokens",
+            "time": f"{point.x:,.1f} s"}[point.at] if point.x is not None else "n/a"
+
+
 def build_report(runs: list[Run], table, fairness: Fairness, left_out: list[str], prompts,
-                 max_batches: int | None = None) -> Report:
+                 max_batches: int | None = None, point: Point | None = None, groups: dict | None = None) -> Report:
     found = verdicts(table, fairness, FORMAT) if len(runs) > 1 else []
     headline = next((v for v in found if v.key == fairness.headline), None)
-    best = []
+    best, arms_shown = [], None
     if headline is not None:
         why = ("the runs use different tokenizers" if not fairness.one_tokenizer else
                f"all runs use the {table['tokenizer'].iloc[0]} tokenizer")
-        outcome = (f"{headline.best} is best" if headline.best else
-                   f"within noise between {', '.join(headline.tied)}, no winner" if headline.tied else
-                   headline.text.split(": ", 1)[1])
-        best.append(f"Overall, on {headline.metric} ({why}): {outcome}.")
-    best += [v.text for v in found]
+        if point is not None and groups is not None and fairness.comparable(_metric(fairness.headline)) is None:
+            found_arms = arms(groups, point.values)
+            arms_shown = arms_table(found_arms)
+            lines = arm_verdicts(found_arms, "", "nats" if fairness.one_tokenizer else "bits per byte")
+            if lines:
+                outcome = "; ".join(lines)
+            elif len(groups) < 2:
+                outcome = ("the runs differ only in seed, so they are one arm (see Seed groups); there is no "
+                           "other arm to compare with")
+            else:
+                outcome = ("fewer than two arms have a value there (the notes say why); nothing is ranked; "
+                           "compare at the end of training (--at end), or evaluate more often (train.eval_every)")
+            best.append(f"Overall, on {headline.metric} ({why}), {point.words}: {outcome}.")
+        else:
+            best.append(f"Overall, on {headline.metric} ({why}): {headline.text.split(': ', 1)[1]}.")
+    # held-out numbers are ranked across seeds above (training noise), never run against run on the noise
+    # of evaluation batches alone; what cannot be compared still says so
+    best += [v.text for v in found if v.key not in HELD_OUT or v.best is None and not v.tied]
     shown, footnotes = formatted_table(table, fairness)
     row_of = {key: i for i, (_, key, _) in enumerate(ROWS)}
-    bold = {(row_of[v.key], v.best) for v in found if v.best and v.key in row_of}
+    bold = {(row_of[v.key], v.best) for v in found if v.best and v.key in row_of and v.key not in HELD_OUT}
     n_left = len(left_out)
     split = ("whole held-out split" if max_batches is None else
              f"held-out split (its first {max_batches} batches)")
     intro = [f"{len(runs)} run(s) compared" + (f", {n_left} left out (see below)." if n_left else "."),
              f"Held-out numbers cover each run's {split} (eval.json); best and final held-out loss "
-             "(training) are the trainer's estimates on train.eval_batches batches. A run is named best only "
-             f"when its lead exceeds {NOISE_SIGMAS:g} standard errors of the difference; the errors come "
-             "from the per-batch losses of the evaluation (accuracies: binomial over tokens, which "
-             "understates the noise)."]
+             "(training) are the trainer's estimates on train.eval_batches batches. Runs that differ only in "
+             "seed are one arm; on held-out numbers an arm is named better only when the 95% interval of its "
+             "difference across seeds excludes zero (Welch's t on the seed means, or paired by seed when the "
+             "arms share data orders), never from one seed per arm. Throughput and memory are ranked when a "
+             f"lead exceeds {NOISE_SIGMAS:g} standard errors of the difference."]
     if len(runs) < 2:
         intro.append("Fewer than two runs could be compared, so nothing is ranked.")
     notes = fairness.notes + [note for r in runs for note in r.notes]
@@ -269,8 +312,10 @@ def build_report(runs: list[Run], table, fairness: Fairness, left_out: list[str]
     note = (f"Fresh samples for the same prompts from every run ({SAMPLE_SETTINGS})." if prompts else
             "From each run's samples.json, written at the end of its training with its own train.sample "
             "settings.")
+    if point is not None:
+        notes += point.notes
     return Report(f"Comparing {len(runs)} runs", intro, left_out, notes, best, shown, bold, footnotes,
-                  samples=samples, samples_note=note)
+                  samples=samples, samples_note=note, arms=arms_shown)
 
 
 def loss_curves(runs: list[Run], table, fairness: Fairness):
@@ -304,6 +349,13 @@ def print_report(console, report: Report, folder: Path) -> None:
         table.add_row(*cells)
     if len(report.table.columns) > 1:
         console.print(table)
+    if report.arms is not None and len(report.arms):
+        arms_shown = Table(title="Seed groups")
+        for col in report.arms.columns:
+            arms_shown.add_column(str(col), overflow="fold")
+        for row in report.arms.itertuples(index=False):
+            arms_shown.add_row(*(escape(str(v)) for v in row))
+        console.print(arms_shown)
     for note in report.footnotes:
         console.print(f"[dim]{escape(note)}[/]")
     for line in report.left_out:

@@ -12,12 +12,17 @@ AXES = [
 ]
 
 
-def plot_curves(curves: dict, folder: Path, unit: str) -> list[tuple[str, str]]:
+def plot_curves(curves: dict, folder: Path, unit: str, groups: dict | None = None) -> list[tuple[str, str]]:
     """One PNG per x axis, held-out and training loss side by side, one line per run; [(file, caption)].
 
     curves: by run label, a DataFrame with columns tokens, elapsed_s, flops, train_loss, val_loss
-    (missing values where a step logged only one of them), already in `unit`.
+    (missing values where a step logged only one of them), already in `unit`. groups: by arm label, its
+    runs' labels; an arm of several seeds is drawn as its mean with a band from its lowest to highest seed.
     """
+    groups = {g: [r for r in members if r in curves] for g, members in (groups or {}).items()}
+    several = {g: members for g, members in groups.items() if len(members) > 1}
+    if several:
+        return _plot_groups(curves, folder, unit, groups)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,3 +66,57 @@ def _interesting_range(curves: dict) -> tuple[float, float]:
     low, high = float(values.min()), float(values.max())
     pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.1
     return low - pad, high + pad
+
+
+def mean_band(frames: list, x: str, y: str):
+    """(grid, mean, low, high) of several curves on the x values any of them has, within the range they all
+    cover (each interpolated linearly between its own points); None when they share no range."""
+    import numpy as np
+
+    parts = [df.dropna(subset=[x, y]).sort_values(x) for df in frames]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return None
+    lo, hi = max(float(p[x].iloc[0]) for p in parts), min(float(p[x].iloc[-1]) for p in parts)
+    grid = np.unique(np.concatenate([p[x].to_numpy(float) for p in parts]))
+    grid = grid[(grid >= lo) & (grid <= hi)]
+    if not len(grid):
+        return None
+    ys = np.stack([np.interp(grid, p[x].to_numpy(float), p[y].to_numpy(float)) for p in parts])
+    return grid, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def _plot_groups(curves: dict, folder: Path, unit: str, groups: dict) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, x, xlabel, caption in AXES:
+        fig, (held, train) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
+        for i, (label, members) in enumerate(groups.items()):
+            color = f"C{i % 10}"
+            frames = [curves[m] for m in members]
+            for ax, y, style in ((held, "val_loss", "o-"), (train, "train_loss", "-")):
+                band = mean_band(frames, x, y)
+                if band is None:
+                    continue
+                grid, mean, low, high = band
+                seeds = f" ({len(members)} seeds)" if len(members) > 1 else ""
+                ax.plot(grid, mean, style, color=color, markersize=3, linewidth=1.2, label=label + seeds)
+                if len(members) > 1:
+                    ax.fill_between(grid, low, high, color=color, alpha=0.2, linewidth=0)
+        for ax, title in ((held, "held-out loss"), (train, "training loss")):
+            ax.set_title(title)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        held.set_ylim(*_interesting_range(curves))
+        held.set_ylabel(unit)
+        held.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append((name, f"Held-out and training loss ({unit}) {caption}: each seed group's mean, its band "
+                              "from the lowest to the highest seed"))
+    return written

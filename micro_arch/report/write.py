@@ -22,11 +22,12 @@ class Report:
     images: list[tuple[str, str]] = field(default_factory=list)  # (file in the report folder, caption)
     samples: dict[str, dict[str, str]] = field(default_factory=dict)  # prompt -> run -> continuation
     samples_note: str = ""
+    arms: object = None  # DataFrame of strings, one row per seed group (report.groups.arms_table), or None
 
 
 def _sections(report: Report):
     """(heading, bullet lines) of the sections made of lines; empty ones are left out."""
-    sections = (("Runs left out", report.left_out), ("Fairness", report.notes), ("Best", report.best))
+    sections = (("Runs left out", report.left_out), ("Fairness", report.notes), ("Verdicts", report.best))
     for heading, lines in sections:
         if lines:
             yield heading, lines
@@ -41,6 +42,8 @@ def to_markdown(report: Report) -> str:
     out = [f"# {report.title}", ""] + [line + "\n" for line in report.intro]
     for heading, lines in _sections(report):
         out += [f"## {heading}", "", *[f"- {line}" for line in lines], ""]
+    if report.arms is not None and len(report.arms):
+        out += ["## Seed groups", "", markdown_table(report.arms), ""]
     out += ["## Results", "", markdown_table(table), *[f"{note}  " for note in report.footnotes], ""]
     if report.images:
         out += ["## Loss curves", ""] + [f"![{caption}]({name})\n" for name, caption in report.images]
@@ -65,6 +68,8 @@ def to_html(report: Report) -> str:
     out += [f"<p>{e(line)}</p>" for line in report.intro]
     for heading, lines in _sections(report):
         out += [f"<h2>{e(heading)}</h2>", "<ul>", *[f"<li>{e(line)}</li>" for line in lines], "</ul>"]
+    if report.arms is not None and len(report.arms):
+        out += ["<h2>Seed groups</h2>", _html_table(report.arms)]
     cols = list(report.table.columns)
     out += ["<h2>Results</h2>", "<table>", "<tr>" + "".join(f"<th>{e(str(c))}</th>" for c in cols) + "</tr>"]
     for i, row in enumerate(report.table.itertuples(index=False)):
@@ -89,6 +94,13 @@ def to_html(report: Report) -> str:
                     + "</tr></table>"]
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def _html_table(df) -> str:
+    e = html.escape
+    head = "<tr>" + "".join(f"<th>{e(str(c))}</th>" for c in df.columns) + "</tr>"
+    body = ["<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False)]
+    return "<table>" + head + "".join(body) + "</table>"
 
 
 def write_report(report: Report, folder: Path) -> list[Path]:

@@ -45,7 +45,7 @@ class DPO(Stage):
             m = preference_metrics(model, val, *val_reference, t.dpo_beta, eval_batch, device, t.precision)
             return m["dpo_loss"], {f"val/{k}": m[k] for k in HELD_OUT}
 
-        return StagePieces(PairBatches(data.train, t.batch_size, t.seed, rank, world_size, table),
+        return StagePieces(PairBatches(data.train, t.batch_size, t.data_order_seed, rank, world_size, table),
                            self.loss_fn(t, reference), held_out, reference=reference, notes=data.notes)
 
     def loss_fn(self, train, reference=None):

@@ -1,7 +1,7 @@
 """What the chat stages (`train.stage: sft | dpo`) share: init_from's tokenizer with the chat template, JSONL
 records read and split, the frozen starting weights, and the data they prepare.
 
-    data = prepare_stage_data(cfg)      # .tokenizer (with the template), .train, .val, .fingerprint, .notes
+    data = prepare_stage_data(cfg, stage)  # .tokenizer (with the template), .train, .val, .fingerprint, .notes
 
 Both stages start from model.init_from, a micro-arch run or a local Hugging Face folder: its tokenizer is kept
 (a folder's from its tokenizer files; the template's special tokens are appended after its vocabulary, and

@@ -30,7 +30,7 @@ class SFT(Stage):
         def held_out(model):
             return assistant_loss(model, val, t.batch_size * world_size, device, t.precision)["assistant_loss"], {}
 
-        return StagePieces(ConversationBatches(data.train, t.batch_size, t.seed, rank, world_size), sft_loss,
+        return StagePieces(ConversationBatches(data.train, t.batch_size, t.data_order_seed, rank, world_size), sft_loss,
                            held_out, notes=data.notes)
 
     def loss_fn(self, train, reference=None):

@@ -249,10 +249,12 @@ def param_overrides(params: dict) -> list[str]:
 
 
 def budget_overrides(steps: int | None, tokens: int | None) -> list[str]:
+    # an experiment's own budget_tokens/budget_flops would outrank the sweep's budget: cleared
+    other = ["train.budget_tokens=null", "train.budget_flops=null"]
     if steps is not None:
-        return [f"train.max_steps={steps}", "train.max_tokens=null"]
+        return [f"train.max_steps={steps}", "train.max_tokens=null", *other]
     if tokens is not None:
-        return [f"train.max_tokens={tokens}"]
+        return [f"train.max_tokens={tokens}", *other]
     return []
 
 

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from micro_arch import checkpoint as ckpt
 from micro_arch.device import peak_memory_mb
-from micro_arch.rundir import SUMMARY_FORMAT_VERSION, write_json
+from micro_arch.rundir import SUMMARY_FORMAT_VERSION, group_id, write_json
 from micro_arch.train.metrics import MetricsLog
 
 console = Console()
@@ -217,6 +217,8 @@ class Bookkeeper:
         write_json(self.run_dir / "summary.json", {
             "format_version": SUMMARY_FORMAT_VERSION, "experiment": t.cfg.name, "run_id": self.run_dir.name,
             "status": status, **extra, "resume_command": self.resume_command,
+            # seed groups: runs with one group id differ only in seed (report/groups.py compares them as one arm)
+            "group": group_id(t.cfg), "seed": self.cfg.seed, "data_seed": self.cfg.data_seed,
             "params_total": model.num_params(), "params_non_embedding": model.num_params(non_embedding=True),
             "flops_per_token": model.flops_per_token(self.cfg.seq_len), "steps": st.step,
             "total_steps": t.total_steps, "tokens_seen": st.tokens, "wall_time_s": round(times["wall"], 2),

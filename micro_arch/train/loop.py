@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -24,10 +25,25 @@ from micro_arch.train.stop import RunInterrupted, StopRequests
 
 
 def planned_steps(cfg: ExperimentConfig, world_size: int) -> int:
+    """max_steps, or the steps a token or FLOP budget buys (rounded up: a run never trains less than asked)."""
     t = cfg.train
-    if t.max_tokens is None:
+    tokens = t.max_tokens if t.max_tokens is not None else t.budget_tokens
+    if t.budget_flops is not None:
+        return max(1, math.ceil(t.budget_flops / (training_flops_per_token(cfg) * tokens_per_step(cfg, world_size))))
+    if tokens is None:
         return t.max_steps
-    return -(-t.max_tokens // tokens_per_step(cfg, world_size))
+    return max(1, math.ceil(tokens / tokens_per_step(cfg, world_size)))
+
+
+def training_flops_per_token(cfg: ExperimentConfig) -> float:
+    """The model's training FLOPs per token (Model.flops_per_token), from a model on the meta device."""
+    from micro_arch.errors import MicroArchError
+
+    if cfg.model.vocab_size is None:
+        raise MicroArchError("train.budget_flops: the model's FLOPs need model.vocab_size, which the tokenizer "
+                             "sets once the data is prepared")
+    with torch.device("meta"):
+        return Model(cfg.model).flops_per_token(cfg.train.seq_len)
 
 
 def tokens_per_step(cfg: ExperimentConfig, world_size: int) -> int:

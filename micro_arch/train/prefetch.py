@@ -22,7 +22,8 @@ class TokenWindows:
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg
-        return sample_batch(self.tokens, t.batch_size, t.seq_len, t.seed, index, self.rank, self.world_size)
+        return sample_batch(self.tokens, t.batch_size, t.seq_len, t.data_order_seed, index, self.rank,
+                            self.world_size)
 
 
 class Prefetcher:

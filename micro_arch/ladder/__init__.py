@@ -1,0 +1,1 @@
+"""Scaling ladders: architectures x compute budgets x seeds, trained, fitted and reported (micro-arch ladder)."""
