@@ -6,21 +6,20 @@ its parent's length.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from micro_arch.eval.evaluate import evaluate_run
 
 
-def _note_unfinished(console, run_dir: Path) -> None:
-    """An interrupted, running or crashed run is evaluated at its latest checkpoint; say which it is."""
+def note_unfinished(console, run_dir: Path, doing: str = "evaluating") -> None:
+    """An interrupted, running, crashed or diverged run is used at its latest checkpoint; say which it is."""
     from rich.markup import escape
 
     from micro_arch.report.runs import unfinished_state
 
     state = unfinished_state(run_dir)
     if state:
-        console.print(f"[yellow]note[/]: {escape(state)}; evaluating its latest checkpoint")
+        console.print(f"[yellow]note[/]: {escape(state)}; {doing} its latest checkpoint")
 
 
 def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: int = 32,
@@ -32,7 +31,7 @@ def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: 
 
     console = Console()
     run_dir = Path(run_dir)
-    _note_unfinished(console, run_dir)
+    note_unfinished(console, run_dir)
     if data:
         from micro_arch.eval.text import evaluate_on_data, unencodable_line
 
@@ -73,12 +72,13 @@ def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: 
 
 
 def _metrics_table(result: dict, title: str):
-    import statistics
-
     from rich.table import Table
 
+    from micro_arch.report.fairness import standard_error
+
     losses = result["batch_losses"]
-    spread = f" ± {statistics.stdev(losses) / math.sqrt(len(losses)):.4f}" if len(losses) > 1 else ""
+    se = standard_error(losses)
+    spread = "" if se is None else f" ± {se:.4f}"
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
