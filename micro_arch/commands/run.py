@@ -98,7 +98,8 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, overrides: list[str] |
         del diffs["model.init_from"]  # the parent's checkpoint of the step this run began from: the same weights
     if diffs:
         given = {o.split("=", 1)[0].strip(): o for o in overrides or []}
-        values = "; ".join(f"{given.get(key, key)}: the run has {was!r}" for key, (was, _) in diffs.items())
+        values = "; ".join(f"{'--set ' + given[key] if key in given else key}: the run has {was!r}"
+                           for key, (was, _) in diffs.items())
         raise MicroArchError(f"{run_dir}: a resumed run keeps its model, data and training settings ({values}); "
                              f"only train.{', train.'.join(sorted(CHANGEABLE))} may change on resume; leave those "
                              "--set out, or start a new run (without --resume) to train with them")
