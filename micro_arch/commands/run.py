@@ -34,7 +34,14 @@ from micro_arch.errors import MicroArchError
 from micro_arch.experiment import check_consistency, load_experiment
 from micro_arch.hf.init import PARENT_FILE
 from micro_arch.model.model import Model
-from micro_arch.rundir import check_run_name, new_run_dir, read_run_config, write_config, write_json
+from micro_arch.rundir import (
+    check_run_name,
+    new_run_dir,
+    read_run_config,
+    read_summary,
+    write_config,
+    write_json,
+)
 from micro_arch.train.distributed import Dist, init_distributed, launch, shutdown
 from micro_arch.train.loop import Trainer, planned_steps, tokens_per_step
 from micro_arch.train.optim import lr_factor
@@ -232,7 +239,6 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
         elif cfg.model.vocab_size < tok_vocab:
             raise MicroArchError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                                  f"{tok_vocab}; remove model.vocab_size to take the tokenizer's")
-        check_sample_prompts(cfg, data.tokenizer)
         if dry_run:
             if dist.main:
                 with torch.device("meta"):  # sizes only: a 7B model must not allocate its weights
@@ -264,6 +270,7 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
                 for note in data.notes:
                     console.print(f"{cfg.train.stage}: {note}", highlight=False)
         trainer = Trainer(cfg, data, dist, device, payload, on_eval=on_eval, pieces=pieces)
+        check_sample_prompts(cfg, data.tokenizer)
         trace = _trace(trainer.model, cfg, device) if dist.main and not resume else None
         run_dir = Path(resume) if resume else (new_run_dir(runs_root, cfg.name) if dist.main else None)
         if dist.main and not resume:
@@ -303,6 +310,11 @@ def _keep_experiment_blocks(target, run_dir: Path) -> None:
 def _load_resume_state(run_dir: Path, cfg: ExperimentConfig, checkpoint, dist: Dist, device, overrides=None) -> dict:
     """The checkpoint to resume from, after removing half-written files and warning about damaged ones."""
     check_resumable(run_dir, cfg, overrides)
+    summary = read_summary(run_dir)
+    if summary.get("status") == "diverged":  # a resume is bit-for-bit: it would diverge again at the same step
+        raise MicroArchError(f"{run_dir}: this run diverged at step {summary.get('diverged_at_step')} (see the error in "
+                             "its summary.json for the likely causes); resumed with the same settings it would "
+                             "diverge again at the same step: fix the setting and start a new run without --resume")
     if dist.main:
         for path in ckpt.remove_partial_saves(run_dir):
             warn(f"removed {path}, left by a process stopped in the middle of a save")
@@ -333,12 +345,7 @@ def _check_same_model(run_dir: Path, path: Path, payload: dict, cfg: ExperimentC
 
 def _say_if_extending(run_dir: Path, payload: dict, cfg: ExperimentConfig, world_size: int) -> None:
     """Resuming a completed run with a larger explicit budget trains it further: say so, and what stays."""
-    summary = run_dir / "summary.json"
-    try:
-        done = json.loads(summary.read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return
-    if done:
+    if read_summary(run_dir).get("status") == "completed":
         step = payload["step"]
         console.print(f"{run_dir}: extending the completed run from {step:,} to {planned_steps(cfg, world_size):,} "
                       f"steps (--set); checkpoints/step_{step:07d}.pt keeps it as it finished, and metrics.csv keeps "

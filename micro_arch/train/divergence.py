@@ -78,8 +78,8 @@ def diverged_message(cfg, device: torch.device, first_step: int | None, found_at
         causes.append("a block argument that makes the model unstable (e.g. Attn(rope_theta=0))")
     if t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda"):
         causes.append(f"reduced precision (train.precision={t.precision}; try train.precision=fp32)")
-    return (f"{run_dir}: the run diverged: {what} was not finite (NaN or inf) {when}; it stopped there with status "
-            f"'diverged' in summary.json, and {kept}. Likely causes: {'; '.join(causes)}. Fix the setting and "
+    return (f"{run_dir}: the run diverged: {what} was not finite (NaN or inf) {when}; it stopped at step "
+            f"{found_at:,} with status 'diverged' in summary.json, and {kept}. Likely causes: {'; '.join(causes)}. Fix the setting and "
             "start a new run (resuming would diverge again)")
 
 
