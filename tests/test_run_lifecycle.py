@@ -164,6 +164,19 @@ def test_a_huge_learning_rate_without_clipping_diverges_and_names_both(tmp_path)
         assert all(torch.isfinite(v).all() for v in saved.values()), name
 
 
+def test_a_ddp_run_that_diverges_stops_every_rank_at_one_step_and_says_it_once(tmp_path):
+    exp = make_experiment(tmp_path)
+    result = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "runs", "--set", *SHORT, "train.lr=1e6",
+                     "train.grad_clip=null", "train.log_every=1", "train.checkpoint_every=2",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and result.stderr.count("the run diverged") == 1, result.stderr[-3000:]
+    (run_dir,) = run_folders(tmp_path / "runs")
+    summary = summary_of(run_dir)
+    assert summary["status"] == "diverged" and summary["world_size"] == 2
+    assert int(read_metrics(run_dir)[-1]["step"]) == summary["steps"] == summary["diverged_at_step"]
+    assert (run_dir / "run.lock").read_text() == ""
+
+
 def test_a_checkpoint_of_nan_weights_is_refused_in_one_line_and_compare_leaves_it_out(diverged, tmp_path):
     """A run trained before divergence was caught: 'completed', with NaN weights and a NaN final loss."""
     from micro_arch.report.compare import compare

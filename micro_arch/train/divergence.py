@@ -16,7 +16,10 @@ from micro_arch.errors import MicroArchError
 
 
 class RunDiverged(MicroArchError):
-    """The run stopped on a non-finite loss, gradient norm or weights; the message names likely causes."""
+    """The run stopped on a non-finite loss, gradient norm or weights; the message names likely causes.
+    Every rank of a DDP run raises it at the same step; only rank 0's is printed (`main_only`)."""
+
+    main_only = True
 
     def __init__(self, message: str, first_step: int, found_at: int):
         super().__init__(message)

@@ -146,6 +146,7 @@ class Trainer:
                 raise
             except RunDiverged as err:
                 books.record_divergence(err)
+                self.dist.barrier()  # every rank stops here; none exits (and has torchrun stop rank 0) before it wrote
                 raise
             except BaseException as err:
                 books.write_summary("stopped", error=f"{type(err).__name__}: {err}")
