@@ -133,6 +133,13 @@ def test_generate_eval_and_compare_treat_a_diverged_run_as_diverged(diverged, ca
     report = (folder / "report.md").read_text()
     assert "diverged at step 6" in report and "not ranked" in report
     assert "1 run(s) compared, 1 left out" in report
+    from micro_arch.eval.text import compare_on_data
+
+    (tmp / "other.txt").write_text("ROMEO: to be, or not to be, that is the question.\n" * 20)
+    capsys.readouterr()
+    rows = compare_on_data([healthy, run_dir], str(tmp / "other.txt"), max_batches=2, device="cpu")
+    assert [r["run"] for r in rows] == [str(healthy)]
+    assert "diverged at step 6" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_run_that_is_nan_from_its_first_step_blames_the_model_not_the_learning_rate(tmp_path):
