@@ -11,7 +11,7 @@ from pathlib import Path
 from micro_arch.eval.evaluate import evaluate_run
 
 
-def note_unfinished(console, run_dir: Path, doing: str = "evaluating") -> None:
+def note_unfinished(console, run_dir: Path, doing: str = "evaluating", checkpoint=None) -> None:
     """An interrupted, running, crashed or diverged run is used at its latest checkpoint; say which it is."""
     from rich.markup import escape
 
@@ -19,7 +19,8 @@ def note_unfinished(console, run_dir: Path, doing: str = "evaluating") -> None:
 
     state = unfinished_state(run_dir)
     if state:
-        console.print(f"[yellow]note[/]: {escape(state)}; {doing} its latest checkpoint")
+        which = f"checkpoint {checkpoint}" if checkpoint else "its latest checkpoint"
+        console.print(f"[yellow]note[/]: {escape(state)}; {doing} {escape(which)}")
 
 
 def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: int = 32,
@@ -31,7 +32,7 @@ def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: 
 
     console = Console()
     run_dir = Path(run_dir)
-    note_unfinished(console, run_dir)
+    note_unfinished(console, run_dir, checkpoint=checkpoint)
     if data:
         from micro_arch.eval.text import evaluate_on_data, unencodable_line
 

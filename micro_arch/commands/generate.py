@@ -23,7 +23,7 @@ def generate_command(run_dir, prompts: list[str] | None = None, max_new_tokens: 
     console = Console()
     device = resolve_device(device)
     cfg, model, tokenizer = load_run(run_dir, checkpoint, device)
-    note_unfinished(console, run_dir, "sampling from")
+    note_unfinished(console, run_dir, "sampling from", checkpoint)
     prompts = prompts or cfg.train.sample.prompts
     start = time.perf_counter()
     texts = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
