@@ -167,7 +167,7 @@ class Bookkeeper:
 
     def diverged(self, first: int | None, what: str) -> RunDiverged:
         s = self.state.step
-        kept = f"checkpoints/step_{self.kept_step:07d}.pt (step {self.kept_step:,})" if self.kept_step else None
+        kept = f"checkpoints/step_{self.kept_step:07d}.pt (step {self.kept_step:,})" if self.kept_step is not None else None
         message = diverged_message(self.t.cfg, self.t.device, first, s, what, not self.t.resumed, kept,
                                    self.run_dir)
         return RunDiverged(message, first if first is not None else s, s)
