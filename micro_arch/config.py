@@ -524,3 +524,14 @@ def blame_override(err: MicroArchError, overrides: list[str] | None, root: str =
         if place == key or place.startswith((key + ".", key + "[")):
             return MicroArchError(f"--set {item}: {message}")
     return err
+
+
+def dotted(data: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"model.defaults.Norm": "rmsnorm", ...}; lists stay whole values."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out

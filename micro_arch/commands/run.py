@@ -7,11 +7,9 @@ checkpoints, summary.json, timing), stop (Ctrl-C: save and stop between steps).
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,19 +17,25 @@ import torch
 from rich.console import Console
 
 from micro_arch import checkpoint as ckpt
+from micro_arch.commands.resume import (
+    check_resume_dir,
+    check_same_model,
+    note_experiment_differs,
+    resumed_config,
+    same_start,
+    say_if_extending,
+    warn,
+)
 from micro_arch.config import (
     ExperimentConfig,
-    apply_overrides,
     blame_override,
     experiment_path,
     extends_chain,
-    from_dict,
-    read_yaml,
     to_dict,
 )
 from micro_arch.device import resolve_device, set_threads
 from micro_arch.errors import MicroArchError
-from micro_arch.experiment import check_consistency, load_experiment
+from micro_arch.experiment import load_experiment
 from micro_arch.hf.init import PARENT_FILE
 from micro_arch.model.model import Model
 from micro_arch.rundir import (
@@ -55,45 +59,6 @@ CHANGEABLE = {"max_steps", "max_tokens", "eval_every", "log_every", "checkpoint_
               "compile", "compile_mode", "device"}
 
 
-def check_resume_dir(resume) -> Path:
-    """--resume names a run folder: say so when it is a file (a checkpoint: how to pick it) or not a run."""
-    path = Path(resume)
-    if path.is_file():
-        hint = (f"; to resume from this checkpoint, pass --resume {path.parent.parent} --checkpoint {path.name}"
-                if path.parent.name == "checkpoints" else "")
-        raise MicroArchError(f"--resume {path}: a file, not a run directory; pass the run's folder, such as "
-                             f"runs/<experiment>/<run-id>{hint}")
-    read_run_config(path)  # 'no such run directory' / 'not a run directory (no config.yaml)'
-    return path
-
-
-def resumed_config(run_dir: Path, overrides: list[str]) -> ExperimentConfig:
-    """A resumed run keeps its own settings, its folder's config.yaml; only `--set` overrides change them
-    (and check_resumable allows only the budget, cadences and where it runs to change)."""
-    where = str(run_dir / "config.yaml")
-    try:
-        cfg = from_dict(ExperimentConfig, apply_overrides(read_yaml(run_dir / "config.yaml"), overrides), where=where)
-    except MicroArchError as err:
-        raise blame_override(err, overrides, root=where) from None
-    check_consistency(cfg)
-    return cfg
-
-
-def _note_experiment_differs(run_dir: Path, target, experiment: ExperimentConfig, cfg: ExperimentConfig) -> None:
-    """Say which settings of the experiment as it is now the resumed run does not take (its own stay)."""
-    def flat(d, prefix=""):
-        return {k: v for key, item in d.items()
-                for k, v in (flat(item, f"{prefix}{key}.") if isinstance(item, dict) else {prefix + key: item}).items()}
-
-    now, run = flat(to_dict(experiment)), flat(to_dict(cfg))
-    differ = [k for k in now if now[k] != run.get(k) and not (k == "model.vocab_size" and now[k] is None)]
-    if differ:
-        shown = "; ".join(f"{k}: {run.get(k)!r} in the run, {now[k]!r} in {target}" for k in differ[:4])
-        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
-        warn(f"{run_dir} resumes with its own settings (its config.yaml), not the experiment's where they differ "
-             f"({shown}{more}); --set changes the budget, e.g. --set train.max_steps=N")
-
-
 def check_resumable(run_dir: Path, cfg: ExperimentConfig, overrides: list[str] | None = None) -> None:
     """A run may be resumed with a longer budget or other cadences, never with another model or data."""
     old = to_dict(read_run_config(run_dir))
@@ -101,7 +66,7 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, overrides: list[str] |
     diffs = {f"{section}.{k}": (old[section].get(k), new[section][k]) for section in ("model", "data", "train")
              for k in new[section]
              if old[section].get(k) != new[section][k] and not (section == "train" and k in CHANGEABLE)}
-    if "model.init_from" in diffs and _same_start(run_dir, diffs["model.init_from"][1]):
+    if "model.init_from" in diffs and same_start(run_dir, diffs["model.init_from"][1]):
         del diffs["model.init_from"]  # the parent's checkpoint of the step this run began from: the same weights
     if diffs:
         given = {o.split("=", 1)[0].strip(): o for o in overrides or []}
@@ -110,21 +75,6 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, overrides: list[str] |
         raise MicroArchError(f"{run_dir}: a resumed run keeps its model, data and training settings ({values}); "
                              f"only train.{', train.'.join(sorted(CHANGEABLE))} may change on resume; leave those "
                              "--set out, or start a new run (without --resume) to train with them")
-
-
-def _same_start(run_dir: Path, init_from) -> bool:
-    """Whether init_from is the checkpoint of the step the run began from (its parent.json), of the same run."""
-    from micro_arch.hf.init import resolve_source, run_dir_of
-
-    began = json.loads((run_dir / PARENT_FILE).read_text()) if (run_dir / PARENT_FILE).is_file() else {}
-    if not init_from or began.get("type") != "micro-arch run" or began.get("step") is None:
-        return False
-    try:
-        kind, path = resolve_source(str(init_from))
-    except MicroArchError:
-        return False
-    return (kind == "checkpoint" and path.name == f"step_{began['step']:07d}.pt"
-            and str(run_dir_of(kind, path).resolve()) == began.get("path"))
 
 
 def check_sample_prompts(cfg: ExperimentConfig, tokenizer) -> None:
@@ -222,7 +172,7 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
             if refusal:
                 raise MicroArchError(refusal)
             if dist.main:
-                _note_experiment_differs(resume, target, experiment, cfg)
+                note_experiment_differs(resume, target, experiment, cfg)
         if not dist.main:
             dist.barrier()  # let rank 0 fill the data cache first
         if cfg.train.stage == "pretrain":
@@ -253,7 +203,7 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
                     _say_complete(Path(resume), target, overrides, payload, cfg, dist.world_size)
                 return Path(resume) if dist.main else None
             if dist.main:
-                _say_if_extending(Path(resume), payload, cfg, dist.world_size)
+                say_if_extending(Path(resume), payload, cfg, dist.world_size)
                 _warn_if_schedule_changes(payload, cfg, dist.world_size)
                 _warn_if_processes_change(payload, cfg, dist.world_size)
         elif checkpoint:
@@ -323,33 +273,8 @@ def _load_resume_state(run_dir: Path, cfg: ExperimentConfig, checkpoint, dist: D
     if skipped and dist.main:
         warn(f"{run_dir}: skipped {', '.join(skipped)}; resuming from {path.name} (step {payload['step']}), "
              "the newest intact checkpoint")
-    _check_same_model(run_dir, path, payload, cfg, checkpoint)
+    check_same_model(run_dir, path, payload, cfg, checkpoint)
     return payload
-
-
-def _check_same_model(run_dir: Path, path: Path, payload: dict, cfg: ExperimentConfig, explicit) -> None:
-    """A checkpoint of another model (--checkpoint OTHER/latest.pt, or another run's file copied in) is refused
-    in one line, naming the first setting that differs, before any weights are loaded."""
-    saved = (payload.get("config") or {}).get("model")
-    if not isinstance(saved, dict):
-        return  # a checkpoint from before the config was kept in it: load_weights still checks the shapes
-    mine = to_dict(cfg)["model"]
-    differ = [k for k in mine if k in saved and k != "init_from" and saved[k] != mine[k]]
-    if differ:
-        k = differ[0]
-        how = (f"--checkpoint {explicit}" if explicit else str(path))
-        raise MicroArchError(f"{how}: a checkpoint of another model (model.{k} is {saved[k]!r} there, {mine[k]!r} in "
-                             f"{run_dir / 'config.yaml'}), not of this run; resume from one of the run's own "
-                             f"checkpoints (--checkpoint step_N.pt), or remove {path} if it was copied in")
-
-
-def _say_if_extending(run_dir: Path, payload: dict, cfg: ExperimentConfig, world_size: int) -> None:
-    """Resuming a completed run with a larger explicit budget trains it further: say so, and what stays."""
-    if read_summary(run_dir).get("status") == "completed":
-        step = payload["step"]
-        console.print(f"{run_dir}: extending the completed run from {step:,} to {planned_steps(cfg, world_size):,} "
-                      f"steps (--set); checkpoints/step_{step:07d}.pt keeps it as it finished, and metrics.csv keeps "
-                      "its rows", soft_wrap=True, highlight=False)
 
 
 def _say_complete(run_dir: Path, target, overrides, payload, cfg, world_size) -> None:
@@ -400,10 +325,6 @@ def _removed_on_failure(run_dir: Path, fresh: bool, trainer):
         if fresh and (trainer.step == 0 or aborted) and not ckpt.has_checkpoints(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def _trace(model, cfg, device) -> str:

@@ -187,13 +187,10 @@ def flat_settings(path: Path) -> dict:
     """config.yaml as {"model.defaults.Norm": "rmsnorm", ...}; lists stay whole values."""
     import yaml
 
-    def flatten(value, prefix):
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: value}
+    from micro_arch.config import dotted
 
     config = path / "config.yaml"
-    return flatten(yaml.safe_load(config.read_text()) or {}, "") if config.is_file() else {}
+    return dotted(yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
 
 
 def lineage(path: Path, max_depth: int = 8) -> str:
