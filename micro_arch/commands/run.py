@@ -2,7 +2,8 @@
 
 The pieces: train_loop.Trainer (model, optimizer, the loop), train_step (one optimizer step and the
 stage's loss), prefetch (batch sources, batches copied ahead), bookkeeping (logs, evaluation,
-checkpoints, summary.json, timing), stop (Ctrl-C: save and stop between steps).
+checkpoints, summary.json, timing), stop (Ctrl-C: save and stop between steps), divergence (a non-finite
+loss stops the run), runlock (one trainer per run folder); commands.resume (what a resume starts from).
 """
 
 from __future__ import annotations
