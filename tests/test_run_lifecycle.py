@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 from helpers import ROOT, run_cli
+from test_stages import chain  # noqa: F401 (a fixture)
 from test_train import TINY, make_experiment, read_metrics
 
 from micro_arch.commands.run import check_resumable, run_experiment
@@ -404,3 +405,22 @@ def test_init_from_a_run_with_a_truncated_latest_checkpoint_advises_a_setting_th
     assert advised.endswith("step_0000004.pt")
     child = run_experiment(exp, runs_root=tmp_path / "child", overrides=["train.max_steps=2", advised])
     assert json.loads((child / "parent.json").read_text())["step"] == 4
+
+
+def test_a_dpo_resume_after_its_parent_trained_on_follows_the_advice_to_the_end(chain, tmp_path):  # noqa: F811
+    import shutil
+
+    from micro_arch.rundir import read_summary
+
+    root, trained = chain
+    parent = tmp_path / "parent"
+    shutil.copytree(trained, parent)  # the shared parent stays as it is
+    dpo = run_experiment(root / "dpo", runs_root=tmp_path / "runs", overrides=[f"model.init_from={parent}",
+                                                                               "train.max_steps=4"])
+    run_experiment(root / "pretrain", resume=parent, overrides=["train.max_steps=12"])  # the parent trains on
+    with pytest.raises(MicroArchError, match="began from step 8") as refused:
+        run_experiment(root / "dpo", resume=dpo, overrides=["train.max_steps=6"])
+    advised = str(refused.value).split("resume with --set ")[1].split()[0]
+    assert advised == f"model.init_from={parent / 'checkpoints/step_0000008.pt'}"
+    run_experiment(root / "dpo", resume=dpo, overrides=["train.max_steps=6", advised])
+    assert read_summary(dpo)["status"] == "completed" and read_summary(dpo)["steps"] == 6
