@@ -61,7 +61,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 def load_weights(model, state: dict, what: str) -> None:
     """model.load_state_dict, with a one-line error (not torch's list of size mismatches) when `what`
-    (e.g. "runs/x/<id>/checkpoints/latest.pt") holds the weights of another model."""
+    (e.g. "runs/x/<id>/checkpoints/latest.pt") holds the weights of another model: for generate, eval,
+    export and chat (rundir.load_run) and for the trainer's resume alike."""
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -101,7 +101,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="
     """(config, model with trained weights in eval mode, tokenizer) from a run directory alone."""
     import torch
 
-    from micro_arch.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
+    from micro_arch.checkpoint import latest_checkpoint, load_checkpoint, load_weights, resolve_checkpoint
     from micro_arch.data import load_tokenizer
     from micro_arch.model.model import Model
     from micro_arch.model.registry import load_experiment_blocks
@@ -117,11 +117,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="
                              "causes, and train it again with the setting fixed")
     payload = load_checkpoint(file, device)
     model = Model(cfg.model)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as err:
-        raise MicroArchError(f"{run_dir}: the checkpoint does not fit the run's config.yaml "
-                             f"({str(err).splitlines()[0]})") from None
+    load_weights(model, payload["model"], f"{file} (for {run_dir / 'config.yaml'})")
     if not all(bool(torch.isfinite(t).all()) for t in payload["model"].values() if t.is_floating_point()):
         raise MicroArchError(f"{file}: its weights are not finite (NaN or inf): the run diverged before this "
                              "checkpoint was written; use an earlier checkpoint (--checkpoint step_N.pt), or train "
