@@ -172,6 +172,24 @@ def test_a_huge_learning_rate_without_clipping_diverges_and_names_both(tmp_path)
         assert all(torch.isfinite(v).all() for v in saved.values()), name
 
 
+def test_the_finite_watch_keeps_the_first_bad_step_of_a_loss_or_a_gradient_norm():
+    from micro_arch.train.distributed import Dist
+    from micro_arch.train.divergence import FiniteWatch, weights_finite
+
+    watch = FiniteWatch(torch.device("cpu"), Dist())
+    watch.add(1, torch.tensor(2.5), None)
+    watch.add(2, torch.tensor(2.4), torch.tensor(0.7))
+    assert watch.first_bad_step() is None
+    watch.add(3, torch.tensor(2.3), torch.tensor(float("inf")))  # a finite loss, an overflowing gradient
+    watch.add(4, torch.tensor(float("nan")), torch.tensor(float("nan")))
+    assert watch.first_bad_step() == 3
+    model = torch.nn.Linear(3, 2)
+    assert weights_finite(model, Dist())
+    with torch.no_grad():
+        model.bias[1] = float("-inf")
+    assert not weights_finite(model, Dist())
+
+
 def test_a_ddp_run_that_diverges_stops_every_rank_at_one_step_and_says_it_once(tmp_path):
     exp = make_experiment(tmp_path)
     result = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "runs", "--set", *SHORT, "train.lr=1e6",

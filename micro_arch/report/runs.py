@@ -98,8 +98,8 @@ def run_state(path: Path, summary: dict) -> str:
         kept = summary.get("last_finite_checkpoint")
         return (f"diverged at step {summary.get('diverged_at_step', step)} (a non-finite loss; "
                 + (f"its last finite checkpoint is {kept}" if kept else "no checkpoint was written")
-                + "), so it is not ranked; its summary.json names the likely causes: fix the setting and train "
-                  f"it again with `{_new_run_command(command)}`")
+                + "), so it is not ranked; its summary.json names the likely causes: fix the setting in its "
+                  f"command (`{_new_run_command(command)}`) and train it again")
     updated = summary.get("updated_at")
     alive = _alive(summary.get("pid")) if summary.get("host") == socket.gethostname() else None
     if not has_checkpoints(path) and not (status == "running" and alive is not False):
