@@ -9,6 +9,7 @@ resume that changes nothing leaves the folder byte-identical. Under DDP the trai
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -34,12 +35,18 @@ class RunLock:
         """Take the lock; None when taken, else the one-line message that says who holds it."""
         if fcntl is None or self.fd is not None:
             return None
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise MicroArchError(f"{self.run_dir}: cannot open its lock file {self.path} ({err.strerror}); a trainer "
+                                 "writes the run folder, so it must be writable") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
             os.close(fd)
-            return self._held_by_another()
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return self._held_by_another()
+            return None  # a file system without locks (ENOLCK, EOPNOTSUPP): train unguarded, as before locks
         self.fd = fd
         if not name_holder:
             return None
