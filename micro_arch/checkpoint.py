@@ -59,6 +59,18 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return payload
 
 
+def load_weights(model, state: dict, what: str) -> None:
+    """model.load_state_dict, with a one-line error (not torch's list of size mismatches) when `what`
+    (e.g. "runs/x/<id>/checkpoints/latest.pt") holds the weights of another model: for generate, eval,
+    export and chat (rundir.load_run) and for the trainer's resume alike."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err).splitlines()[0])
+        raise MicroArchError(f"{what}: the weights do not fit this model; they are a checkpoint of another "
+                             f"configuration ({detail})") from None
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints" / LATEST
 

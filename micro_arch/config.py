@@ -605,3 +605,14 @@ def blame(err: MicroArchError, overrides: list[str] | None, path: Path) -> Micro
         message = f"{file}: {message}"
     return err.reworded(message, where=tuple(file + p[len(root):] if p.startswith(root) else p
                                              for p in err.places))
+
+
+def dotted(data: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"model.defaults.Norm": "rmsnorm", ...}; lists stay whole values."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out

@@ -54,8 +54,17 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def check_run_name(name: str) -> None:
+    """A run's name becomes one folder under the runs directory (runs/<name>/<run-id>): one path component."""
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+        raise MicroArchError(f"name {name!r}: a run's name is one folder name (runs go to RUNS_DIR/<name>/<run-id>), "
+                             "without '/', '\\' or '..'; pick another --runs-dir to put runs elsewhere",
+                             where="name")
+
+
 def new_run_dir(runs_root: str | Path, experiment: str) -> Path:
     """runs/<experiment>/<time>-<random>: a new run never reuses an old run's directory."""
+    check_run_name(experiment)
     parent = Path(runs_root) / experiment
     parent.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
@@ -127,7 +136,9 @@ def anchored(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu"):
     """(config, model with trained weights in eval mode, tokenizer) from a run directory alone."""
-    from micro_arch.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
+    import torch
+
+    from micro_arch.checkpoint import latest_checkpoint, load_checkpoint, load_weights, resolve_checkpoint
     from micro_arch.data import load_tokenizer
     from micro_arch.model.model import Model
     from micro_arch.model.registry import load_experiment_blocks
@@ -135,13 +146,27 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device="
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir, anchor=True)
     load_experiment_blocks(run_dir)  # the run's copies of its experiment's blocks, if it has any
-    payload = load_checkpoint(resolve_checkpoint(run_dir, checkpoint) if checkpoint else latest_checkpoint(run_dir),
-                              device)
+    file = resolve_checkpoint(run_dir, checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    summary = read_summary(run_dir)
+    if not file.is_file() and summary.get("status") == "diverged":
+        raise MicroArchError(f"{run_dir}: this run diverged at step {summary.get('diverged_at_step')} before its "
+                             "first checkpoint, so it has no weights to load; see its summary.json for the likely "
+                             "causes, and train it again with the setting fixed")
+    payload = load_checkpoint(file, device)
     model = Model(cfg.model)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as err:
-        raise MicroArchError(f"{run_dir}: the checkpoint does not fit the run's config.yaml "
-                             f"({str(err).splitlines()[0]})") from None
+    load_weights(model, payload["model"], f"{file} (for {run_dir / 'config.yaml'})")
+    if not all(bool(torch.isfinite(t).all()) for t in payload["model"].values() if t.is_floating_point()):
+        raise MicroArchError(f"{file}: its weights are not finite (NaN or inf): the run diverged before this "
+                             "checkpoint was written; use an earlier checkpoint (--checkpoint step_N.pt), or train "
+                             "the run again with a lower train.lr or train.grad_clip set")
     model.to(device).eval()
     return cfg, model, load_tokenizer(run_dir)
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    """The run's summary.json, or {} when it has none or it cannot be read."""
+    try:
+        found = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}

@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import shlex
 import shutil
 import textwrap
 
@@ -269,12 +268,10 @@ def test_resuming_with_another_number_of_processes_warns_that_the_global_batch_c
 def test_resume_refuses_corrupt_checkpoints_and_other_configs(tmp_path):
     exp = make_experiment(tmp_path)
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=4"])
-    with pytest.raises(MicroArchError, match="model.d_model: the run has 32, this experiment 64") as refused:
+    with pytest.raises(MicroArchError, match="--set model.d_model=64: the run has 32.*leave those --set out"):
         run_experiment(exp, runs_root=tmp_path / "runs", overrides=["model.d_model=64"], resume=run_dir)
-    suggested = shlex.split(str(refused.value).split("(add ")[1].split(")")[0])
-    assert suggested[0] == "--set"  # and what it sets makes the settings the run's again
-    again = ["train.max_steps=4", "model.d_model=64", *suggested[1:]]
-    assert run_experiment(exp, runs_root=tmp_path / "runs", overrides=again, resume=run_dir) == run_dir
+    # without it, the run resumes with its own settings (its config.yaml), whatever the experiment says
+    assert run_experiment(exp, runs_root=tmp_path / "runs", resume=run_dir) == run_dir
     for name in ("latest.pt", "step_0000004.pt"):  # with one intact, resume would fall back to it
         path = run_dir / "checkpoints" / name
         path.write_bytes(path.read_bytes()[:1000])

@@ -113,7 +113,7 @@ def test_no_host_reads_between_log_steps(tmp_path, data, monkeypatch):
                 hot[0] = True
         monkeypatch.setattr(bookkeeping.Bookkeeper, method, run)
 
-    for method in ("_log_row", "_evaluate", "save", "write_summary", "__exit__"):
+    for method in ("_log_row", "_evaluate", "_stop_if_diverged", "save", "write_summary", "__exit__"):
         cold(method)
     original_enter = bookkeeping.Bookkeeper.__enter__
 

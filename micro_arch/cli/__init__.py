@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
@@ -251,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     except MicroArchError as err:
         from micro_arch.config import blame_override
 
+        if getattr(err, "main_only", False) and os.environ.get("RANK", "0") != "0":
+            sys.exit(2)  # the same error on every rank of a DDP run: rank 0 says it
         print(f"error: {blame_override(err, getattr(args, 'set', None))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

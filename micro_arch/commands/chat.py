@@ -13,12 +13,13 @@ def chat_command(run_dir, prompts: list[str] | None = None, system: str | None =
                  checkpoint=None, device: str = "auto") -> None:
     from micro_arch.data.chat_template import load_chat_tokenizer
     from micro_arch.device import resolve_device
-    from micro_arch.rundir import load_run
+    from micro_arch.rundir import load_run, read_run_config
 
     for number, text in enumerate(prompts or [], 1):
         if not text.strip():  # an empty user turn would send the template's markers alone
             which = f" (the {_ordinal(number)} of {len(prompts)})" if len(prompts) > 1 else ""
             raise MicroArchError(f"--prompt {text!r}{which} is empty; a user turn needs text")
+    read_run_config(run_dir)  # 'no such run directory' first, as every command says it
     device = resolve_device(device, option="--device")
     tok = load_chat_tokenizer(run_dir)
     _, model, _ = load_run(run_dir, checkpoint, device)

@@ -6,21 +6,21 @@ its parent's length.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from micro_arch.eval.evaluate import evaluate_run
 
 
-def _note_unfinished(console, run_dir: Path) -> None:
-    """An interrupted, running or crashed run is evaluated at its latest checkpoint; say which it is."""
+def note_unfinished(console, run_dir: Path, doing: str = "evaluating", checkpoint=None) -> None:
+    """An interrupted, running, crashed or diverged run is used at its latest checkpoint; say which it is."""
     from rich.markup import escape
 
     from micro_arch.report.runs import unfinished_state
 
     state = unfinished_state(run_dir)
     if state:
-        console.print(f"[yellow]note[/]: {escape(state)}; evaluating its latest checkpoint")
+        which = f"checkpoint {checkpoint}" if checkpoint else "its latest checkpoint"
+        console.print(f"[yellow]note[/]: {escape(state)}; {doing} {escape(which)}")
 
 
 def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: int = 32,
@@ -43,7 +43,7 @@ def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: 
         from micro_arch.commands.downstream import downstream_command
 
         for r in run_dirs:
-            _note_unfinished(console, r)
+            note_unfinished(console, r, checkpoint=checkpoint)
         downstream_command(run_dirs, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                            include_path=include_path, checkpoint=checkpoint, device=device,
                            apply_chat_template=apply_chat_template, console=console)
@@ -57,7 +57,7 @@ def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: 
         raise MicroArchError(f"{len(run_dirs)} run directories: the held-out evaluation takes one (with --tasks, "
                              "several give one table; `micro-arch compare` compares runs)")
     run_dir = run_dirs[0]
-    _note_unfinished(console, run_dir)
+    note_unfinished(console, run_dir, checkpoint=checkpoint)
     if data:
         from micro_arch.eval.text import evaluate_on_data, unencodable_line
 
@@ -99,12 +99,13 @@ def eval_command(run_dir, data: str | None = None, checkpoint=None, batch_size: 
 
 
 def _metrics_table(result: dict, title: str):
-    import statistics
-
     from rich.table import Table
 
+    from micro_arch.report.fairness import standard_error
+
     losses = result["batch_losses"]
-    spread = f" ± {statistics.stdev(losses) / math.sqrt(len(losses)):.4f}" if len(losses) > 1 else ""
+    se = standard_error(losses)
+    spread = "" if se is None else f" ± {se:.4f}"
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")

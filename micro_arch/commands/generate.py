@@ -16,12 +16,14 @@ def generate_command(run_dir, prompts: list[str] | None = None, max_new_tokens: 
     from rich.console import Console
     from rich.text import Text
 
+    from micro_arch.commands.evaluate import note_unfinished
     from micro_arch.device import resolve_device
     from micro_arch.rundir import load_run
 
     console = Console()
     device = resolve_device(device, option="--device")
     cfg, model, tokenizer = load_run(run_dir, checkpoint, device)
+    note_unfinished(console, run_dir, "sampling from", checkpoint)
     prompts = prompts or cfg.train.sample.prompts
     start = time.perf_counter()
     texts = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,

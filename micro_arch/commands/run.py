@@ -2,16 +2,15 @@
 
 The pieces: train_loop.Trainer (model, optimizer, the loop), train_step (one optimizer step and the
 stage's loss), prefetch (batch sources, batches copied ahead), bookkeeping (logs, evaluation,
-checkpoints, summary.json, timing), stop (Ctrl-C: save and stop between steps).
+checkpoints, summary.json, timing), stop (Ctrl-C: save and stop between steps), divergence (a non-finite
+loss stops the run), runlock (one trainer per run folder); commands.resume (what a resume starts from).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,17 +18,40 @@ import torch
 from rich.console import Console
 
 from micro_arch import checkpoint as ckpt
-from micro_arch.config import ExperimentConfig, experiment_path, extends_chain, to_dict
+from micro_arch.commands.resume import (
+    check_resume_dir,
+    check_same_model,
+    note_experiment_differs,
+    resumed_config,
+    same_start,
+    say_if_extending,
+    warn,
+)
+from micro_arch.config import (
+    ExperimentConfig,
+    blame_override,
+    experiment_path,
+    extends_chain,
+    to_dict,
+)
 from micro_arch.device import resolve_device, set_threads
 from micro_arch.errors import MicroArchError
 from micro_arch.experiment import load_experiment
 from micro_arch.hf.init import PARENT_FILE
 from micro_arch.model.model import Model
-from micro_arch.rundir import new_run_dir, read_run_config, write_config, write_json
+from micro_arch.rundir import (
+    check_run_name,
+    new_run_dir,
+    read_run_config,
+    read_summary,
+    write_config,
+    write_json,
+)
 from micro_arch.stages import stage_of
 from micro_arch.train.distributed import Dist, init_distributed, launch, shutdown
 from micro_arch.train.loop import Trainer, planned_steps, tokens_per_step
 from micro_arch.train.optim import lr_factor
+from micro_arch.train.runlock import RunLock, refuse_if_locked
 from micro_arch.train.step import held_out_loss
 
 __all__ = ["Trainer", "held_out_loss", "planned_steps", "print_plan", "run_experiment", "tokens_per_step"]
@@ -39,18 +61,35 @@ CHANGEABLE = {"max_steps", "max_tokens", "budget_tokens", "budget_flops", "eval_
               "checkpoint_every", "sample", "eval_batches", "compile", "compile_mode", "device"}
 
 
-def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
+def check_resumable(run_dir: Path, cfg: ExperimentConfig, overrides: list[str] | None = None) -> None:
     """A run may be resumed with a longer budget or other cadences, never with another model or data."""
     old = to_dict(read_run_config(run_dir))
     new = to_dict(cfg)
     diffs = {f"{section}.{k}": (old[section].get(k), new[section][k]) for section in ("model", "data", "train")
              for k in new[section]
              if old[section].get(k) != new[section][k] and not (section == "train" and k in CHANGEABLE)}
+    if "model.init_from" in diffs and same_start(run_dir, diffs["model.init_from"][1]):
+        del diffs["model.init_from"]  # the parent's checkpoint of the step this run began from: the same weights
     if diffs:
-        values = "; ".join(f"{key}: the run has {was!r}, this experiment {now!r}" for key, (was, now) in diffs.items())
-        fix = shlex.join(["--set", *(f"{key}={json.dumps(was)}" for key, (was, _) in diffs.items())])
-        raise MicroArchError(f"{run_dir}: its config.yaml differs from this experiment ({values}); resume with the "
-                             f"run's own settings (add {fix}), or start a new run without --resume")
+        given = {o.split("=", 1)[0].strip(): o for o in overrides or []}
+        values = "; ".join(f"{'--set ' + given[key] if key in given else key}: the run has {was!r}"
+                           for key, (was, _) in diffs.items())
+        raise MicroArchError(f"{run_dir}: a resumed run keeps its model, data and training settings ({values}); "
+                             f"only train.{', train.'.join(sorted(CHANGEABLE))} may change on resume; leave those "
+                             "--set out, or start a new run (without --resume) to train with them")
+
+
+def check_sample_prompts(cfg: ExperimentConfig, tokenizer) -> None:
+    """The end-of-run sample's prompts, encoded before the first step (not found to fail after the last)."""
+    from micro_arch.eval.generate import encode_prompt
+
+    for prompt in cfg.train.sample.prompts:
+        try:
+            encode_prompt(tokenizer, prompt)
+        except MicroArchError as err:
+            raise MicroArchError(f"train.sample.prompts: {err}; the sample at the end of training would fail: "
+                                 "change the prompts (e.g. --set 'train.sample.prompts=[\"\\n\"]') or the "
+                                 "tokenizer") from None
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -105,7 +144,11 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
     a checkpoint between steps and raises stop.RunInterrupted (a KeyboardInterrupt). `into`: the folder a new
     run goes into (created; a seed group's member), instead of a new runs_root/<experiment>/<run-id>."""
     overrides = list(overrides or [])
+    if resume:
+        resume = check_resume_dir(resume)
     if nproc > 1 and "RANK" not in os.environ and not dry_run:
+        if resume:
+            refuse_if_locked(resume)  # rank 0 takes the lock; a refusal here is one line, not a failed launch
         code = launch(nproc, _cli_args(target, overrides, resume, runs_root, checkpoint, into))
         if code in (130, -2):
             raise KeyboardInterrupt
@@ -114,10 +157,24 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
         return None
 
     cfg = load_experiment(target, overrides)
+    try:
+        check_run_name(cfg.name)
+    except MicroArchError as err:
+        raise blame_override(err, overrides) from None
+    if resume:
+        experiment, cfg = cfg, resumed_config(resume, overrides)
     set_threads()
     device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = init_distributed(device.type)
+    lock = None
     try:
+        if resume and not dry_run:  # one trainer per run folder: rank 0 holds the lock, every rank hears
+            lock = RunLock(resume) if dist.main else None
+            refusal = dist.broadcast(lock.refusal() if lock else None)
+            if refusal:
+                raise MicroArchError(refusal)
+            if dist.main:
+                note_experiment_differs(resume, target, experiment, cfg)
         if not dist.main:
             dist.barrier()  # let rank 0 fill the data cache first
         stage = stage_of(cfg)
@@ -138,12 +195,13 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
             return None
         payload = None
         if resume:
-            payload = _load_resume_state(Path(resume), cfg, checkpoint, dist, device)
+            payload = _load_resume_state(Path(resume), cfg, checkpoint, dist, device, overrides)
             if payload["step"] >= planned_steps(cfg, dist.world_size):
                 if dist.main:
                     _say_complete(Path(resume), target, overrides, payload, cfg, dist.world_size)
                 return Path(resume) if dist.main else None
             if dist.main:
+                say_if_extending(Path(resume), payload, cfg, dist.world_size)
                 _warn_if_schedule_changes(payload, cfg, dist.world_size)
                 _warn_if_processes_change(payload, cfg, dist.world_size)
         elif checkpoint:
@@ -156,8 +214,12 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
             for note in pieces.notes:
                 console.print(f"{stage.name}: {note}", highlight=False)
         trainer = Trainer(cfg, data, dist, device, payload, on_eval=on_eval, pieces=pieces)
+        check_sample_prompts(cfg, data.tokenizer)
         trace = _trace(trainer.model, cfg, device) if dist.main and not resume else None
         run_dir = Path(resume) if resume else (_fresh_dir(into, runs_root, cfg.name) if dist.main else None)
+        if dist.main and not resume:
+            lock = RunLock(run_dir)
+            lock.acquire()
         run_dir = Path(dist.broadcast(str(run_dir)))
         with _removed_on_failure(run_dir, fresh=not resume and dist.main, trainer=trainer):
             if dist.main:
@@ -174,6 +236,8 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
             _finish(cfg, trainer, run_dir, data.tokenizer)
         return run_dir if dist.main else None
     finally:
+        if lock is not None:
+            lock.release()
         shutdown()
 
 
@@ -194,9 +258,14 @@ def _keep_experiment_blocks(target, run_dir: Path) -> None:
             shutil.copyfile(config_file.parent / "blocks.py", run_dir / name)
 
 
-def _load_resume_state(run_dir: Path, cfg: ExperimentConfig, checkpoint, dist: Dist, device) -> dict:
+def _load_resume_state(run_dir: Path, cfg: ExperimentConfig, checkpoint, dist: Dist, device, overrides=None) -> dict:
     """The checkpoint to resume from, after removing half-written files and warning about damaged ones."""
-    check_resumable(run_dir, cfg)
+    check_resumable(run_dir, cfg, overrides)
+    summary = read_summary(run_dir)
+    if summary.get("status") == "diverged":  # a resume is bit-for-bit: it would diverge again at the same step
+        raise MicroArchError(f"{run_dir}: this run diverged at step {summary.get('diverged_at_step')} (see the error in "
+                             "its summary.json for the likely causes); resumed with the same settings it would "
+                             "diverge again at the same step: fix the setting and start a new run without --resume")
     if dist.main:
         for path in ckpt.remove_partial_saves(run_dir):
             warn(f"removed {path}, left by a process stopped in the middle of a save")
@@ -205,6 +274,7 @@ def _load_resume_state(run_dir: Path, cfg: ExperimentConfig, checkpoint, dist: D
     if skipped and dist.main:
         warn(f"{run_dir}: skipped {', '.join(skipped)}; resuming from {path.name} (step {payload['step']}), "
              "the newest intact checkpoint")
+    check_same_model(run_dir, path, payload, cfg, checkpoint)
     return payload
 
 
@@ -252,14 +322,12 @@ def _removed_on_failure(run_dir: Path, fresh: bool, trainer):
     checkpoints is never removed (it can be resumed)."""
     try:
         yield
-    except BaseException:
-        if fresh and trainer.step == 0 and not ckpt.has_checkpoints(run_dir):
+    except BaseException as err:
+        # a second Ctrl-C aborts without saving: a folder without a checkpoint cannot be resumed, so it goes too
+        aborted = isinstance(err, KeyboardInterrupt)
+        if fresh and (trainer.step == 0 or aborted) and not ckpt.has_checkpoints(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def _trace(model, cfg, device) -> str:

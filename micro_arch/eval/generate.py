@@ -43,7 +43,14 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_
         logits = filter_top_k(logits, top_k)
     if top_p is not None and top_p < 1.0:
         logits = filter_top_p(logits, top_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+    try:
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+    except RuntimeError as err:
+        if "inf" not in str(err) and "nan" not in str(err):
+            raise
+        raise MicroArchError("the model's next-token probabilities are not finite (NaN or inf): its weights or a "
+                             "block's output diverged, so there is nothing to sample; see the run's summary.json "
+                             "and train it again with the setting fixed") from None
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:

@@ -99,16 +99,28 @@ def compare_on_data(run_dirs: list[str], source: str, out=None, batch_size: int 
     import json
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    from micro_arch.rundir import read_summary
+
     console = console or Console()
-    rows = []
+    rows, left_out = [], []
     for run_dir in run_dirs:
+        summary = read_summary(run_dir)
+        if summary.get("status") == "diverged":  # its last finite weights are not what the run was meant to be
+            left_out.append(f"{run_dir}: diverged at step {summary.get('diverged_at_step')} (a non-finite loss), "
+                            "so it is not ranked")
+            continue
         result = evaluate_on_data(run_dir, source, batch_size=batch_size, max_batches=max_batches, device=device,
                                   text_field=text_field)
         rows.append({"run": str(run_dir), **{k: result[k] for k in (
             "bits_per_byte", "val_loss", "perplexity", "top1", "n_tokens", "n_bytes", "tokenizer", "unencodable",
             "characters")}})
+    for line in left_out:
+        console.print(f"[red]left out[/]: {escape(line)}")
+    if not rows:
+        raise MicroArchError(f"none of the {len(run_dirs)} runs can be ranked on {source} (the lines above say why)")
     rows.sort(key=lambda r: r["bits_per_byte"])
     table = Table(title=f"runs ranked on {source} (bits per byte, lower is better)")
     for col in ("#", "run", "bits/byte", "loss/token", "tokenizer", "unencodable chars"):

@@ -66,12 +66,31 @@ def read_source(path_text: str) -> tuple[ModelConfig, dict, dict]:
     file = path if kind == "checkpoint" else latest_checkpoint(run_dir)
     cfg = read_run_config(run_dir)
     load_experiment_blocks(run_dir)  # the run's copies of its experiment's blocks, if it has any
-    payload = load_checkpoint(file, "cpu")
+    try:
+        payload = load_checkpoint(file, "cpu")
+    except MicroArchError as err:
+        raise MicroArchError(f"model.init_from {path_text}: {str(err).split(';')[0]}; "
+                             f"{_intact_instead(run_dir, file)}") from None
     best = payload.get("best_val_loss")
     provenance = {"type": "micro-arch run", "path": str(run_dir.resolve()), "experiment": cfg.name,
                   "run_id": run_dir.name, "checkpoint": str(file.resolve()), "step": payload.get("step"),
                   "best_val_loss": None if best in (None, float("inf")) else best}
     return cfg.model, payload["model"], provenance
+
+
+def _intact_instead(run_dir: Path, broken: Path) -> str:
+    """Advice that works when init_from's checkpoint cannot be read: another of the run's checkpoints, by path."""
+    from micro_arch.checkpoint import load_checkpoint, step_checkpoints
+
+    for other in step_checkpoints(run_dir):
+        if other.resolve() == broken.resolve():
+            continue
+        try:
+            load_checkpoint(other, "cpu")
+        except MicroArchError:
+            continue
+        return f"start from its newest intact checkpoint instead: --set model.init_from={other}"
+    return f"{run_dir} has no intact checkpoint to start from"
 
 
 def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:

@@ -82,11 +82,26 @@ def compare(run_dirs, out=None, prompts: list[str] | None = None, console=None, 
         raise MicroArchError(f"none of the {len(run_dirs)} run directories could be compared (the lines "
                              "above say why); pass completed run directories, such as "
                              "runs/<experiment>/<run-id>")
+    existed = folder.is_dir()
     try:  # only the report folder itself when --out names one; runs/compare/ as needed by default
         folder.mkdir(parents=out is None, exist_ok=True)
     except OSError as err:
         raise MicroArchError(f"--out {folder}: cannot create the report folder ({err.strerror}); "
                              "pass a folder path that can be written") from None
+    try:
+        report = _write(runs, left_out, prompts, max_batches, folder, at)
+    except BaseException:
+        if not existed:  # no half-written or empty report folder is left behind
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    print_report(console, report, folder)
+    return folder
+
+
+def _write(runs: list[Run], left_out: list[str], prompts, max_batches, folder: Path, at: str = "flops") -> Report:
+    """The report's files in `folder`: report.md, report.html, report.csv and the plots."""
     label_runs(runs)
     table = runs_table(runs)
     fairness = assess({r.label: {**r.summary, "corpus_key": r.corpus_key} for r in runs})
@@ -108,8 +123,7 @@ def compare(run_dirs, out=None, prompts: list[str] | None = None, console=None, 
                                                                   for g, members in groups.items()})
     table.to_csv(folder / "report.csv", index_label="run")
     write_report(report, folder)
-    print_report(console, report, folder)
-    return folder
+    return report
 
 
 def collect_runs(paths, console, **options) -> tuple[list[Run], list[str]]:

@@ -13,8 +13,9 @@ NOISE_SIGMAS = 2.0  # a difference counts once it exceeds this many standard err
 
 
 def standard_error(batch_losses: list[float]) -> float | None:
-    """Standard error of the mean per-batch held-out loss; None with fewer than two batches."""
-    if len(batch_losses) < 2:
+    """Standard error of the mean per-batch held-out loss; None with fewer than two batches, or when a batch
+    loss is not finite (a diverged model: there is no noise to speak of)."""
+    if len(batch_losses) < 2 or not all(math.isfinite(v) for v in batch_losses):
         return None
     return statistics.stdev(batch_losses) / math.sqrt(len(batch_losses))
 

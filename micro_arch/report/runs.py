@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from micro_arch.checkpoint import latest_checkpoint
+from micro_arch.checkpoint import has_checkpoints, latest_checkpoint
 from micro_arch.errors import MicroArchError
 from micro_arch.rundir import SUMMARY_FORMAT_VERSION, read_run_config
 
@@ -82,9 +82,10 @@ def _alive(pid) -> bool | None:
 def run_state(path: Path, summary: dict) -> str:
     """What an unfinished run is, in words, with what to do about it.
 
-    summary.json's status says 'completed', 'interrupted' (stopped by a signal, checkpoint saved), or
-    'running'. A run killed without warning (kill -9, a crash, a power cut) still says 'running', so
-    'running' is checked against the pid and host the trainer records: on this host, a pid that is gone
+    summary.json's status says 'completed', 'interrupted' (stopped by a signal, checkpoint saved), 'stopped'
+    (an error), 'diverged' (a non-finite loss: not ranked, and not worth resuming) or 'running'. A run without
+    a checkpoint cannot be resumed: then the advice is a new run. A run killed without warning (kill -9, a
+    crash, a power cut) still says 'running', so 'running' is checked against the pid and host the trainer records: on this host, a pid that is gone
     means crashed or killed; on another host (or without a pid) it cannot be told apart, and the time
     of the last summary update (refreshed at least every few log steps while training) is shown.
     """
@@ -93,14 +94,26 @@ def run_state(path: Path, summary: dict) -> str:
     # the trainer's own command keeps the run's --set overrides; without them a resume could change the run
     command = summary.get("resume_command") or f"micro-arch run experiments/{summary.get('experiment')} --resume {path}"
     resume = f"`{command}`"
+    if status == "diverged":
+        kept = summary.get("last_finite_checkpoint")
+        return (f"diverged at step {summary.get('diverged_at_step', step)} (a non-finite loss; "
+                + (f"its last finite checkpoint is {kept}" if kept else "no checkpoint was written")
+                + "), so it is not ranked; its summary.json names the likely causes: fix the setting in its "
+                  f"command (`{_new_run_command(command)}`) and train it again")
+    updated = summary.get("updated_at")
+    alive = _alive(summary.get("pid")) if summary.get("host") == socket.gethostname() else None
+    if not has_checkpoints(path) and not (status == "running" and alive is not False):
+        # nothing to resume from, so resuming would only fail: the advice is a new run
+        why = {"interrupted": "interrupted", "stopped": f"stopped by an error ({summary.get('error') or 'not recorded'})",
+               "running": f"crashed or killed (its process {summary.get('pid')} is gone)"}
+        return (f"{why.get(status, f'left with status {status!r}')} at {at}, before its first checkpoint, so it cannot "
+                f"be resumed; start it again with `{_new_run_command(command)}` and delete this folder")
     if status == "interrupted":
         return f"interrupted at {at} (checkpoint saved); resume it with {resume}"
     if status == "stopped":  # the trainer stopped on an error, which it names
         return f"stopped by an error at {at} ({summary.get('error') or 'not recorded'}); fix it and resume with {resume}"
     if status != "running":
         return f"incomplete run (status {status!r} at {at}); finish it with {resume}"
-    updated = summary.get("updated_at")
-    alive = _alive(summary.get("pid")) if summary.get("host") == socket.gethostname() else None
     if alive:
         return f"still running ({at}, pid {summary['pid']}); its results are final when it has finished"
     if alive is False:
@@ -109,6 +122,17 @@ def run_state(path: Path, summary: dict) -> str:
     where = f" on {summary['host']}" if summary.get("host") else ""
     return (f"running or crashed ({at}; summary.json last updated {updated or 'at an unknown time'}{where}, "
             f"which this machine cannot check); wait for it to finish, or if it died, resume it with {resume}")
+
+
+def _new_run_command(resume_command: str) -> str:
+    """The command that trains the run afresh: its resume command without --resume RUN_DIR."""
+    import shlex
+
+    words = shlex.split(resume_command)
+    if "--resume" in words:
+        at = words.index("--resume")
+        del words[at:at + 2]
+    return shlex.join(words)
 
 
 def unfinished_state(path: Path) -> str | None:
@@ -163,13 +187,10 @@ def flat_settings(path: Path) -> dict:
     """config.yaml as {"model.defaults.Norm": "rmsnorm", ...}; lists stay whole values."""
     import yaml
 
-    def flatten(value, prefix):
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: value}
+    from micro_arch.config import dotted
 
     config = path / "config.yaml"
-    return flatten(yaml.safe_load(config.read_text()) or {}, "") if config.is_file() else {}
+    return dotted(yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
 
 
 def lineage(path: Path, max_depth: int = 8) -> str:

@@ -121,7 +121,7 @@ def check_same_start(run_dir, source: dict, init_from: str, evaluating: bool = F
     elif evaluating:  # eval reads the run's own config
         fix = f"edit model.init_from in {Path(run_dir) / 'config.yaml'} to {kept[0]}"
     else:
-        fix = f"set model.init_from={kept[0]}"
+        fix = f"resume with --set model.init_from={kept[0]} (the same weights, so the run stays the same)"
     raise MicroArchError(f"model.init_from {init_from}: its weights are now step {source.get('step')} of "
                          f"{source.get('path')}, but {run_dir} began from step {began['step']} of {began['path']} "
                          f"({path}); the stage's reference and 'before' are the weights it began from: {fix}")

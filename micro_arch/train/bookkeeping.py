@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from micro_arch import checkpoint as ckpt
 from micro_arch.device import peak_memory_mb
 from micro_arch.rundir import SUMMARY_FORMAT_VERSION, group_id, write_json
+from micro_arch.train.divergence import FiniteWatch, RunDiverged, diverged_message, finite, weights_finite
 from micro_arch.train.metrics import MetricsLog
 
 console = Console()
@@ -101,6 +102,8 @@ class Bookkeeper:
         self.first_step = True  # the first step of a process is timed apart: compilation, warm-up
         self.window_tokens, self.window_time = 0, 0.0
         self.saved_step, self.last_summary = None, 0.0
+        self.watch = FiniteWatch(trainer.device, self.dist)
+        self.kept_step = self.state.step if trainer.resumed else None  # the newest checkpoint on disk
         self.loads: list[float] = []  # the machine's 1-minute load average at each summary of this process
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(elapsed_when_finished=True)]
@@ -130,11 +133,16 @@ class Bookkeeper:
             self.first_step = False
         else:
             self.window_tokens += step_tokens
+        self.watch.add(s, metrics.get("train_loss"), getattr(self.t.step_fn, "grad_norm", None))
         row = None
         if s % cfg.log_every == 0 or last:
             row = self._log_row()
+        if row is not None or s % cfg.eval_every == 0 or s % cfg.checkpoint_every == 0:
+            self._stop_if_diverged(row)  # where the host reads the device anyway
         if s % cfg.eval_every == 0 or last:
             row = (row or {"step": s, "tokens": self.state.tokens}) | self._evaluate()
+            if not finite(row["val_loss"]):
+                self._stop_if_diverged(row, s, "the held-out loss")
         if row is not None:
             if self.dist.main:
                 self.metrics.log(row)
@@ -145,6 +153,31 @@ class Bookkeeper:
             self.save()
         elif row is not None and time.monotonic() - self.last_summary > HEARTBEAT_S:
             self.write_summary("running")
+
+    def _stop_if_diverged(self, row: dict | None, first: int | None = None, what: str = "") -> None:
+        """Raise RunDiverged when a step's loss or gradient norm was not finite (the row is logged first)."""
+        if first is None:
+            first = self.watch.first_bad_step()
+            if first is None:
+                return
+            what = "the training loss or the gradient norm"
+        if row is not None and self.dist.main:
+            self.metrics.log(row)
+        raise self.diverged(first, what)
+
+    def diverged(self, first: int | None, what: str) -> RunDiverged:
+        s = self.state.step
+        kept = f"checkpoints/step_{self.kept_step:07d}.pt (step {self.kept_step:,})" if self.kept_step is not None else None
+        message = diverged_message(self.t.cfg, self.t.device, first, s, what, not self.t.resumed, kept,
+                                   self.run_dir)
+        return RunDiverged(message, first if first is not None else s, s)
+
+    def record_divergence(self, err: RunDiverged) -> None:
+        """summary.json says 'diverged', when, and which checkpoint is the last finite one."""
+        self.progress.stop()
+        self.write_summary("diverged", diverged_at_step=err.first_step, error=str(err),
+                           last_finite_checkpoint=None if self.kept_step is None else
+                           f"checkpoints/step_{self.kept_step:07d}.pt")
 
     def _log_row(self) -> dict:
         self.window_time += self.clock.charge("train")
@@ -185,6 +218,9 @@ class Bookkeeper:
         if self.saved_step == self.state.step:
             return
         self.window_time += self.clock.charge("train")
+        if not weights_finite(self.t.model, self.dist):  # never a checkpoint of non-finite weights
+            first = self.watch.first_bad_step()
+            raise self.diverged(first, "the training loss or the gradient norm" if first else "the weights")
         self.state.window = self.window.state()
         if self.dist.main:
             payload = {"model": self.t.model.state_dict(), "optimizer": self.t.optimizer.state_dict(),
@@ -194,7 +230,7 @@ class Bookkeeper:
             directory = self.run_dir / "checkpoints"
             ckpt.save_checkpoint(directory / f"step_{self.state.step:07d}.pt", payload,
                                  also=ckpt.latest_checkpoint(self.run_dir))
-        self.saved_step = self.state.step
+        self.saved_step = self.kept_step = self.state.step
         self.clock.charge("checkpoint")
         self.write_summary("running")
 

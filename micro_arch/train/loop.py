@@ -18,6 +18,7 @@ from micro_arch.hf.init import load_initial_weights
 from micro_arch.model.model import Model
 from micro_arch.train.bookkeeping import Bookkeeper, RunState
 from micro_arch.train.distributed import Dist
+from micro_arch.train.divergence import RunDiverged
 from micro_arch.train.optim import build_optimizer
 from micro_arch.train.prefetch import Prefetcher
 from micro_arch.train.step import StagePieces, TrainStep
@@ -99,7 +100,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t, device)
         self.state = RunState()
         if resume_payload is not None:
-            self.model.load_state_dict(resume_payload["model"])
+            ckpt.load_weights(self.model, resume_payload["model"], "the checkpoint to resume from")
             self.optimizer.load_state_dict(resume_payload["optimizer"])
             self.state = RunState.from_payload(resume_payload)
             ckpt.set_rng_state(resume_payload["rng"])
@@ -137,6 +138,10 @@ class Trainer:
                         books.interrupted()
                         raise RunInterrupted(signum, f"interrupted at step {state.step}")
             except RunInterrupted:
+                raise
+            except RunDiverged as err:
+                books.record_divergence(err)
+                self.dist.barrier()  # every rank stops here; none exits (and has torchrun stop rank 0) before it wrote
                 raise
             except BaseException as err:
                 books.write_summary("stopped", error=f"{type(err).__name__}: {err}")

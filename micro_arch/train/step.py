@@ -55,6 +55,7 @@ class TrainStep:
         self.model, self.forward_model, self.optimizer = model, forward_model, optimizer
         self.cfg, self.device, self.distributed = cfg, device, distributed
         self.total_steps, self.loss_fn = total_steps, loss_fn
+        self.grad_norm: torch.Tensor | None = None  # of the last step, on the device (when clipping)
 
     def __call__(self, step: int, batches: list) -> dict:
         cfg, n = self.cfg, len(batches)
@@ -71,7 +72,7 @@ class TrainStep:
                 v = v / n if n > 1 else v
                 totals[k] = totals[k] + v if k in totals else v
         if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals
