@@ -90,7 +90,7 @@ def test_a_seed_group_trains_each_seed_in_its_own_folder_and_resumes_only_what_i
     longer = [o for o in overrides if not o.startswith("train.max_steps=")] + ["train.max_steps=12"]
     run_group(exp, overrides=longer, resume=group, runs_root=tmp_path / "runs")
     assert [json.loads((group / f"seed-{s}" / "summary.json").read_text())["steps"] for s in (3, 4)] == [12, 12]
-    with pytest.raises(MicroArchError, match="model.d_model: the run has 32, this experiment 16"):
+    with pytest.raises(MicroArchError, match=r"keeps its model, data and training settings \(model.d_model: the run has 32\)"):
         run_group(exp, overrides=[*longer, "model.d_model=16"], resume=group, seeds="3,4,5", runs_root=tmp_path)
     assert not (group / "seed-5").exists()
 

@@ -19,8 +19,8 @@ def chat_command(run_dir, prompts: list[str] | None = None, system: str | None =
         if not text.strip():  # an empty user turn would send the template's markers alone
             which = f" (the {_ordinal(number)} of {len(prompts)})" if len(prompts) > 1 else ""
             raise MicroArchError(f"--prompt {text!r}{which} is empty; a user turn needs text")
-    read_run_config(run_dir)  # 'no such run directory' first, as every command says it
     device = resolve_device(device, option="--device")
+    read_run_config(run_dir)  # 'no such run directory' before 'no chat_template.json', as every command says it
     tok = load_chat_tokenizer(run_dir)
     _, model, _ = load_run(run_dir, checkpoint, device)
     session = ChatSession(model, tok, system=system, temperature=temperature, top_k=top_k,

@@ -1,6 +1,6 @@
 """`micro-arch run`: train an experiment into a new run directory, or resume one exactly.
 
-The pieces: train_loop.Trainer (model, optimizer, the loop), train_step (one optimizer step and the
+The pieces: train.loop.Trainer (model, optimizer, the loop), train.step (one optimizer step and the
 stage's loss), prefetch (batch sources, batches copied ahead), bookkeeping (logs, evaluation,
 checkpoints, summary.json, timing), stop (Ctrl-C: save and stop between steps), divergence (a non-finite
 loss stops the run), runlock (one trainer per run folder); commands.resume (what a resume starts from).
@@ -8,6 +8,7 @@ loss stops the run), runlock (one trainer per run folder); commands.resume (what
 
 from __future__ import annotations
 
+import gc
 import os
 import shlex
 import shutil
@@ -238,6 +239,10 @@ def run_experiment(target, overrides=None, resume=None, dry_run=False, runs_root
     finally:
         if lock is not None:
             lock.release()
+        # DDP's reducer holds the process group: freed only after destroy_process_group, it would tear gloo
+        # down from a garbage-collection callback that holds the GIL its threads wait for (a hang at exit)
+        trainer = pieces = None  # noqa: F841
+        gc.collect()
         shutdown()
 
 
