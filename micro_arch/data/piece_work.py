@@ -1,0 +1,135 @@
+"""What a worker process does with one piece: scan it (count documents, collect characters and a sample) or
+encode it (token ids of its documents joined by the separator). Both are pure functions of the piece, so
+the pieces can go to any number of processes and come back in order.
+
+A worker holds one tokenizer, built once from a picklable spec by `start_worker`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .corpus import SEPARATOR
+from .documents import Piece, Read, read
+
+_TOKENIZER = None
+
+
+def tokenizer_spec(tokenizer) -> tuple:
+    """A picklable recipe for `tokenizer` (char, SentencePiece or Hugging Face tokenizers)."""
+    if hasattr(tokenizer, "chars"):
+        return ("char", tokenizer.chars)
+    if hasattr(tokenizer, "model_proto"):
+        return ("sentencepiece", tokenizer.model_proto, tokenizer.name)
+    return ("huggingface", tokenizer.tok.to_str(), tokenizer.vocab_size, tokenizer.name)
+
+
+def build_tokenizer(spec: tuple):
+    from .tokenizers import CharTokenizer, SentencePieceTokenizer
+
+    if spec[0] == "char":
+        return CharTokenizer(spec[1])
+    if spec[0] == "sentencepiece":
+        return SentencePieceTokenizer(spec[1], spec[2])
+    from tokenizers import Tokenizer
+
+    from .folder_tokenizer import FolderTokenizer
+
+    return FolderTokenizer(Tokenizer.from_str(spec[1]), spec[2], spec[3])
+
+
+def start_worker(spec: tuple | None) -> None:
+    """Pool initializer: one thread per process (the processes are the parallelism), and the tokenizer."""
+    global _TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _TOKENIZER = build_tokenizer(spec) if spec is not None else None
+
+
+def use_tokenizer(tokenizer) -> None:
+    """In-process work (a small corpus): use this tokenizer object as is."""
+    global _TOKENIZER
+    _TOKENIZER = tokenizer
+
+
+@dataclass
+class Scanned:
+    n_docs: int
+    n_bytes: int  # UTF-8 bytes of the documents
+    read: Read  # counts only (docs emptied)
+    chars: str = ""
+    sample: list[str] = field(default_factory=list)  # the piece's first documents, up to the sample budget
+
+
+def scan(piece: Piece, sample_bytes: int, want_chars: bool) -> Scanned:
+    got = read(piece)
+    docs, got.docs = got.docs, []
+    sizes = [len(d.encode("utf-8")) if not d.isascii() else len(d) for d in docs]
+    sample, taken = [], 0
+    for doc, size in zip(docs, sizes):
+        if taken + size > sample_bytes and sample:
+            break
+        if size > sample_bytes:
+            break
+        sample.append(doc)
+        taken += size
+    chars = ""
+    if want_chars:
+        found: set[str] = set()
+        for doc in docs:
+            found.update(doc)
+        chars = "".join(sorted(found))
+    return Scanned(len(docs), sum(sizes), got, chars, sample)
+
+
+@dataclass
+class Encoded:
+    tokens: np.ndarray  # the documents' ids joined by the separator's ids, in the shard dtype
+    n_docs: int
+    held_out_at: int | None  # token offset of the first held-out document in `tokens`, if the piece has one
+    held_out_bytes: int  # UTF-8 bytes of the piece's held-out documents
+
+
+def encode(piece: Piece, first_held_out: int | None, dtype: str) -> Encoded:
+    """first_held_out: the index (within the piece) of its first held-out document, or None."""
+    tok = _TOKENIZER
+    docs = read(piece).docs
+    if hasattr(tok, "encode_array"):  # char: one id per character, so the joined text encodes in one go
+        ids = tok.encode_array(SEPARATOR.join(docs)).astype(dtype)
+        lengths = [len(d) for d in docs]
+    else:
+        encoded = encode_batch(tok, docs)
+        lengths = [len(e) for e in encoded]
+        separator = tok.encode(SEPARATOR)
+        ids = np.empty(sum(lengths) + len(separator) * max(len(docs) - 1, 0), dtype=dtype)
+        at = 0
+        for i, e in enumerate(encoded):
+            if i:
+                ids[at:at + len(separator)] = separator
+                at += len(separator)
+            ids[at:at + len(e)] = e
+            at += len(e)
+    held_at, held_bytes = None, 0
+    if first_held_out is not None and first_held_out < len(docs):
+        sep = len(SEPARATOR) if hasattr(tok, "encode_array") else len(tok.encode(SEPARATOR))
+        held_at = sum(lengths[:first_held_out]) + sep * first_held_out
+        held_bytes = sum(len(d.encode("utf-8")) for d in docs[first_held_out:])
+    return Encoded(ids, len(docs), held_at, held_bytes)
+
+
+def encode_batch(tok, docs: list[str]) -> list:
+    if hasattr(tok, "sp"):
+        return tok.sp.encode(docs, num_threads=1)
+    if hasattr(tok, "tok"):
+        return [e.ids for e in tok.tok.encode_batch(docs, add_special_tokens=False)]
+    return [tok.encode(d) for d in docs]
+
+
+def run_scan(args):
+    return scan(*args)
+
+
+def run_encode(args):
+    return encode(*args)
