@@ -75,11 +75,15 @@ def starts_with_bracket(path: str) -> bool:
 
 
 def cut_after(data: bytes, builder: str, at: int, final: bool) -> int | None:
-    """The first place at or after `at` where `data` may be cut (see the module docstring), or None."""
+    """The first place at or after `at` where `data` may be cut (see the module docstring), or None.
+    data[at - 1] is context: a run of newlines already under way at `at` is passed over (where its pairs of
+    newlines fall depends on where it began)."""
     if builder == "json":
         i = data.find(b"\n", at)
         return None if i < 0 else i + 1
     for run in NEWLINE_RUN.finditer(data, at):
+        if run.start() == at and at > 0 and data[at - 1:at] in (b"\r", b"\n"):
+            continue
         if run.end() == len(data) and not final:
             return None  # the run may go on past the end of what was read
         units = NEWLINE_UNIT.findall(run.group())
@@ -94,17 +98,17 @@ def range_pieces(path: str, builder: str, text_field: str, piece_bytes: int):
         while start < size:
             end, target = size, start + piece_bytes
             if target < size:
-                f.seek(target)
-                window, offset = b"", target
+                f.seek(target - 1)  # one byte of context before the target
+                window, offset, at = b"", target - 1, 1
                 while True:
                     more = f.read(READ_AHEAD)
                     window += more
-                    cut = cut_after(window, builder, 0, final=not more)
+                    cut = cut_after(window, builder, at, final=not more)
                     if cut is not None or not more:
                         end = offset + cut if cut is not None else size
                         break
-                    keep = max(len(window) - 8, 0)  # a newline run may straddle two reads
-                    window, offset = window[keep:], offset + keep
+                    keep = max(len(window) - 64, 0)  # search on from near the end (a run may go on)
+                    window, offset, at = window[keep:], offset + keep, max(1, len(window) - keep - 64)
             yield Piece(path, builder, start, end, end - start, text_field)
             start = end
 
