@@ -1,4 +1,4 @@
-"""The `micro-arch` command line: run, trace, blocks, sweep, compare, generate, eval."""
+"""The `micro-arch` command line: run, prepare, trace, blocks, sweep, compare, generate, eval."""
 
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ def cmd_trace(args) -> None:
     from micro_arch.commands.trace import trace_command
 
     trace_command(args.experiment, args.set, depth=args.depth, batch=args.batch, seq_len=args.seq_len, out=args.out)
+
+
+def cmd_prepare(args) -> None:
+    from micro_arch.commands.prepare import prepare_command
+
+    prepare_command(args.experiment, args.set)
 
 
 def cmd_run(args) -> None:
@@ -128,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where run directories go (default: runs)")
     p.add_argument("--nproc", type=positive_int, default=1, help="processes to train with (DDP through torchrun)")
     p.set_defaults(func=cmd_run)
+
+    p = with_set(sub.add_parser("prepare", help="show the data plan, then prepare the token shards (run does it too)"))
+    p.add_argument("experiment", help="experiment folder, e.g. experiments/shakespeare-char")
+    p.set_defaults(func=cmd_prepare)
 
     p = with_set(sub.add_parser("trace", help="show how shapes flow through every module"))
     p.add_argument("experiment")

@@ -275,3 +275,28 @@ def prepare_data(cfg: DataConfig, quiet: bool = False) -> PreparedData:
     val = join_streams(vals, separator)
     total_val_bytes = sum(val_bytes) + len(SEPARATOR.encode()) * (len(vals) - 1)
     return PreparedData(tokenizer, train, val, total_val_bytes, digest(corpus.key, tokenizer.identity))
+
+
+def data_plan(cfg: DataConfig) -> dict:
+    """What preparing would read and write, without reading any text: per source its files, bytes, an
+    estimate of the tokens (char: one per byte; BPE: one per 4 bytes) and of the disk the shards take."""
+    root = cache_root(cfg.cache_dir)
+    corpus = Corpus(cfg, root)
+    per_byte = {"char": 1.0}.get(cfg.tokenizer, 0.25)
+    width = 2 if cfg.tokenizer == "char" or cfg.vocab_size < 2**16 else 4
+    rows = []
+    for source in corpus.sources:
+        if isinstance(source, FileSource):
+            label, files, size = source.pattern, len(source.files), sum(os.path.getsize(f) for f in source.files)
+        elif isinstance(source, BuiltinSource):
+            label, files, size = "shakespeare (built in)", 0, sum(len(d.encode()) for d in
+                                                                  sum(shakespeare_documents(), []))
+        else:
+            label, files = f"{source.description} (hub, streamed)", 0
+            size = round(cfg.max_tokens / per_byte) if cfg.max_tokens else None
+        tokens = round(size * per_byte) if size is not None else None
+        rows.append({"source": label, "files": files, "bytes": size or 0, "tokens": tokens,
+                     "disk": tokens * width if tokens is not None else None})
+    return {"sources": rows, "tokenizer": cfg.tokenizer if cfg.tokenizer not in TRAINED[1:] else
+            f"{cfg.tokenizer} {cfg.vocab_size:,} (trained on at most {cfg.tokenizer_sample_bytes / 1e6:,.0f} MB)",
+            "cache": str(root)}
