@@ -20,7 +20,9 @@ def read_records(source: str, cache_dir: Path, what: str) -> list[tuple[str, dic
 
     from micro_arch.data.sources import file_format, local_files
 
-    files = local_files(source)
+    from .builtin_chat import builtin_file, is_builtin
+
+    files = local_files(builtin_file(source, cache_dir) if is_builtin(source) else source)
     bad = [f for f in files if file_format(f) not in ("json", "parquet")]
     if bad:
         raise MicroArchError(f"{source}: {what} are read from JSON lines (.jsonl) or .parquet files, not "

@@ -69,9 +69,13 @@ def _source_text(source) -> str:
     return source
 
 
-def _describe(source: str) -> list:
+def _describe(source: str, root) -> list:
     from micro_arch.data.sources import local_files
 
+    from .builtin_chat import builtin_file, is_builtin
+
+    if is_builtin(source):  # its content follows from its name and the corpus: no paths or mtimes
+        return [source, Path(builtin_file(source, root)).parent.name]
     return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in local_files(source)]
 
 
@@ -92,7 +96,7 @@ def prepare_stage_data(cfg: ExperimentConfig) -> StageData:
     else:
         train = encode_pairs(tok, train_rec, t.seq_len, "training")
         val = encode_pairs(tok, val_rec, t.seq_len, "held-out")
-    fingerprint = digest("stage-v1", t.stage, _describe(source), d.val_source and _describe(d.val_source),
+    fingerprint = digest("stage-v1", t.stage, _describe(source, root), d.val_source and _describe(d.val_source, root),
                          None if d.val_source else d.val_fraction, tok.identity, t.seq_len)
     return StageData(tok, train, val, fingerprint, [train.report("training"), val.report("held-out")])
 
