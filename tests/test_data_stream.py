@@ -347,3 +347,57 @@ def test_a_non_text_file_among_text_files_is_refused_by_kind(cache, tmp_path):
     with pytest.raises(MicroArchError, match="needs files of one kind"):
         prepare_data(DataConfig(source=str(tmp_path / "*")))
     assert os.path.exists(tmp_path / "a.txt")
+
+
+# --- hub datasets, streamed ---------------------------------------------------------------------
+
+
+def test_a_hub_dataset_is_streamed_only_up_to_the_token_budget(cache, tmp_path, monkeypatch):
+    """No network here: the hub's load_dataset is pointed at local JSON-lines files, in streaming mode."""
+    import datasets
+
+    from micro_arch.data import hub
+
+    files = []
+    for k in range(4):
+        path = tmp_path / f"hub-{k}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"doc {k}-{i} " + "x" * 90, "id": i}) + "\n" for i in range(500)))
+        files.append(str(path))
+    served, modes = [], []
+    real = datasets.load_dataset
+
+    def local_hub(name, streaming=False, **kw):
+        assert name == "someone/corpus"
+        modes.append(streaming)
+        loaded = real("json", data_files=files, streaming=streaming)
+
+        class Counted(dict):  # counts the rows handed out, to see that the stream stopped early
+            def __getitem__(self, split):
+                for row in dict.__getitem__(self, split):
+                    served.append(1)
+                    yield row
+
+        return Counted(loaded)
+
+    monkeypatch.setattr(hub, "hub_offline_reason", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", local_hub)
+    cfg = DataConfig(source="someone/corpus", max_tokens=20_000, val_fraction=0.1)
+    data = prepare_data(cfg)
+    assert modes == [True] and len(data.train) == 20_000  # char: 20,000 tokens, cut at the budget
+    assert 20_000 / 0.9 <= len(served) * 100 < 20_000 / 0.9 + 2 * 110 and len(served) < 300  # of 2000 rows
+    text = data.tokenizer.decode(np.asarray(data.val))
+    assert text.startswith("doc 0-") and len(data.val) > 1000
+    again = prepare_data(cfg)  # from the cache: nothing streamed again
+    assert modes == [True] and again.fingerprint == data.fingerprint
+    bigger = prepare_data(DataConfig(source="someone/corpus", max_tokens=40_000))
+    assert bigger.fingerprint != data.fingerprint and len(bigger.train) == 40_000
+
+
+def test_an_unreachable_hub_stays_a_one_line_error(cache, monkeypatch):
+    from micro_arch.data import hub
+
+    monkeypatch.setattr(hub, "hub_offline_reason", lambda: "HF_HUB_OFFLINE is set")
+    with pytest.raises(MicroArchError) as info:
+        prepare_data(DataConfig(source="someone/not-cached-anywhere", max_tokens=1000))
+    assert len(str(info.value).splitlines()) == 1 and "could not reach the Hugging Face hub" in str(info.value)
+    assert not list((cache / "hub").glob("*")) if (cache / "hub").exists() else True

@@ -23,8 +23,9 @@ from . import stream
 from .corpus import SEPARATOR, shakespeare_documents
 from .documents import Piece, plan
 from .files import write_atomically
+from .hub import StreamedHub
 from .shards import TokenStream, cache_root, digest, join_streams, open_shards, read_index
-from .sources import BuiltinSource, FileSource, resolve_source
+from .sources import BuiltinSource, FileSource, HubSource, resolve_source
 from .stream import Scan, encode_source, held_out_count, scan_source, training_sample
 from .tokenizers import CharTokenizer, SentencePieceTokenizer, train_bpe, train_bytelevel
 
@@ -58,7 +59,10 @@ class Corpus:
                 field = entry.text_field if entry.text_field != "text" else cfg.text_field
             if weight < 0:
                 raise MicroArchError(f"data.source {entry_source!r}: weight {weight} is negative")
-            self.sources.append(resolve_source(entry_source, field, root))
+            source = resolve_source(entry_source, field, root)
+            if isinstance(source, HubSource):  # streamed up to data.max_tokens, not downloaded whole
+                source = StreamedHub(source, cfg.max_tokens, cfg.tokenizer, cfg.val_fraction)
+            self.sources.append(source)
             self.weights.append(weight)
         if sum(self.weights) <= 0:
             raise MicroArchError("data.source: all weights are 0; give at least one source a positive weight")
@@ -77,7 +81,7 @@ class Corpus:
 class SourcePlan:
     """How a source is read: its pieces (a function of the piece size), about how many bytes, which files."""
 
-    source: object
+    description: str  # identifies the source's documents (for the caches)
     label: str
     pieces: object  # piece_bytes -> iterator of Piece
     total_bytes: int
@@ -105,22 +109,19 @@ def doc_pieces(name: str, docs: list[str], piece_bytes: int):
         yield Piece(name, "docs", size=size, data=tuple(group))
 
 
-def plan_source(source, val_fraction: float) -> SourcePlan:
+def plan_source(source, cfg: DataConfig, root: Path, quiet: bool = False) -> SourcePlan:
     if isinstance(source, BuiltinSource):
         train, val = shakespeare_documents()
         docs = train + val
-        return SourcePlan(source, "shakespeare", lambda b: doc_pieces("shakespeare", docs, b),
+        return SourcePlan(source.description, "shakespeare", lambda b: doc_pieces("shakespeare", docs, b),
                           sum(len(d) for d in docs), [], "text", len(val), "works")
     if isinstance(source, FileSource):
         files, builder, field = source.files, source.builder, source.text_field
-        return SourcePlan(source, source.pattern, lambda b: plan(files, builder, field, b),
-                          sum(os.path.getsize(f) for f in files), files, field, None, val_fraction)
-    if hasattr(source, "plan"):
-        return source.plan(val_fraction)
-    train, val = source.split(val_fraction)  # a hub dataset, loaded whole
-    docs = train + val
-    return SourcePlan(source, source.name, lambda b: doc_pieces(source.name, docs, b),
-                      sum(len(d) for d in docs), [], source.text_field, len(val), val_fraction)
+        return SourcePlan(source.description, source.pattern, lambda b: plan(files, builder, field, b),
+                          sum(os.path.getsize(f) for f in files), files, field, None, cfg.val_fraction)
+    files = source.files(root, quiet)  # a hub dataset, streamed into local parts up to its budget
+    return SourcePlan(source.description, source.name, lambda b: plan(files, "json", "text", b),
+                      sum(os.path.getsize(f) for f in files), files, "text", None, cfg.val_fraction)
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -191,11 +192,11 @@ def train_tokenizer(cfg: DataConfig, path: Path, scans: list[Scan], plans: list[
 
 
 def source_folder(root: Path, plan_: SourcePlan, tokenizer) -> Path:
-    return root / "tokens" / digest(SHARDS_FORMAT, plan_.source.description, plan_.split_key, tokenizer.identity)
+    return root / "tokens" / digest(SHARDS_FORMAT, plan_.description, plan_.split_key, tokenizer.identity)
 
 
 def scan_path(root: Path, plan_: SourcePlan) -> Path:
-    return root / "scans" / f"{digest(SHARDS_FORMAT, plan_.source.description, plan_.field)}.json"
+    return root / "scans" / f"{digest(SHARDS_FORMAT, plan_.description, plan_.field)}.json"
 
 
 def run_scan(cfg: DataConfig, root: Path, plan_: SourcePlan, sample_bytes: int, chars: bool, quiet: bool) -> Scan:
@@ -217,7 +218,7 @@ def prepare_source(cfg: DataConfig, root: Path, plan_: SourcePlan, tokenizer, qu
         scan = scan or run_scan(cfg, root, plan_, 0, False, quiet)
         n_train = plan_.n_train(scan.n_docs, cfg.val_fraction)
         run = stream.settings(cfg, plan_.total_bytes)
-        meta = {"key": folder.name, "source": plan_.source.description, "tokenizer": tokenizer.name}
+        meta = {"key": folder.name, "source": plan_.description, "tokenizer": tokenizer.name}
         index = encode_source(folder, plan_.pieces, scan, n_train, tokenizer, run, plan_.total_bytes, plan_.label,
                               meta, quiet)
     return index, folder
@@ -251,7 +252,7 @@ def prepare_data(cfg: DataConfig, quiet: bool = False) -> PreparedData:
     """Tokenizer plus train/held-out token ids (read-only views of the shards), from the cache when it has them."""
     root = cache_root(cfg.cache_dir)
     corpus = Corpus(cfg, root)
-    plans = [plan_source(s, cfg.val_fraction) for s in corpus.sources]
+    plans = [plan_source(s, cfg, root, quiet) for s in corpus.sources]
     path = tokenizer_path(cfg, corpus, root)
     tokenizer = load_cached_tokenizer(cfg, path)
     scans = [None] * len(plans)
@@ -292,8 +293,7 @@ def data_plan(cfg: DataConfig) -> dict:
             label, files, size = "shakespeare (built in)", 0, sum(len(d.encode()) for d in
                                                                   sum(shakespeare_documents(), []))
         else:
-            label, files = f"{source.description} (hub, streamed)", 0
-            size = round(cfg.max_tokens / per_byte) if cfg.max_tokens else None
+            label, files, size = f"{source.name} (hub, streamed)", 0, source.budget
         tokens = round(size * per_byte) if size is not None else None
         rows.append({"source": label, "files": files, "bytes": size or 0, "tokens": tokens,
                      "disk": tokens * width if tokens is not None else None})
