@@ -284,3 +284,47 @@ def read_parquet(piece: Piece) -> Read:
 
 def first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def read_rows(path: str, name: str):
+    """(line number, record) of a .jsonl/.json/.parquet file of records, read as a stream (a line, or a
+    parquet batch, at a time); a bad line is an error naming `name` and the line. A parquet row's number is
+    its place in the file; a .json array's, its place in the array."""
+    if path.lower().endswith(".parquet"):
+        source = parquet_file(path)
+        number = 0
+        for batch in source.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+        return
+    if starts_with_bracket(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as err:
+                raise MicroArchError(f"{name} line {err.lineno}: not JSON: {err.msg} (column {err.colno})") from None
+        for number, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise MicroArchError(f"{name} item {number}: a JSON {type(row).__name__}, not an object")
+            yield number, row
+        return
+    opener = COMPRESSED.get(os.path.splitext(path.lower())[1], open)
+    with opener(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise MicroArchError(f"{name} line {number}: not UTF-8 text (byte {err.start} of the line, "
+                                     f"0x{raw[err.start]:02x})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MicroArchError(f"{name} line {number}: not JSON: {err.msg} (column {err.colno}); each line "
+                                     "of a .jsonl file is one JSON object") from None
+            if not isinstance(row, dict):
+                raise MicroArchError(f"{name} line {number}: a JSON {type(row).__name__}, not an object; each "
+                                     "line of a .jsonl file is one JSON object")
+            yield number, row
