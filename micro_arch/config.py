@@ -78,10 +78,11 @@ class DataConfig:
     # at most this many training tokens (null: all). A hub source streams only about this much text.
     max_tokens: int | None = None
     # preparation (micro_arch/data/stream.py): documents are tokenized in worker processes (0: one per CPU)
-    # and written to token shards of shard_tokens tokens; prepare_memory_mb bounds the text and tokens in
-    # flight (the pieces read, tokenized and written at once), whatever the corpus size
+    # and written to token shards of shard_tokens tokens; prepare_memory_mb bounds the memory of preparing
+    # (this process, the workers, the text and tokens in flight) whatever the corpus size: fewer workers or
+    # smaller pieces when it is small. Tokenizer training is apart: see tokenizer_sample_bytes
     workers: int = 0
-    prepare_memory_mb: int = 512
+    prepare_memory_mb: int = 1024
     shard_tokens: int = 100_000_000
 
 
@@ -321,7 +322,7 @@ def _validate(obj, where: str) -> None:
         need(obj.tokenizer_sample_bytes >= 1, "tokenizer_sample_bytes", "must be at least 1")
         need(obj.max_tokens is None or obj.max_tokens >= 2, "max_tokens", "must be at least 2 (or null for all)")
         need(obj.workers >= 0, "workers", "must be >= 0 (0: one per CPU)")
-        need(obj.prepare_memory_mb >= 16, "prepare_memory_mb", f"must be at least 16, got {obj.prepare_memory_mb}")
+        need(obj.prepare_memory_mb >= 256, "prepare_memory_mb", f"must be at least 256, got {obj.prepare_memory_mb}")
         need(obj.shard_tokens >= 1, "shard_tokens", "must be at least 1")
 
 

@@ -78,7 +78,7 @@ def reference(source, field, val_fraction, tokenizer):
 def test_streamed_shards_equal_the_whole_file_tokens(cache, tmp_path, prose, monkeypatch, name, tokenizer):
     folder = write_corpus(tmp_path / "corpus", prose)
     source = str(folder / name)
-    monkeypatch.setattr(stream_module, "settings", lambda cfg, total: stream_module.Settings(1, 3000, 2500))
+    monkeypatch.setattr(prepare_module, "settings", lambda cfg, total: stream_module.Settings(1, 3000, 2500))
     data = prepare_data(DataConfig(source=source, tokenizer=tokenizer, vocab_size=400, val_fraction=0.15))
     if tokenizer == "bpe":  # trained on every training document, as before: the sample bound is far above
         docs = reference_docs(source)
@@ -107,14 +107,16 @@ def test_pieces_cut_files_without_changing_the_documents(tmp_path, prose):
             assert [d for p in pieces for d in read(p).docs] == whole == reference_docs(path)
 
 
-def test_several_workers_give_the_same_shards(cache, tmp_path, prose, monkeypatch):
+@pytest.mark.parametrize("tokenizer", ["char", "bpe", "bytelevel"])
+def test_several_workers_give_the_same_shards(cache, tmp_path, prose, monkeypatch, tokenizer):
     folder = write_corpus(tmp_path / "corpus", prose)
-    cfg = DataConfig(source=str(folder / "a.txt"), shard_tokens=4000)
+    cfg = DataConfig(source=str(folder / "a.txt"), shard_tokens=4000, tokenizer=tokenizer, vocab_size=400)
     one = prepare_data(cfg)
     monkeypatch.setenv("MICRO_ARCH_CACHE", str(tmp_path / "other"))
     monkeypatch.setattr(stream_module, "SMALL", 0)  # workers even for a small corpus
-    monkeypatch.setattr(stream_module, "settings", lambda c, t: stream_module.Settings(2, 2000, c.shard_tokens))
+    monkeypatch.setattr(prepare_module, "settings", lambda c, t: stream_module.Settings(2, 2000, c.shard_tokens))
     two = prepare_data(cfg)
+    assert two.tokenizer.identity == one.tokenizer.identity
     assert np.array_equal(np.asarray(one.train), np.asarray(two.train))
     assert np.array_equal(np.asarray(one.val), np.asarray(two.val)) and one.fingerprint == two.fingerprint
 
@@ -127,7 +129,7 @@ def shard_bytes(cache):
 def test_a_killed_preparation_resumes_and_gives_identical_shards(cache, tmp_path, prose, monkeypatch):
     folder = write_corpus(tmp_path / "corpus", prose)
     cfg = DataConfig(source=str(folder / "a.txt"), shard_tokens=3000)
-    monkeypatch.setattr(stream_module, "settings", lambda c, t: stream_module.Settings(1, 1500, c.shard_tokens))
+    monkeypatch.setattr(prepare_module, "settings", lambda c, t: stream_module.Settings(1, 1500, c.shard_tokens))
     whole = prepare_data(cfg)
     expected = shard_bytes(cache)
     assert sum(n.startswith("shard_") for n in expected) > 5

@@ -4,13 +4,12 @@ and the SFT and DPO experiments train on their built-in dialogue data from a pre
 import json
 
 import pytest
+from helpers import ROOT
 
 from micro_arch.commands.run import run_experiment
 from micro_arch.commands.trace import trace_command
 from micro_arch.stages.builtin_chat import builtin_file
 from micro_arch.stages.records import read_records
-
-from helpers import ROOT
 
 SMALL = ["model.d_model=32", "model.n_heads=2", "model.layers=[{spec: 'Norm->Attn->+->Norm->MLP->+', repeat: 1}]",
          "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1", "train.log_every=1",

@@ -320,7 +320,7 @@ def read_rows(path: str, name: str):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 raise MicroArchError(f"{name} line {number}: not JSON: {err.msg} (column {err.colno}); each line "
                                      "of a .jsonl file is one JSON object") from None

@@ -16,6 +16,7 @@ from .corpus import SEPARATOR
 from .documents import Piece, Read, read
 
 _TOKENIZER = None
+BATCH_CHARS = 1 << 20  # documents encoded in one call of the library
 
 
 def tokenizer_spec(tokenizer) -> tuple:
@@ -75,13 +76,19 @@ def scan(piece: Piece, sample_bytes: int, want_chars: bool) -> Scanned:
             break
         sample.append(doc)
         taken += size
-    chars = ""
-    if want_chars:
-        found: set[str] = set()
-        for doc in docs:
-            found.update(doc)
-        chars = "".join(sorted(found))
-    return Scanned(len(docs), sum(sizes), got, chars, sample)
+    return Scanned(len(docs), sum(sizes), got, characters(docs) if want_chars else "", sample)
+
+
+def characters(docs: list[str]) -> str:
+    """Every distinct character of the documents, sorted: a bitmap over code points (C speed, not a set of
+    one-character strings)."""
+    text = "".join(docs)
+    if text.isascii():
+        counts = np.bincount(np.frombuffer(text.encode("ascii"), dtype=np.uint8), minlength=128)
+    else:
+        counts = np.zeros(0x110000, dtype=bool)
+        counts[np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)] = True
+    return "".join(map(chr, np.flatnonzero(counts)))
 
 
 @dataclass
@@ -99,18 +106,24 @@ def encode(piece: Piece, first_held_out: int | None, dtype: str) -> Encoded:
     if hasattr(tok, "encode_array"):  # char: one id per character, so the joined text encodes in one go
         ids = tok.encode_array(SEPARATOR.join(docs)).astype(dtype)
         lengths = [len(d) for d in docs]
-    else:
-        encoded = encode_batch(tok, docs)
-        lengths = [len(e) for e in encoded]
-        separator = tok.encode(SEPARATOR)
-        ids = np.empty(sum(lengths) + len(separator) * max(len(docs) - 1, 0), dtype=dtype)
-        at = 0
-        for i, e in enumerate(encoded):
-            if i:
-                ids[at:at + len(separator)] = separator
-                at += len(separator)
-            ids[at:at + len(e)] = e
-            at += len(e)
+    else:  # in batches of about BATCH_CHARS, each turned into a compact array at once: the library's own
+        # results (Python lists, or Encoding objects) cost tens of bytes a token
+        separator = list(tok.encode(SEPARATOR))
+        parts, lengths, start = [], [], 0
+        while start < len(docs):
+            end, size = start, 0
+            while end < len(docs) and (size < BATCH_CHARS or end == start):
+                size += len(docs[end])
+                end += 1
+            flat: list[int] = []
+            for ids in encode_batch(tok, docs[start:end]):
+                if lengths:
+                    flat.extend(separator)
+                flat.extend(ids)
+                lengths.append(len(ids))
+            parts.append(np.array(flat, dtype=dtype))
+            start = end
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     held_at, held_bytes = None, 0
     if first_held_out is not None and first_held_out < len(docs):
         sep = len(SEPARATOR) if hasattr(tok, "encode_array") else len(tok.encode(SEPARATOR))

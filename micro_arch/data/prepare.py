@@ -19,14 +19,13 @@ import numpy as np
 from micro_arch.config import DataConfig
 from micro_arch.errors import MicroArchError, closest
 
-from . import stream
 from .corpus import SEPARATOR, shakespeare_documents
 from .documents import Piece, plan
 from .files import write_atomically
 from .hub import StreamedHub
 from .shards import TokenStream, cache_root, digest, join_streams, open_shards, read_index
 from .sources import BuiltinSource, FileSource, HubSource, resolve_source
-from .stream import Scan, encode_source, held_out_count, scan_source, training_sample
+from .stream import Scan, encode_source, held_out_count, scan_source, settings, training_sample
 from .tokenizers import CharTokenizer, SentencePieceTokenizer, train_bpe, train_bytelevel
 
 FORMAT = "v1"  # bump when a change here alters the tokens produced from the same inputs
@@ -203,7 +202,7 @@ def run_scan(cfg: DataConfig, root: Path, plan_: SourcePlan, sample_bytes: int, 
     cached = Scan.load(scan_path(root, plan_)) if not sample_bytes else None
     if cached is not None and (cached.has_chars or not chars):
         return cached
-    run = stream.settings(cfg, plan_.total_bytes)
+    run = settings(cfg, plan_.total_bytes)
     scan = scan_source(plan_.pieces(run.piece_bytes), plan_.total_bytes, run, sample_bytes, chars, plan_.files,
                        plan_.field, plan_.label, quiet)
     scan.save(scan_path(root, plan_))
@@ -217,7 +216,7 @@ def prepare_source(cfg: DataConfig, root: Path, plan_: SourcePlan, tokenizer, qu
     if index is None:
         scan = scan or run_scan(cfg, root, plan_, 0, False, quiet)
         n_train = plan_.n_train(scan.n_docs, cfg.val_fraction)
-        run = stream.settings(cfg, plan_.total_bytes)
+        run = settings(cfg, plan_.total_bytes)
         meta = {"key": folder.name, "source": plan_.description, "tokenizer": tokenizer.name}
         index = encode_source(folder, plan_.pieces, scan, n_train, tokenizer, run, plan_.total_bytes, plan_.label,
                               meta, quiet)

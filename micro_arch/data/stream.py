@@ -29,6 +29,8 @@ from .documents import Piece
 from .shards import DONE, ShardWriter, read_index, token_dtype, write_json
 
 BYTES_PER_PIECE_BYTE = 16  # what one byte of text in flight costs at most: its str, utf-32 codes, ids, copies
+WORKER_BYTES = 64 << 20  # a worker process before any piece: the interpreter, numpy, the tokenizer library
+MAIN_BYTES = 128 << 20  # this process's own share: the plan, a scan's counts, the shard being written
 SMALL = 4 << 20  # a corpus under this many bytes is prepared in this process: no workers to start
 
 
@@ -40,9 +42,14 @@ class Settings:
 
 
 def settings(cfg, total_bytes: int) -> Settings:
-    wanted = cfg.workers or os.cpu_count() or 1
-    piece = cfg.prepare_memory_mb * 2**20 // (BYTES_PER_PIECE_BYTE * (2 * wanted + 1))
-    piece = max(1 << 18, min(piece, 64 << 20))
+    """Workers and piece size within data.prepare_memory_mb: each worker costs WORKER_BYTES plus two pieces in
+    flight at BYTES_PER_PIECE_BYTE each (so fewer workers than CPUs when the budget is small), pieces of at most
+    8 MB (smaller ones keep the workers evenly busy), at least 256 KB."""
+    budget = cfg.prepare_memory_mb * 2**20 - MAIN_BYTES
+    least = 2 * BYTES_PER_PIECE_BYTE * (256 << 10)
+    wanted = max(1, min(cfg.workers or os.cpu_count() or 1, budget // (WORKER_BYTES + least)))
+    piece = (budget - wanted * WORKER_BYTES) // (2 * BYTES_PER_PIECE_BYTE * wanted)
+    piece = max(256 << 10, min(piece, 8 << 20))
     workers = 1 if total_bytes < SMALL else max(1, min(wanted, math.ceil(total_bytes / piece)))
     return Settings(workers, piece, cfg.shard_tokens)
 
@@ -60,6 +67,8 @@ def ordered_map(fn, items, workers: int, spec, tokenizer=None):
         return
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
+    if method == "forkserver":  # workers forked from a server that imported only this (no torch, no __main__)
+        ctx.set_forkserver_preload(["micro_arch.data.piece_work"])
     pool = ctx.Pool(workers, initializer=piece_work.start_worker, initargs=(spec,))
     pending: deque = deque()
     try:
