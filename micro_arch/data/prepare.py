@@ -87,7 +87,6 @@ class SourcePlan:
     files: list[str]
     field: str
     fixed_held_out: int | None  # the built-in corpus holds out fixed works
-    split_key: object
 
     def n_train(self, n_docs: int, val_fraction: float) -> int:
         if self.fixed_held_out is not None:
@@ -113,14 +112,14 @@ def plan_source(source, cfg: DataConfig, root: Path, quiet: bool = False) -> Sou
         train, val = shakespeare_documents()
         docs = train + val
         return SourcePlan(source.description, "shakespeare", lambda b: doc_pieces("shakespeare", docs, b),
-                          sum(len(d) for d in docs), [], "text", len(val), "works")
+                          sum(len(d) for d in docs), [], "text", len(val))
     if isinstance(source, FileSource):
         files, builder, field = source.files, source.builder, source.text_field
         return SourcePlan(source.description, source.pattern, lambda b: plan(files, builder, field, b),
-                          sum(os.path.getsize(f) for f in files), files, field, None, cfg.val_fraction)
+                          sum(os.path.getsize(f) for f in files), files, field, None)
     files = source.files(root, quiet)  # a hub dataset, streamed into local parts up to its budget
     return SourcePlan(source.description, source.name, lambda b: plan(files, "json", "text", b),
-                      sum(os.path.getsize(f) for f in files), files, "text", None, cfg.val_fraction)
+                      sum(os.path.getsize(f) for f in files), files, "text", None)
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -190,8 +189,15 @@ def train_tokenizer(cfg: DataConfig, path: Path, scans: list[Scan], plans: list[
 # --- the whole ---------------------------------------------------------------------------------
 
 
-def source_folder(root: Path, plan_: SourcePlan, tokenizer) -> Path:
-    return root / "tokens" / digest(SHARDS_FORMAT, plan_.description, plan_.split_key, tokenizer.identity)
+def source_folder(root: Path, source, cfg: DataConfig, tokenizer) -> Path:
+    """Where a source's shards go: a key of its documents, its split and the tokenizer (known without
+    reading any text, so a prepared source is found at once)."""
+    split = "works" if isinstance(source, BuiltinSource) else cfg.val_fraction
+    return root / "tokens" / digest(SHARDS_FORMAT, source.description, split, tokenizer.identity)
+
+
+def label_of(source) -> str:
+    return getattr(source, "pattern", None) or getattr(source, "name", None) or "shakespeare"
 
 
 def scan_path(root: Path, plan_: SourcePlan) -> Path:
@@ -209,18 +215,14 @@ def run_scan(cfg: DataConfig, root: Path, plan_: SourcePlan, sample_bytes: int, 
     return scan
 
 
-def prepare_source(cfg: DataConfig, root: Path, plan_: SourcePlan, tokenizer, quiet: bool,
-                   scan: Scan | None = None) -> tuple[dict, Path]:
-    folder = source_folder(root, plan_, tokenizer)
-    index = read_index(folder)
-    if index is None:
-        scan = scan or run_scan(cfg, root, plan_, 0, False, quiet)
-        n_train = plan_.n_train(scan.n_docs, cfg.val_fraction)
-        run = settings(cfg, plan_.total_bytes)
-        meta = {"key": folder.name, "source": plan_.description, "tokenizer": tokenizer.name}
-        index = encode_source(folder, plan_.pieces, scan, n_train, tokenizer, run, plan_.total_bytes, plan_.label,
-                              meta, quiet)
-    return index, folder
+def prepare_source(cfg: DataConfig, root: Path, plan_: SourcePlan, folder: Path, tokenizer, quiet: bool,
+                   scan: Scan | None = None) -> dict:
+    scan = scan or run_scan(cfg, root, plan_, 0, False, quiet)
+    n_train = plan_.n_train(scan.n_docs, cfg.val_fraction)
+    run = settings(cfg, plan_.total_bytes)
+    meta = {"key": folder.name, "source": plan_.description, "tokenizer": tokenizer.name}
+    return encode_source(folder, plan_.pieces, scan, n_train, tokenizer, run, plan_.total_bytes, plan_.label,
+                         meta, quiet)
 
 
 def splits_of(index: dict, folder: Path, where: str):
@@ -251,20 +253,24 @@ def prepare_data(cfg: DataConfig, quiet: bool = False) -> PreparedData:
     """Tokenizer plus train/held-out token ids (read-only views of the shards), from the cache when it has them."""
     root = cache_root(cfg.cache_dir)
     corpus = Corpus(cfg, root)
-    plans = [plan_source(s, cfg, root, quiet) for s in corpus.sources]
     path = tokenizer_path(cfg, corpus, root)
     tokenizer = load_cached_tokenizer(cfg, path)
-    scans = [None] * len(plans)
+    plans, scans = [None] * len(corpus.sources), [None] * len(corpus.sources)  # made only when text is read
     if tokenizer is None:
+        plans = [plan_source(s, cfg, root, quiet) for s in corpus.sources]
         sample = cfg.tokenizer_sample_bytes if cfg.tokenizer != "char" else 0
         total = sum(p.total_bytes for p in plans)
         scans = [run_scan(cfg, root, p, max(1, round(sample * p.total_bytes / max(total, 1))) if sample else 0,
                           cfg.tokenizer == "char", quiet) for p in plans]
         tokenizer = train_tokenizer(cfg, path, scans, plans)
     trains, vals, val_bytes = [], [], []
-    for plan_, scan in zip(plans, scans):
-        index, folder = prepare_source(cfg, root, plan_, tokenizer, quiet, scan)
-        train, val = splits_of(index, folder, plan_.label)
+    for source, plan_, scan in zip(corpus.sources, plans, scans):
+        folder = source_folder(root, source, cfg, tokenizer)
+        index = read_index(folder)
+        if index is None:
+            plan_ = plan_ or plan_source(source, cfg, root, quiet)
+            index = prepare_source(cfg, root, plan_, folder, tokenizer, quiet, scan)
+        train, val = splits_of(index, folder, label_of(source))
         trains.append(train)
         vals.append(val)
         val_bytes.append(index["val_bytes"])
