@@ -403,3 +403,30 @@ def test_an_unreachable_hub_stays_a_one_line_error(cache, monkeypatch):
         prepare_data(DataConfig(source="someone/not-cached-anywhere", max_tokens=1000))
     assert len(str(info.value).splitlines()) == 1 and "could not reach the Hugging Face hub" in str(info.value)
     assert not list((cache / "hub").glob("*")) if (cache / "hub").exists() else True
+
+
+# --- micro-arch prepare ---------------------------------------------------------------------------
+
+
+def test_prepare_command_shows_the_plan_then_prepares(tmp_path, prose, monkeypatch, capsys):
+    from micro_arch.commands import prepare as command
+
+    (tmp_path / "texts").mkdir()
+    for i in range(3):
+        (tmp_path / "texts" / f"{i}.txt").write_text("\n\n".join(paragraphs(prose, 60, 60 * i)))
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "config.yaml").write_text(f"data: {{source: '{tmp_path / 'texts'}', tokenizer: char}}\n")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MICRO_ARCH_CACHE", str(cache))
+    monkeypatch.setattr(command.console, "width", 200)
+    result = command.prepare_command(exp)
+    out = capsys.readouterr().out
+    size = sum(p.stat().st_size for p in (tmp_path / "texts").iterdir())
+    assert "data plan of exp" in out and str(tmp_path / "texts") in out and f"{size / 1e3:,.1f} KB" in out
+    assert f"~{size:,}" in out and f"cache: {cache}" in out and "prepared:" in out
+    shards = list(cache.glob("tokens/*/shard_00000.bin"))
+    assert len(shards) == 1 and (shards[0].parent / "DONE").is_file()
+    assert result["train_tokens"] + result["val_tokens"] + 2 == shards[0].stat().st_size // 2
+    with pytest.raises(MicroArchError, match="missing.txt: no such file"):
+        command.prepare_command(exp, [f"data.source={tmp_path / 'missing.txt'}"])
