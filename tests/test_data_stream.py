@@ -153,6 +153,8 @@ def test_a_killed_preparation_resumes_and_gives_identical_shards(cache, tmp_path
     assert json.loads((tokens / "progress.json").read_text())["shards"] == 3
 
     monkeypatch.setattr(ShardWriter, "_finish", real_finish)
+    # started again with other settings: it goes on with the killed run's pieces and shards all the same
+    monkeypatch.setattr(prepare_module, "settings", lambda c, t: stream_module.Settings(1, 2600, 7000))
     encoded = []
     real_encode = stream_module.piece_work.encode
     monkeypatch.setattr(stream_module.piece_work, "encode", lambda *a: encoded.append(1) or real_encode(*a))

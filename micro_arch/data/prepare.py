@@ -25,7 +25,16 @@ from .files import write_atomically
 from .hub import StreamedHub
 from .shards import TokenStream, cache_root, digest, join_streams, open_shards, read_index
 from .sources import BuiltinSource, FileSource, HubSource, resolve_source
-from .stream import Scan, encode_source, held_out_count, scan_source, settings, training_sample
+from .stream import (
+    Scan,
+    Settings,
+    encode_source,
+    held_out_count,
+    read_progress,
+    scan_source,
+    settings,
+    training_sample,
+)
 from .tokenizers import CharTokenizer, SentencePieceTokenizer, train_bpe, train_bytelevel
 
 FORMAT = "v1"  # bump when a change here alters the tokens produced from the same inputs
@@ -204,11 +213,17 @@ def scan_path(root: Path, plan_: SourcePlan) -> Path:
     return root / "scans" / f"{digest(SHARDS_FORMAT, plan_.description, plan_.field)}.json"
 
 
-def run_scan(cfg: DataConfig, root: Path, plan_: SourcePlan, sample_bytes: int, chars: bool, quiet: bool) -> Scan:
-    cached = Scan.load(scan_path(root, plan_)) if not sample_bytes else None
-    if cached is not None and (cached.has_chars or not chars):
-        return cached
+def run_scan(cfg: DataConfig, root: Path, plan_: SourcePlan, sample_bytes: int, chars: bool, quiet: bool,
+             piece_bytes: int | None = None) -> Scan:
+    """The scan pass, or its cached counts (a sample is never cached). Its per-piece counts hold for one piece
+    size only: `piece_bytes` asks for that one (a killed preparation's), else the settings decide."""
     run = settings(cfg, plan_.total_bytes)
+    if piece_bytes is not None:
+        run = Settings(run.workers, piece_bytes, run.shard_tokens)
+    cached = Scan.load(scan_path(root, plan_)) if not sample_bytes else None
+    if cached is not None and (cached.has_chars or not chars) and (piece_bytes is None
+                                                                   or cached.piece_bytes == piece_bytes):
+        return cached
     scan = scan_source(plan_.pieces(run.piece_bytes), plan_.total_bytes, run, sample_bytes, chars, plan_.files,
                        plan_.field, plan_.label, quiet)
     scan.save(scan_path(root, plan_))
@@ -217,9 +232,15 @@ def run_scan(cfg: DataConfig, root: Path, plan_: SourcePlan, sample_bytes: int, 
 
 def prepare_source(cfg: DataConfig, root: Path, plan_: SourcePlan, folder: Path, tokenizer, quiet: bool,
                    scan: Scan | None = None) -> dict:
-    scan = scan or run_scan(cfg, root, plan_, 0, False, quiet)
+    """The source's shards, going on from a killed preparation's progress: the encode pass cuts the source
+    into the same pieces as the scan whose counts it uses."""
+    saved = read_progress(folder)
+    wanted = saved["piece_bytes"] if saved else None
+    if scan is None or (wanted is not None and scan.piece_bytes != wanted):
+        scan = run_scan(cfg, root, plan_, 0, False, quiet, wanted)
     n_train = plan_.n_train(scan.n_docs, cfg.val_fraction)
     run = settings(cfg, plan_.total_bytes)
+    run = Settings(run.workers, scan.piece_bytes, saved["shard_tokens"] if saved else run.shard_tokens)
     meta = {"key": folder.name, "source": plan_.description, "tokenizer": tokenizer.name}
     return encode_source(folder, plan_.pieces, scan, n_train, tokenizer, run, plan_.total_bytes, plan_.label,
                          meta, quiet)

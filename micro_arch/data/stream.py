@@ -138,6 +138,7 @@ class Scan:
     """What the scan pass learnt about a source."""
 
     piece_docs: list[int]  # documents per piece
+    piece_bytes: int = 0  # the piece size they were counted with
     n_docs: int = 0
     n_bytes: int = 0
     chars: str = ""
@@ -197,7 +198,7 @@ def scan_source(pieces, sizes_total: int, run: Settings, sample_bytes: int, want
     """The scan pass (see the module docstring); the sample is spread over the pieces by their size."""
     ratio = sample_bytes / max(sizes_total, 1)
     checks = {f: FileCheck() for f in files}
-    result = Scan([])
+    result = Scan([], run.piece_bytes)
     meter = Meter(f"scanning {label}", sizes_total, quiet)
     items = ((p, math.ceil(ratio * p.size) if sample_bytes else 0, want_chars) for p in pieces)
     chars: set[str] = set()
@@ -267,14 +268,15 @@ def encode_source(folder: Path, pieces_factory, scan: Scan, n_train: int, tokeni
     dtype = np.dtype(token_dtype(tokenizer.vocab_size)).name
     separator = np.asarray(tokenizer.encode(SEPARATOR), dtype=dtype)
     progress_path = folder / "progress.json"
-    saved = json.loads(progress_path.read_text()) if progress_path.is_file() else None
-    if saved is not None and saved.get("key") != meta.get("key"):
-        saved = None
-    if saved is not None:  # go on with the killed run's piece size and shard size: the same plan
-        run = Settings(run.workers, saved["piece_bytes"], saved["shard_tokens"])
+    saved = read_progress(folder)
+    if saved is not None and (saved["piece_bytes"], saved["shard_tokens"]) != (run.piece_bytes, run.shard_tokens):
+        saved = None  # another plan: start over (prepare_source asks for the killed run's)
+    if saved is not None:  # go on from the killed run's last shard
         state = saved["state"]
     else:
         state = {"piece": 0, "docs": 0, "position": 0, "val_start": None, "val_bytes": 0}
+        for stale in folder.glob("*shard_*.bin*"):  # from a killed run with another plan
+            stale.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     current = dict(state)  # the accounting at the start of the piece being written
 
@@ -335,6 +337,15 @@ def encode_source(folder: Path, pieces_factory, scan: Scan, n_train: int, tokeni
     (folder / DONE).write_text("")
     progress_path.unlink(missing_ok=True)
     return index
+
+
+def read_progress(folder: Path) -> dict | None:
+    """What a killed preparation of `folder` left: its piece and shard sizes, shards done, where to go on."""
+    path = folder / "progress.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
 
 
 def list_from(pieces, start: int):
