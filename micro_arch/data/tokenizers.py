@@ -27,7 +27,7 @@ class CharTokenizer:
         self.chars = "".join(sorted(set(chars)))
         self.vocab_size = len(self.chars)
         codes = np.frombuffer(self.chars.encode("utf-32-le"), dtype=np.uint32)
-        self._table = np.full(int(codes.max()) + 1 if len(codes) else 1, -1, dtype=np.int32)
+        self._table = np.full(0x110000, -1, dtype=np.int32)  # every code point: a lookup needs no bounds check
         self._table[codes] = np.arange(len(codes), dtype=np.int32)
         self._lookup = np.array(list(self.chars))
 
@@ -43,9 +43,9 @@ class CharTokenizer:
         return "char:" + self.chars
 
     def encode_array(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ids = self._table[np.minimum(codes, len(self._table) - 1)]
-        unknown = (ids < 0) | (codes >= len(self._table))
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        ids = self._table[codes]
+        unknown = ids < 0
         if unknown.any():
             missing = sorted({chr(c) for c in codes[unknown]})
             raise ValueError(f"characters not in the vocabulary: {''.join(missing)!r}")
