@@ -10,6 +10,7 @@ else a TokenStream (several shards, or a mixture: each source cut or repeated to
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from .corpus import SEPARATOR, shakespeare_documents
 from .documents import Piece, plan
 from .files import write_atomically
 from .hub import StreamedHub
+from .mixture import mixture
 from .shards import TokenStream, cache_root, digest, join_streams, open_shards, read_index
 from .sources import BuiltinSource, FileSource, HubSource, resolve_source
 from .stream import (
@@ -246,6 +248,24 @@ def prepare_source(cfg: DataConfig, root: Path, plan_: SourcePlan, folder: Path,
                          meta, quiet)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive OS lock on <cache>/locks/<folder name> for the duration (none where fcntl is missing)."""
+    locks = folder.parent.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(locks / folder.name, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def splits_of(index: dict, folder: Path, where: str):
     stream = TokenStream(open_shards(folder, index))
     train, val = stream.slice(0, index["train_end"]), stream.slice(index["val_start"], index["tokens"])
@@ -254,20 +274,6 @@ def splits_of(index: dict, folder: Path, where: str):
             raise MicroArchError(f"{where}: the {what} split is empty ({len(split)} tokens); use more text or "
                                  "change data.val_fraction")
     return train, val
-
-
-def mixture(trains: list, weights: list[float], separator: np.ndarray):
-    """Each source's training tokens cut (or repeated) to weights[i]/sum(weights) of all of them, one after
-    another with the separator between: random windows over it then draw each source at its share."""
-    total = sum(len(t) for t in trains)
-    segments = []
-    for train, weight in zip(trains, weights):
-        quota = round(total * weight / sum(weights))
-        while quota > 0:
-            take = min(quota, len(train))
-            segments.append(train[:take] if isinstance(train, np.ndarray) else train.slice(0, take))
-            quota -= take
-    return join_streams(segments, separator)
 
 
 def prepare_data(cfg: DataConfig, quiet: bool = False) -> PreparedData:
@@ -289,8 +295,11 @@ def prepare_data(cfg: DataConfig, quiet: bool = False) -> PreparedData:
         folder = source_folder(root, source, cfg, tokenizer)
         index = read_index(folder)
         if index is None:
-            plan_ = plan_ or plan_source(source, cfg, root, quiet)
-            index = prepare_source(cfg, root, plan_, folder, tokenizer, quiet, scan)
+            with folder_lock(folder):  # another process preparing the same source: wait, then use its shards
+                index = read_index(folder)
+                if index is None:
+                    plan_ = plan_ or plan_source(source, cfg, root, quiet)
+                    index = prepare_source(cfg, root, plan_, folder, tokenizer, quiet, scan)
         train, val = splits_of(index, folder, label_of(source))
         trains.append(train)
         vals.append(val)
