@@ -46,3 +46,13 @@ def test_built_in_dialogues_are_built_once_and_split_by_works(tmp_path):
     assert len(users) > 10000 and len(long) > 500 and not any(u in users for u in long)
     with pytest.raises(Exception, match="did you mean: shakespeare-chat:sft_train|sft_train"):
         builtin_file("shakespeare-chat:sft_trian", tmp_path)
+
+
+def test_prepare_on_a_stage_experiment_makes_its_records(capsys):
+    from micro_arch.commands.prepare import prepare_command
+
+    result = prepare_command(ROOT / "experiments" / "shakespeare-sft")
+    rows = result["plan"]["sources"]
+    assert [r["source"] for r in rows] == ["shakespeare-chat:sft_train", "shakespeare-chat:sft_val"]
+    assert all(r["files"] == 1 and r["bytes"] > 100_000 for r in rows)
+    assert "records ready" in capsys.readouterr().out
