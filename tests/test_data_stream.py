@@ -432,3 +432,28 @@ def test_prepare_command_shows_the_plan_then_prepares(tmp_path, prose, monkeypat
     assert result["train_tokens"] + result["val_tokens"] + 2 == shards[0].stat().st_size // 2
     with pytest.raises(MicroArchError, match="missing.txt: no such file"):
         command.prepare_command(exp, [f"data.source={tmp_path / 'missing.txt'}"])
+
+
+def test_a_run_on_many_shards_resumes_exactly(tmp_path):
+    """The trainer on a split of ~25 shards: killed after step 12 and resumed, it matches the run that went on."""
+    import shutil
+
+    from test_train import make_experiment, read_metrics
+
+    from micro_arch.commands.run import run_experiment
+
+    exp = make_experiment(tmp_path)
+    sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.shard_tokens=200000"]
+    full = run_experiment(exp, runs_root=tmp_path / "runs", overrides=sets)
+    assert len(list((tmp_path / "cache").glob("tokens/*/shard_*.bin"))) > 20
+    stopped = tmp_path / "stopped"
+    shutil.copytree(full, stopped)
+    shutil.copy(stopped / "checkpoints/step_0000012.pt", stopped / "checkpoints/latest.pt")
+    (stopped / "checkpoints/step_0000024.pt").unlink()
+    run_experiment(exp, runs_root=tmp_path / "runs", overrides=sets, resume=stopped)
+    a, b = read_metrics(full), read_metrics(stopped)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss"):
+            if ra[key]:
+                assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-5, abs=1e-6), (ra["step"], key)
