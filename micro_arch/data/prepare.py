@@ -228,6 +228,11 @@ def run_scan(cfg: DataConfig, root: Path, plan_: SourcePlan, sample_bytes: int, 
         return cached
     scan = scan_source(plan_.pieces(run.piece_bytes), plan_.total_bytes, run, sample_bytes, chars, plan_.files,
                        plan_.field, plan_.label, quiet)
+    if scan.skipped and not quiet:  # said, never dropped silently
+        from rich.console import Console
+
+        Console(stderr=True).print(f"{plan_.label}: {scan.skipped:,} record(s) skipped: their {plan_.field!r} is "
+                                   "empty or not a string")
     scan.save(scan_path(root, plan_))
     return scan
 
