@@ -457,3 +457,19 @@ def test_a_run_on_many_shards_resumes_exactly(tmp_path):
         for key in ("train_loss", "val_loss"):
             if ra[key]:
                 assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-5, abs=1e-6), (ra["step"], key)
+
+
+def test_compressed_files_give_the_tokens_of_the_plain_ones(cache, tmp_path, prose, monkeypatch):
+    import gzip
+    import lzma
+
+    folder = write_corpus(tmp_path / "corpus", prose)
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "b.jsonl.gz").write_bytes(gzip.compress((folder / "b.jsonl").read_bytes()))
+    (tmp_path / "xz").mkdir()
+    (tmp_path / "xz" / "a.txt.xz").write_bytes(lzma.compress((folder / "a.txt").read_bytes()))
+    monkeypatch.setattr(prepare_module, "settings", lambda c, t: stream_module.Settings(1, 700, c.shard_tokens))
+    for plain, packed in (("b.jsonl", "gz/b.jsonl.gz"), ("a.txt", "xz/a.txt.xz")):
+        a = prepare_data(DataConfig(source=str(folder / plain)))
+        b = prepare_data(DataConfig(source=str(tmp_path / packed)))
+        assert np.array_equal(np.asarray(a.train), np.asarray(b.train)) and a.val_bytes == b.val_bytes
