@@ -473,3 +473,27 @@ def test_compressed_files_give_the_tokens_of_the_plain_ones(cache, tmp_path, pro
         a = prepare_data(DataConfig(source=str(folder / plain)))
         b = prepare_data(DataConfig(source=str(tmp_path / packed)))
         assert np.array_equal(np.asarray(a.train), np.asarray(b.train)) and a.val_bytes == b.val_bytes
+
+
+def test_hub_conversations_are_streamed_into_the_cache_for_sft(tmp_path, monkeypatch):
+    import datasets
+
+    from micro_arch.data import hub
+    from micro_arch.stages.records import read_records
+
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}],
+             "prompt_id": str(i)} for i in range(30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    real, calls = datasets.load_dataset, []
+
+    def local_hub(name, streaming=False, **kw):
+        calls.append((name, streaming))
+        return real("json", data_files=[str(path)], streaming=streaming)
+
+    monkeypatch.setattr(hub, "hub_offline_reason", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", local_hub)
+    records = read_records("someone/chats", tmp_path / "cache", "conversations")
+    assert [r for _, r in records] == rows and records[0][0] == "part-00000.jsonl line 1"
+    assert read_records("someone/chats", tmp_path / "cache", "conversations") == records
+    assert calls == [("someone/chats", True)]  # streamed once, then read from the cache

@@ -30,14 +30,17 @@ PART_BYTES = 64 << 20
 class StreamedHub:
     """A HubSource read in streaming mode up to a budget; its description includes the budget."""
 
-    def __init__(self, source: HubSource, max_tokens: int | None, tokenizer: str, val_fraction: float):
-        self.source, self.name, self.text_field = source, source.name, source.text_field
+    def __init__(self, source: HubSource, max_tokens: int | None, tokenizer: str, val_fraction: float,
+                 records: bool = False):
+        self.source, self.name, self.text_field, self.records = source, source.name, source.text_field, records
         self.per_char = tokenizer == "char"
         wanted = None if max_tokens is None else max_tokens / (1 - val_fraction)
         self.budget = None if wanted is None else int(wanted * (1 if self.per_char else BYTES_PER_TOKEN))
 
     @property
     def description(self) -> str:
+        if self.records:
+            return f"hub:{self.name}:records"
         unit = "chars" if self.per_char else "bytes"
         return f"{self.source.description}:stream:{self.budget or 'all'} {unit}"
 
@@ -88,6 +91,17 @@ class StreamedHub:
         taken, part, size, out = 0, 0, 0, None
         try:
             for row in self._rows():
+                if self.records:  # conversations or preference pairs: every record whole
+                    if out is None or size >= PART_BYTES:
+                        if out is not None:
+                            out.close()
+                        out, size, part = open(folder / f"part-{part:05d}.jsonl", "w", encoding="utf-8"), 0, part + 1
+                    line = json.dumps(row, ensure_ascii=False, default=str) + "\n"
+                    out.write(line)
+                    size += len(line)
+                    taken += len(line)
+                    meter.advance(len(line))
+                    continue
                 if self.text_field not in row:
                     raise MicroArchError(f"{self.name}: no column {self.text_field!r} (columns: "
                                          f"{', '.join(row)}); set data.text_field to the one that holds the text")
@@ -111,4 +125,11 @@ class StreamedHub:
                 out.close()
             meter.close(quiet=True)
         if not taken:
-            raise MicroArchError(f"{self.name}: no text in column {self.text_field!r}")
+            what = "no records" if self.records else f"no text in column {self.text_field!r}"
+            raise MicroArchError(f"{self.name}: {what}")
+
+
+def hub_records(name: str, root: Path, quiet: bool = False) -> list[str]:
+    """A hub dataset of conversations or preference pairs (sft, dpo), streamed whole into local JSON-lines parts
+    the first time (offline: from the local datasets cache, or the one-line error)."""
+    return StreamedHub(HubSource(name, "text"), None, "char", 0.5, records=True).files(root, quiet)

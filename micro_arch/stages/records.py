@@ -1,7 +1,8 @@
 """JSON-lines records for the later stages (conversations, preference pairs), read as a stream, a line at a time
 (micro_arch.data.documents.read_rows), so that an error names the file and the line of the bad record (one JSON
-object per line; blank lines are skipped and counted). A source is anything the data section accepts as local files:
-a .jsonl/.json/.parquet file, a glob, or a folder.
+object per line; blank lines are skipped and counted). A source is anything the data section accepts as local files
+(a .jsonl/.json/.parquet file, a glob, or a folder), built-in chat data (shakespeare-chat:*), or a hub dataset
+of such records (streamed into the cache the first time: micro_arch.data.hub.hub_records).
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ from micro_arch.errors import MicroArchError
 def read_records(source: str, cache_dir: Path, what: str) -> list[tuple[str, dict]]:
     """[(where, record), ...] in file order, `where` like 'chat.jsonl line 12'."""
     from micro_arch.data.documents import read_rows
-    from micro_arch.data.sources import file_format, local_files
+    from micro_arch.data.hub import hub_records
+    from micro_arch.data.sources import file_format, local_files, looks_local
 
     from .builtin_chat import builtin_file, is_builtin
 
-    files = local_files(builtin_file(source, cache_dir) if is_builtin(source) else source)
+    if is_builtin(source):
+        files = [builtin_file(source, cache_dir)]
+    elif looks_local(source):
+        files = local_files(source)
+    else:  # a hub dataset, streamed into the cache the first time
+        files = hub_records(source, Path(cache_dir))
     bad = [f for f in files if file_format(f) not in ("json", "parquet")]
     if bad:
         raise MicroArchError(f"{source}: {what} are read from JSON lines (.jsonl) or .parquet files, not "

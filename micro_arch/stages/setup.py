@@ -70,12 +70,14 @@ def _source_text(source) -> str:
 
 
 def _describe(source: str, root) -> list:
-    from micro_arch.data.sources import local_files
+    from micro_arch.data.sources import local_files, looks_local
 
     from .builtin_chat import builtin_file, is_builtin
 
     if is_builtin(source):  # its content follows from its name and the corpus: no paths or mtimes
         return [source, Path(builtin_file(source, root)).parent.name]
+    if not looks_local(source):  # a hub dataset, as streamed
+        return [f"hub:{source}:records"]
     return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in local_files(source)]
 
 
