@@ -497,3 +497,20 @@ def test_hub_conversations_are_streamed_into_the_cache_for_sft(tmp_path, monkeyp
     assert [r for _, r in records] == rows and records[0][0] == "part-00000.jsonl line 1"
     assert read_records("someone/chats", tmp_path / "cache", "conversations") == records
     assert calls == [("someone/chats", True)]  # streamed once, then read from the cache
+
+
+def test_a_text_piece_joined_without_splitting_equals_its_documents_joined():
+    from micro_arch.data.documents import Piece, joined_text
+
+    rng = np.random.default_rng(0)
+    same = 0
+    for _ in range(3000):
+        parts = rng.choice(["a", "b c", "\n", "\n\n", "\n\n\n", "\r\n", "\r", " "], size=rng.integers(0, 9))
+        data = "".join(parts).encode()
+        piece = Piece("x.txt", "text", 0, len(data), len(data), data=data)
+        whole = joined_text(piece)
+        docs = read(piece).docs
+        if whole is not None:
+            same += 1
+            assert whole == (SEPARATOR.join(docs), len(docs)), (data, whole, docs)
+    assert same > 1000  # the fast path is taken for most pieces

@@ -185,6 +185,20 @@ def read(piece: Piece) -> Read:
     return read_json(text, piece)
 
 
+def joined_text(piece: Piece) -> tuple[str, int] | None:
+    """(a .txt piece's documents joined by the blank line, their number) without splitting the text: the text
+    itself, less a final blank line, when none of its paragraphs is empty; else None (read it whole)."""
+    if piece.kind != "text":
+        return None
+    text = decode(piece.data if piece.data is not None else read_bytes(piece), piece)
+    text = text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+    if text.endswith("\n\n") and not text.endswith("\n\n\n"):
+        text = text[:-2]  # the empty paragraph after a piece's last blank line
+    if "\n\n\n\n" in text or text.startswith("\n\n") or text.endswith("\n\n"):
+        return None
+    return text, (text.count("\n\n") + 1 if text else 0)
+
+
 def read_bytes(piece: Piece) -> bytes:
     with open(piece.file, "rb") as f:
         f.seek(piece.start)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .corpus import SEPARATOR
-from .documents import Piece, Read, read
+from .documents import Piece, Read, joined_text, read
 
 _TOKENIZER = None
 BATCH_CHARS = 1 << 20  # documents encoded in one call of the library
@@ -105,6 +105,10 @@ class Encoded:
 def encode(piece: Piece, first_held_out: int | None, dtype: str) -> Encoded:
     """first_held_out: the index (within the piece) of its first held-out document, or None."""
     tok = _TOKENIZER
+    if hasattr(tok, "encode_array") and first_held_out is None:  # char, no held-out document here
+        whole = joined_text(piece)
+        if whole is not None:  # the text is its documents joined already: no split, no join
+            return Encoded(tok.encode_array(whole[0]).astype(dtype), whole[1], None, 0)
     docs = read(piece).docs
     if hasattr(tok, "encode_array"):  # char: one id per character, so the joined text encodes in one go
         ids = tok.encode_array(SEPARATOR.join(docs)).astype(dtype)
