@@ -503,14 +503,10 @@ def test_a_text_piece_joined_without_splitting_equals_its_documents_joined():
     from micro_arch.data.documents import Piece, joined_text
 
     rng = np.random.default_rng(0)
-    same = 0
-    for _ in range(3000):
-        parts = rng.choice(["a", "b c", "\n", "\n\n", "\n\n\n", "\r\n", "\r", " "], size=rng.integers(0, 9))
+    for _ in range(5000):
+        parts = rng.choice(["a", "b c", "\n", "\n\n", "\n\n\n", "\n\n\n\n\n", "\r\n", "\r", " "],
+                           size=rng.integers(0, 10))
         data = "".join(parts).encode()
         piece = Piece("x.txt", "text", 0, len(data), len(data), data=data)
-        whole = joined_text(piece)
         docs = read(piece).docs
-        if whole is not None:
-            same += 1
-            assert whole == (SEPARATOR.join(docs), len(docs)), (data, whole, docs)
-    assert same > 1000  # the fast path is taken for most pieces
+        assert joined_text(piece) == (SEPARATOR.join(docs), len(docs)), (data, docs)

@@ -66,6 +66,12 @@ class Scanned:
 
 
 def scan(piece: Piece, sample_bytes: int, want_chars: bool) -> Scanned:
+    whole = joined_text(piece) if not sample_bytes else None
+    if whole is not None:  # a .txt piece, no sample wanted: counted without splitting it
+        text, n = whole
+        data = text.encode("utf-8", "surrogatepass")
+        chars = characters([text], data) if want_chars else ""
+        return Scanned(n, len(data) - len(SEPARATOR) * max(n - 1, 0), Read([], n, blank=not text or text.isspace()), chars)
     got = read(piece)
     docs, got.docs = got.docs, []
     data = "".join(docs).encode("utf-8", "surrogatepass")  # one pass for the byte count and the characters
@@ -107,7 +113,7 @@ def encode(piece: Piece, first_held_out: int | None, dtype: str) -> Encoded:
     tok = _TOKENIZER
     if hasattr(tok, "encode_array") and first_held_out is None:  # char, no held-out document here
         whole = joined_text(piece)
-        if whole is not None:  # the text is its documents joined already: no split, no join
+        if whole is not None:  # its documents joined, without splitting it
             return Encoded(tok.encode_array(whole[0]).astype(dtype), whole[1], None, 0)
     docs = read(piece).docs
     if hasattr(tok, "encode_array"):  # char: one id per character, so the joined text encodes in one go
