@@ -70,7 +70,7 @@ class DataConfig:
     tokenizer: str = "char"
     vocab_size: int = 4096  # for 'bpe' and 'bytelevel'
     # 'bpe'/'bytelevel' train on at most this many bytes of training documents, spread over the whole corpus
-    # (a small corpus: all of it). Training memory grows with it: SentencePiece takes roughly 10-20x it.
+    # (a small corpus: all of it). Training memory grows with it: SentencePiece adds roughly 11-14x its input.
     tokenizer_sample_bytes: int = 100_000_000
     val_fraction: float = 0.1  # held-out share, taken as whole documents from the end
     cache_dir: str | None = None  # None: $MICRO_ARCH_CACHE or ~/.cache/micro-arch
