@@ -21,7 +21,7 @@ from micro_arch.config import DataConfig
 from micro_arch.errors import MicroArchError, closest
 
 from .corpus import SEPARATOR, shakespeare_documents
-from .documents import Piece, plan
+from .documents import Piece, parquet_pieces, plan
 from .files import write_atomically
 from .hub import StreamedHub
 from .mixture import mixture
@@ -329,6 +329,8 @@ def data_plan(cfg: DataConfig) -> dict:
     for source in corpus.sources:
         if isinstance(source, FileSource):
             label, files, size = source.pattern, len(source.files), sum(os.path.getsize(f) for f in source.files)
+            if source.builder == "parquet":  # the text column's size, uncompressed (from the files' metadata)
+                size = sum(p.size for f in source.files for p in parquet_pieces(f, source.text_field))
         elif isinstance(source, BuiltinSource):
             label, files, size = "shakespeare (built in)", 0, sum(len(d.encode()) for d in
                                                                   sum(shakespeare_documents(), []))
