@@ -28,7 +28,7 @@ from .corpus import SEPARATOR
 from .documents import Piece
 from .shards import DONE, ShardWriter, read_index, token_dtype, write_json
 
-BYTES_PER_PIECE_BYTE = 16  # what one byte of text in flight costs at most: its str, utf-32 codes, ids, copies
+BYTES_PER_PIECE_BYTE = 24  # one byte of text in flight, at worst (4-byte characters): its str, utf-32 codes, ids, copies
 WORKER_BYTES = 64 << 20  # a worker process before any piece: the interpreter, numpy, the tokenizer library
 MAIN_BYTES = 128 << 20  # this process's own share: the plan, a scan's counts, the shard being written
 SMALL = 4 << 20  # a corpus under this many bytes is prepared in this process: no workers to start
