@@ -2,8 +2,8 @@
 in this precision? One line per experiment (ok or the error, seconds, last train and held-out loss);
 the exit status is the number of failures.
 
-SFT and DPO experiments start from the shakespeare-char smoke run (model.init_from) and read the dialogue
-data that scripts/make_shakespeare_dialogues.py builds; it is built first (under --out) when missing.
+SFT and DPO experiments start from the shakespeare-char smoke run (model.init_from) and read their built-in
+dialogue data (shakespeare-chat:*, made from the plays into the cache on first use).
 
     python bench/smoke_experiments.py --device cuda --precision bf16 --out /tmp/smoke
     python bench/smoke_experiments.py --steps 2 --only shakespeare-char gpt2      # a CPU check
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,20 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def stage_of(folder: Path) -> str:
     cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     return (cfg.get("train") or {}).get("stage", "pretrain")
-
-
-def dialogue_data(out: Path) -> Path | None:
-    """The folder with sft_/dpo_ train and val JSONL files, built when missing; None if it cannot be."""
-    shipped = ROOT / "data" / "shakespeare-chat"
-    if (shipped / "sft_train.jsonl").is_file():
-        return shipped
-    script = ROOT / "scripts" / "make_shakespeare_dialogues.py"
-    if not script.is_file():
-        return None
-    built = out / "shakespeare-chat"
-    if not (built / "sft_train.jsonl").is_file():
-        subprocess.run([sys.executable, str(script), "--out", str(built)], check=True, cwd=ROOT)
-    return built
 
 
 def main() -> int:
@@ -72,13 +57,11 @@ def main() -> int:
         start = time.perf_counter()
         try:
             if stage != "pretrain":
-                data = dialogue_data(out)
-                if parent is None or data is None:
-                    print(f"{folder.name:18s} skipped: needs the shakespeare-char smoke run and the dialogue data")
+                if parent is None:
+                    print(f"{folder.name:18s} skipped: needs the shakespeare-char smoke run")
                     skipped += 1
                     continue
-                extra = [f"model.init_from={parent}", f"data.source={data}/{stage}_train.jsonl",
-                         f"data.val_source={data}/{stage}_val.jsonl"]
+                extra = [f"model.init_from={parent}"]
             run_dir = run_experiment(folder, overrides=common + extra, runs_root=out / "runs")
             summary = json.loads((run_dir / "summary.json").read_text())
             if folder.name == "shakespeare-char":

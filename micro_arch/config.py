@@ -66,11 +66,25 @@ class SourceConfig:
 class DataConfig:
     source: str | list[SourceConfig] = "shakespeare"  # one source, or a weighted mixture
     text_field: str = "text"  # the column that holds text in .jsonl/.parquet/hub sources
-    tokenizer: str = "char"  # 'char', 'bpe' (SentencePiece trained on the training split), or a .model path
-    vocab_size: int = 4096  # for 'bpe'
+    # 'char', 'bpe' (SentencePiece BPE with byte fallback), 'bytelevel' (Hugging Face tokenizers byte-level
+    # BPE, as GPT-2 and Llama 3), a SentencePiece .model path, or a tokenizers .json path
+    tokenizer: str = "char"
+    vocab_size: int = 4096  # for 'bpe' and 'bytelevel'
+    # 'bpe'/'bytelevel' train on at most this many bytes of training documents, spread over the whole corpus
+    # (a small corpus: all of it). Training memory grows with it: SentencePiece adds roughly 11-14x its input.
+    tokenizer_sample_bytes: int = 100_000_000
     val_fraction: float = 0.1  # held-out share, taken as whole documents from the end
     cache_dir: str | None = None  # None: $MICRO_ARCH_CACHE or ~/.cache/micro-arch
     val_source: str | None = None  # sft/dpo: held-out conversations or pairs (None: the last val_fraction)
+    # at most this many training tokens (null: all). A hub source streams only about this much text.
+    max_tokens: int | None = None
+    # preparation (micro_arch/data/stream.py): documents are tokenized in worker processes (0: one per CPU)
+    # and written to token shards of shard_tokens tokens; prepare_memory_mb bounds the memory of preparing
+    # (this process, the workers, the text and tokens in flight) whatever the corpus size: fewer workers or
+    # smaller pieces when it is small. Tokenizer training is apart: see tokenizer_sample_bytes
+    workers: int = 0
+    prepare_memory_mb: int = 1024
+    shard_tokens: int = 100_000_000
 
 
 @dataclass
@@ -326,6 +340,11 @@ def _validate(obj, where: str) -> None:
         need(0.0 < obj.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {obj.val_fraction}")
         need(obj.vocab_size >= 2, "vocab_size", "must be at least 2")
         need(obj.val_source is None or bool(obj.val_source), "val_source", "an empty string; leave it unset")
+        need(obj.tokenizer_sample_bytes >= 1, "tokenizer_sample_bytes", "must be at least 1")
+        need(obj.max_tokens is None or obj.max_tokens >= 2, "max_tokens", "must be at least 2 (or null for all)")
+        need(obj.workers >= 0, "workers", "must be >= 0 (0: one per CPU)")
+        need(obj.prepare_memory_mb >= 256, "prepare_memory_mb", f"must be at least 256, got {obj.prepare_memory_mb}")
+        need(obj.shard_tokens >= 1, "shard_tokens", "must be at least 1")
 
 
 def to_dict(obj) -> dict:

@@ -196,8 +196,8 @@ def test_mixture_follows_the_weights(cache, tmp_path):
 def test_second_prepare_reuses_the_cache_and_a_changed_file_does_not(cache, tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", docs("cached", 10))
     encoded = []
-    real_encode = prepare_module.encode_corpus
-    monkeypatch.setattr(prepare_module, "encode_corpus", lambda *a: encoded.append(1) or real_encode(*a))
+    real_encode = prepare_module.encode_source
+    monkeypatch.setattr(prepare_module, "encode_source", lambda *a: encoded.append(1) or real_encode(*a))
     first = prepare_data(DataConfig(source=str(path)))
     second = prepare_data(DataConfig(source=str(path)))
     assert len(encoded) == 1 and isinstance(second.train, np.memmap)

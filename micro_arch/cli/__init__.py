@@ -1,4 +1,4 @@
-"""The `micro-arch` command line: run, trace, blocks, sweep, compare, generate, eval."""
+"""The `micro-arch` command line: run, prepare, trace, blocks, sweep, compare, generate, eval."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def cmd_trace(args) -> None:
     from micro_arch.commands.trace import trace_command
 
     trace_command(args.experiment, args.set, depth=args.depth, batch=args.batch, seq_len=args.seq_len, out=args.out)
+
+
+def cmd_prepare(args) -> None:
+    from micro_arch.commands.prepare import prepare_command
+
+    prepare_command(args.experiment, args.set)
 
 
 def cmd_run(args) -> None:
@@ -149,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "under one group folder; --resume GROUP (or any member) trains what is unfinished")
     p.add_argument("--into", default=None, help=argparse.SUPPRESS)  # a seed group's member folder (its workers)
     p.set_defaults(func=cmd_run)
+
+    p = with_set(sub.add_parser("prepare", help="show the data plan, then prepare the token shards (run does it too)"))
+    p.add_argument("experiment", help="experiment folder, e.g. experiments/shakespeare-char")
+    p.set_defaults(func=cmd_prepare)
 
     p = with_set(sub.add_parser("trace", help="show how shapes flow through every module"))
     p.add_argument("experiment")

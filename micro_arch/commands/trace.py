@@ -13,10 +13,14 @@ def trace_command(experiment, overrides: list[str] = (), depth: int | None = Non
                   seq_len: int | None = None, out=None) -> None:
     import torch
 
+    from micro_arch.config import experiment_path
     from micro_arch.experiment import build_model, load_experiment
     from micro_arch.model.trace import render, trace_model, trace_text
+    from micro_arch.stages.vocab import reads_records, stage_vocab_size
 
     cfg = load_experiment(experiment, list(overrides))
+    if reads_records(cfg) and cfg.model.vocab_size is None:  # its vocabulary is init_from's, not the data's
+        cfg.model.vocab_size = stage_vocab_size(cfg, experiment_path(experiment))
     model = build_model(cfg)
     batch = cfg.train.batch_size if batch is None else batch
     seq = cfg.train.seq_len if seq_len is None else seq_len

@@ -10,6 +10,8 @@ import torch
 
 from micro_arch.errors import MicroArchError
 
+from .shards import TokenStream
+
 _VIEWS: OrderedDict[int, tuple[object, torch.Tensor, int]] = OrderedDict()
 _MAX_VIEWS = 8
 _SIGNED = {np.dtype(np.uint16): (np.int16, 0xFFFF), np.dtype(np.uint32): (np.int32, 0xFFFFFFFF)}
@@ -21,7 +23,7 @@ def token_view(tokens) -> tuple[torch.Tensor, int]:
     torch gathers poorly from unsigned types, so uint16/uint32 ids are viewed as int16/int32 and masked
     back once widened. Cached per array, so each step does not convert anew.
     """
-    if isinstance(tokens, torch.Tensor):
+    if isinstance(tokens, (torch.Tensor, TokenStream)):
         return tokens, -1
     hit = _VIEWS.get(id(tokens))
     if hit is not None and hit[0] is tokens:
@@ -41,8 +43,15 @@ def token_view(tokens) -> tuple[torch.Tensor, int]:
 def _gather(view: torch.Tensor, mask: int, index: torch.Tensor) -> torch.Tensor:
     """One vectorised gather; only the gathered ids are widened to int64.
 
-    torch.take, not view[index]: on a memmap-backed tensor advanced indexing is ~500x slower.
+    torch.take, not view[index]: on a memmap-backed tensor advanced indexing is ~500x slower. A TokenStream
+    (several shards) copies each row's window out of the shards it spans.
     """
+    if isinstance(view, TokenStream):  # rows are consecutive positions, clamped at the end (iter_eval_windows)
+        width, rows = index.shape[1], []
+        for start in index[:, 0].tolist():
+            row = view.window(start, min(width, len(view) - start))
+            rows.append(np.pad(row, (0, width - len(row)), mode="edge") if len(row) < width else row)
+        return torch.from_numpy(np.stack(rows).astype(np.int64)) if rows else index.new_zeros(index.shape)
     windows = torch.take(view, index).to(torch.int64)
     return windows & mask if mask != -1 else windows
 

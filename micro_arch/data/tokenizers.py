@@ -27,7 +27,7 @@ class CharTokenizer:
         self.chars = "".join(sorted(set(chars)))
         self.vocab_size = len(self.chars)
         codes = np.frombuffer(self.chars.encode("utf-32-le"), dtype=np.uint32)
-        self._table = np.full(int(codes.max()) + 1 if len(codes) else 1, -1, dtype=np.int32)
+        self._table = np.full(0x110000, -1, dtype=np.int32)  # every code point: a lookup needs no bounds check
         self._table[codes] = np.arange(len(codes), dtype=np.int32)
         self._lookup = np.array(list(self.chars))
 
@@ -43,9 +43,9 @@ class CharTokenizer:
         return "char:" + self.chars
 
     def encode_array(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ids = self._table[np.minimum(codes, len(self._table) - 1)]
-        unknown = (ids < 0) | (codes >= len(self._table))
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        ids = self._table[codes]
+        unknown = ids < 0
         if unknown.any():
             missing = sorted({chr(c) for c in codes[unknown]})
             raise ValueError(f"characters not in the vocabulary: {''.join(missing)!r}")
@@ -103,6 +103,36 @@ class SentencePieceTokenizer:
         write_atomically(run_dir / "tokenizer.json", json.dumps(data).encode())
 
 
+BPE_FIXED_PIECES = 256 + 2  # byte pieces, <unk> and the newline symbol
+LINE_BREAKS = set("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines splits at
+
+
+def smallest_bpe_vocab(texts) -> int:
+    """The least vocab_size SentencePiece accepts for `texts`: every character it trains on is a piece."""
+    found: set[str] = set()
+    for text in texts:
+        found.update(text)
+    return len(found - LINE_BREAKS) + BPE_FIXED_PIECES
+
+
+def train_bytelevel(texts, vocab_size: int) -> str:
+    """A Hugging Face tokenizers byte-level BPE (GPT-2 style: 256 byte symbols, merges learnt on `texts`, no
+    normalization, no prefix space), serialized as JSON. Any text encodes, and decodes back exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256:
+        raise MicroArchError(f"data.vocab_size={vocab_size} is too small for byte-level BPE: it starts from "
+                             "the 256 byte symbols; the smallest that works is 256: set data.vocab_size to at "
+                             "least that")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok.to_str()
+
+
 def train_bpe(texts: list[str], vocab_size: int) -> bytes:
     """A SentencePiece BPE model (serialized) that keeps text exactly: no normalization, byte fallback."""
     import sentencepiece as spm
@@ -126,8 +156,11 @@ def train_bpe(texts: list[str], vocab_size: int) -> bytes:
             raise MicroArchError(f"data.vocab_size={vocab_size} is larger than this corpus supports{limit}; "
                                  "lower data.vocab_size or train on more text") from None
         if "required_chars" in text or "smaller than" in text:
-            raise MicroArchError(f"data.vocab_size={vocab_size} is too small for BPE with byte fallback "
-                                 "(256 byte pieces plus every character); raise data.vocab_size") from None
+            smallest = smallest_bpe_vocab(texts)
+            raise MicroArchError(f"data.vocab_size={vocab_size} is too small for BPE with byte fallback on this "
+                                 f"corpus: it needs 256 byte pieces, <unk>, the newline and each of its "
+                                 f"{smallest - BPE_FIXED_PIECES} distinct characters; the smallest that works is "
+                                 f"{smallest}: set data.vocab_size to at least that") from None
         raise MicroArchError(f"SentencePiece could not train a BPE tokenizer: {text.splitlines()[0]}") from None
     return model.getvalue()
 

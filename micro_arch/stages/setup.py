@@ -64,9 +64,15 @@ def _source_text(source) -> str:
     return source
 
 
-def _describe(source: str) -> list:
-    from micro_arch.data.sources import local_files
+def _describe(source: str, root) -> list:
+    from micro_arch.data.sources import local_files, looks_local
 
+    from .builtin_chat import builtin_file, is_builtin
+
+    if is_builtin(source):  # its content follows from its name and the corpus: no paths or mtimes
+        return [source, Path(builtin_file(source, root)).parent.name]
+    if not looks_local(source):  # a hub dataset, as streamed
+        return [f"hub:{source}:records"]
     return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in local_files(source)]
 
 
@@ -83,7 +89,7 @@ def prepare_stage_data(cfg: ExperimentConfig, stage) -> StageData:
     train_rec, val_rec = split_records(records, val_records, d.val_fraction, source)
     train = stage.encode(tok, train_rec, t.seq_len, "training")
     val = stage.encode(tok, val_rec, t.seq_len, "held-out")
-    fingerprint = digest("stage-v1", t.stage, _describe(source), d.val_source and _describe(d.val_source),
+    fingerprint = digest("stage-v1", t.stage, _describe(source, root), d.val_source and _describe(d.val_source, root),
                          None if d.val_source else d.val_fraction, tok.identity, t.seq_len)
     return StageData(tok, train, val, fingerprint, [train.report("training"), val.report("held-out")])
 
