@@ -3,6 +3,8 @@
 import csv
 import json
 import math
+import socket
+import subprocess
 import sys
 
 import optuna
@@ -46,20 +48,31 @@ def tiny(tmp_path):
     return path, tmp_path / "runs"
 
 
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
 def test_prunes_over_budget_resumes_and_reports(tiny):
     path, runs = tiny
     run_sweep(path, runs_root=runs)  # 2 trials
     folder = runs / "sweeps" / "tiny"
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'study.db'}")
     assert len(study.trials) == 2
-    # a sweep killed mid-trial leaves a RUNNING trial behind: it is closed and not counted
-    open_study(load_sweep(path), runs).ask()
+    # a sweep killed mid-trial leaves a RUNNING trial of a dead process of this machine: failed, not counted,
+    # and run again in its place (Optuna's retry callback)
+    killed = open_study(load_sweep(path), runs).ask()
+    killed.set_user_attr("host", socket.gethostname())
+    killed.set_user_attr("pid", dead_pid())
     run_sweep(path, overrides=["top_k=1", "full_steps=3"], n_trials=5, runs_root=runs)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'study.db'}")
     trials = study.trials
-    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
-    assert len(interrupted) == 1 and interrupted[0].state == optuna.trial.TrialState.FAIL
-    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    assert trials[2].state == optuna.trial.TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == 2]  # queued again by Optuna's callback
+    assert retry.state != optuna.trial.TrialState.FAIL
+    counted = [t for t in trials if t.number != 2]
     assert len(counted) == 5, [t.state for t in trials]  # grew to the target: 2 + 3, not restarted
     pruned = [t for t in counted if t.state == optuna.trial.TrialState.PRUNED]
     complete = [t for t in counted if t.state == optuna.trial.TrialState.COMPLETE]
@@ -79,10 +92,10 @@ def test_prunes_over_budget_resumes_and_reports(tiny):
     for name in ("study.db", "trials.csv", "trials.md", "history.png", "importances.json"):
         assert (folder / name).is_file(), name
     assert "memory_estimate_mb" in (folder / "trials.csv").read_text()
-    # the best trial trained in full, in its own run directory under runs/<experiment>/
+    # the best trial trained in full, in its own run directory under runs/sweeps/<name>/full/<trial>/
     finals = json.loads((folder / "full_runs.json").read_text())
     assert [f["trial"] for f in finals] == [study.best_trial.number]
-    full = json.loads((runs / "tinyexp").glob("*/summary.json").__next__().read_text())
+    (full,) = [json.loads(p.read_text()) for p in (folder / "full").glob("*/tinyexp/*/summary.json")]
     assert full["steps"] == 3 and full["status"] == "completed"
 
 
