@@ -77,7 +77,7 @@ def cmd_sweep(args) -> None:
         rendezvous = [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
                       f"--rdzv-id={args.rdzv_id or 'micro-arch-sweep'}"]
     run_sweep(args.sweep, overrides=args.set, n_trials=args.trials, workers=args.workers, storage=args.storage,
-              full_training=not args.no_full_training, rendezvous=rendezvous)
+              full_training=not args.no_full_training, rendezvous=rendezvous, runs_root=args.runs_dir)
 
 
 def cmd_compare(args) -> None:
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the study lives, shared by every worker of every machine that names it: "
                         "journal:PATH, sqlite:///PATH, postgresql://USER@HOST/DB, mysql://USER@HOST/DB "
                         "(default: runs/sweeps/<name>/study.db)")
+    p.add_argument("--runs-dir", default="runs", type=output_dir,
+                   help="root of the sweep's folder (runs/sweeps/<name>/) and of its trials' runs")
     p.add_argument("--no-full-training", action="store_true",
                    help="run trials only (e.g. on the other machines of a multi-machine sweep)")
     p.add_argument("--nnodes", type=positive_int, default=None,

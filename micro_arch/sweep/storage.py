@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import sqlite3
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,8 +74,10 @@ def open_storage(url: str, heartbeat_s: int, max_retries: int, on_stale: Callabl
         raise MicroArchError(f"--storage {url}: unknown kind of storage {scheme!r}; use journal:PATH, "
                              "sqlite:///PATH, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
     try:
-        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=grace,
-                          **{_CALLBACK_ARG: callback})
+        with warnings.catch_warnings():  # Optuna marks the heartbeat experimental
+            warnings.simplefilter("ignore")
+            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=grace,
+                              **{_CALLBACK_ARG: callback})
     except ImportError as err:
         raise MicroArchError(f"--storage {describe(url)}: {err}") from None
     except Exception as err:  # sqlalchemy's OperationalError and friends: say which server and why, in a line
@@ -83,16 +86,20 @@ def open_storage(url: str, heartbeat_s: int, max_retries: int, on_stale: Callabl
 
 
 def _with_driver(url: str, scheme: str) -> str:
-    module, extra = DRIVERS[scheme]
-    if url.startswith(f"{scheme}://") and scheme == "mysql":
-        url = "mysql+pymysql://" + url[len("mysql://"):]  # SQLAlchemy's default MySQL driver is a C build
-    if "+" not in url.split(":", 1)[0]:
+    """postgresql:// and mysql:// with the driver that is installed: SQLAlchemy's default for postgresql is
+    psycopg 3 since 2.1 (psycopg2 before), and for mysql a C build; the extras install psycopg2 and PyMySQL."""
+    head, rest = url.split("://", 1)
+    if "+" in head:
+        return url  # the user named a driver
+    drivers = {"postgresql": ["psycopg2", "psycopg"], "mysql": ["pymysql", "MySQLdb"]}[scheme]
+    for module in drivers:
         try:
             __import__(module)
         except ImportError:
-            raise MicroArchError(f"--storage {describe(url)}: the {module} driver is not installed; "
-                                 f"pip install 'micro-arch[{extra}]'") from None
-    return url
+            continue
+        return f"{scheme}+{module.lower()}://{rest}"
+    raise MicroArchError(f"--storage {describe(url)}: no {scheme} driver is installed ({' or '.join(drivers)}); "
+                         f"pip install 'micro-arch[{DRIVERS[scheme][1]}]'")
 
 
 def _wal(url: str) -> None:
@@ -109,7 +116,9 @@ def _wal(url: str) -> None:
 def stale_callback(max_retries: int, on_stale: Callable | None):
     """Optuna's retry callback: the stale trial (already failed) is queued again as a WAITING trial whose
     system attribute retry_history ends with its number, at most max_retries times."""
-    retry = RetryCallback(max_retry=max_retries)
+    with warnings.catch_warnings():  # marked experimental since Optuna 2.8
+        warnings.simplefilter("ignore")
+        retry = RetryCallback(max_retry=max_retries)
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         if on_stale is not None:
