@@ -11,6 +11,7 @@ Every worker of every machine that opens the same URL joins the same study.
 from __future__ import annotations
 
 import inspect
+import random
 import sqlite3
 import time
 import warnings
@@ -25,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from micro_arch.errors import MicroArchError
 
 SQLITE_BUSY_TIMEOUT_S = 60
+OPEN_ATTEMPTS = 4
 DRIVERS = {"postgresql": ("psycopg2", "postgres"), "mysql": ("pymysql", "mysql")}  # scheme -> (module, extra)
 
 # Optuna 4.9 renamed RetryFailedTrialCallback and RDBStorage's failed_trial_callback; take whichever is there.
@@ -73,16 +75,23 @@ def open_storage(url: str, heartbeat_s: int, max_retries: int, on_stale: Callabl
     else:
         raise MicroArchError(f"--storage {url}: unknown kind of storage {scheme!r}; use journal:PATH, "
                              "sqlite:///PATH, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
-    try:
-        with warnings.catch_warnings():  # Optuna marks the heartbeat experimental
-            warnings.simplefilter("ignore")
-            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=grace,
-                              **{_CALLBACK_ARG: callback})
-    except ImportError as err:
-        raise MicroArchError(f"--storage {describe(url)}: {err}") from None
-    except Exception as err:  # sqlalchemy's OperationalError and friends: say which server and why, in a line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MicroArchError(f"--storage {describe(url)}: cannot open the study database: {first}") from None
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # Optuna marks the heartbeat experimental
+                warnings.simplefilter("ignore")
+                return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=grace,
+                                  **{_CALLBACK_ARG: callback})
+        except ImportError as err:
+            raise MicroArchError(f"--storage {describe(url)}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - sqlalchemy's errors, said in one line after the last try
+            # Workers of several machines that start at once on a new database race to create Optuna's tables
+            # (PostgreSQL: a duplicate key in pg_type); the next attempt finds them made.
+            if attempt + 1 < OPEN_ATTEMPTS:
+                time.sleep(0.5 * 2**attempt + random.random())
+                continue
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MicroArchError(f"--storage {describe(url)}: cannot open the study database: {first}") from None
+    raise AssertionError("unreachable")
 
 
 def _with_driver(url: str, scheme: str) -> str:

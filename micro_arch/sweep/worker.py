@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from micro_arch.errors import MicroArchError
 from micro_arch.sweep import budget
 from micro_arch.sweep.config import SweepConfig, grid_points
-from micro_arch.sweep.objective import Objective, console
+from micro_arch.sweep.objective import Objective, console, mark_interrupted
 from micro_arch.sweep.storage import open_storage
 
 POLL_S = 1.0  # how often an idle worker looks at the study again
@@ -128,7 +128,11 @@ def run_worker(sweep: SweepConfig, storage_url: str, runs_root: str | Path, name
             aside[0] = True
             trial.set_user_attr("skipped", why)
             raise SteppedAside(why)
-        return objective(trial)
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:  # wherever Ctrl-C lands in the trial, it is not counted
+            mark_interrupted(study._storage, trial._trial_id)
+            raise
 
     with _failed_trials_logged_without_traceback():
         while True:
