@@ -113,16 +113,19 @@ def _wait_through_ctrl_c(p: subprocess.Popen) -> None:
 
 def _watch(procs, study: optuna.Study, n_trials: int, console: Console) -> None:
     seen: set[int] = set()
-    with Live(progress_table(study, n_trials), console=console, refresh_per_second=1, transient=False) as live:
-        while any(p.poll() is None for _, _, p in procs):
-            time.sleep(REFRESH_S)
-            trials = study.get_trials(deepcopy=False)
-            for t in trials:
-                if t.state.is_finished() and t.number not in seen:
-                    seen.add(t.number)
-                    if not t.user_attrs.get("skipped"):
-                        live.console.print(finished_line(t, budget.Ledger(trials)), highlight=False)
-            live.update(progress_table(study, n_trials, trials))
+    try:
+        with Live(progress_table(study, n_trials), console=console, refresh_per_second=1, transient=False) as live:
+            while any(p.poll() is None for _, _, p in procs):
+                time.sleep(REFRESH_S)
+                trials = study.get_trials(deepcopy=False)
+                for t in trials:
+                    if t.state.is_finished() and t.number not in seen:
+                        seen.add(t.number)
+                        if not t.user_attrs.get("skipped"):
+                            live.console.print(finished_line(t, budget.Ledger(trials)), highlight=False)
+                live.update(progress_table(study, n_trials, trials))
+    finally:
+        console.print()  # in a file or a pipe the table's last line ends here, not where the next output begins
 
 
 def finished_line(t: optuna.trial.FrozenTrial, ledger: budget.Ledger) -> str:
@@ -150,5 +153,9 @@ def progress_table(study: optuna.Study, n_trials: int, trials=None) -> Table:
         table.add_row(name, str(sum(ledger.counted(t) for t in ts)),
                       f"trial {now.number}" if now else "idle", "" if step is None else str(step),
                       "" if step is None else f"{now.intermediate_values[step]:.4f}",
-                      ", ".join(f"{k.split('.')[-1]}={v}" for k, v in now.params.items()) if now else "")
+                      ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in now.params.items()) if now else "")
     return table
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
