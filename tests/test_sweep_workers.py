@@ -272,3 +272,34 @@ def test_two_processes_join_one_study_on_postgresql(postgres, sweep_file, tmp_pa
     trials = trials_of(postgres)
     counted = check_exact(trials, 4)
     assert len({t.user_attrs["pid"] for t in counted}) == 2  # both processes ran trials
+
+
+def test_workers_are_pinned_one_per_gpu_and_split_what_they_share(monkeypatch):
+    from micro_arch.sweep import pool
+    from micro_arch.sweep.objective import DEVICE_SHARE_ENV, device_memory_mb, memory_budget_mb
+
+    monkeypatch.setattr(pool, "visible_gpus", lambda: ["3", "5"])  # CUDA_VISIBLE_DEVICES=3,5
+    slots = pool.worker_slots(3)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["3", "5", "3"]
+    assert [s.env[DEVICE_SHARE_ENV] for s in slots] == ["2", "1", "2"]  # GPU 3 holds two workers
+    monkeypatch.setattr(pool, "visible_gpus", lambda: [])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [s.env["OMP_NUM_THREADS"] for s in pool.worker_slots(2)] == ["4", "4"]
+    import torch
+
+    monkeypatch.setenv(DEVICE_SHARE_ENV, "2")
+    cpu = torch.device("cpu")
+    assert memory_budget_mb(cpu) == pytest.approx(device_memory_mb(cpu) / 2)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis://localhost/0", "unknown kind of storage 'redis'"),
+    ("journal:/no/such/folder/study.log", "no folder /no/such/folder for the journal file"),
+])
+def test_a_bad_storage_url_is_one_line(url, message):
+    from micro_arch.errors import MicroArchError
+
+    with pytest.raises(MicroArchError) as err:
+        open_storage(url, 60, 2)
+    assert message in str(err.value)
