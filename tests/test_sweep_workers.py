@@ -303,3 +303,31 @@ def test_a_bad_storage_url_is_one_line(url, message):
     with pytest.raises(MicroArchError) as err:
         open_storage(url, 60, 2)
     assert message in str(err.value)
+
+
+def test_a_trial_out_of_memory_despite_the_estimate_is_failed_and_run_again(sweep_file, tmp_path, monkeypatch):
+    """The objective is replaced by one that runs out of memory once: that trial fails, is queued again with its
+    point (a bounded number of times), and the grid still ends with each point complete once."""
+    import torch
+
+    from micro_arch.sweep.config import load_sweep
+    from micro_arch.sweep.objective import Objective
+    from micro_arch.sweep.worker import run_worker
+
+    calls = []
+
+    def fake(self, trial):
+        calls.append(trial.suggest_categorical("train.lr", LRS))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return calls[-1]
+
+    monkeypatch.setattr(Objective, "__call__", fake)
+    url = f"journal:{tmp_path / 'study.log'}"
+    run_worker(load_sweep(sweep_file()), url, tmp_path / "runs")
+    trials = trials_of(url)
+    assert trials[0].state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
+    ledger = budget.Ledger(trials)
+    assert sorted(t.params["train.lr"] for t in trials if ledger.counted(t)) == LRS

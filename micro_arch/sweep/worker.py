@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from micro_arch.errors import MicroArchError
@@ -32,6 +33,11 @@ POLL_S = 1.0  # how often an idle worker looks at the study again
 
 class SteppedAside(Exception):
     """The trial was a surplus or a duplicate; it is failed at once, marked, and not counted."""
+
+
+class OutOfMemory(Exception):
+    """The trial ran out of device memory despite the estimate (another process on the device, a fragmented
+    allocator): failed, and queued again like the trial of a dead worker, at most max_retries times."""
 
 
 def sampler(sweep: SweepConfig, seed: int):
@@ -73,8 +79,7 @@ def fail_dead_local_trials(study: optuna.Study, grace_s: float) -> None:
     trials that name no worker at all after the grace period (left by a sweep of an earlier micro-arch,
     which had no heartbeat: they would never turn stale)."""
     storage, host, now = study._storage, this_host(), datetime.datetime.now()
-    callback = storage.get_heartbeat_stale_trial_callback() if hasattr(storage, "get_heartbeat_stale_trial_callback") \
-        else storage.get_failed_trial_callback()
+    callback = stale_callback(storage)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
         if pid is None:
@@ -87,8 +92,14 @@ def fail_dead_local_trials(study: optuna.Study, grace_s: float) -> None:
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
-        if callback is not None:
-            callback(study, storage.get_trial(t._trial_id))
+        callback(study, storage.get_trial(t._trial_id))
+
+
+def stale_callback(storage):
+    """The storage's retry callback (storage.open_storage gave it one)."""
+    if hasattr(storage, "get_heartbeat_stale_trial_callback"):
+        return storage.get_heartbeat_stale_trial_callback()
+    return storage.get_failed_trial_callback()  # Optuna before 4.9
 
 
 def alive(pid: int) -> bool:
@@ -113,7 +124,7 @@ def run_worker(sweep: SweepConfig, storage_url: str, runs_root: str | Path, name
     study = load_study(sweep, storage_url, seed_offset=offset)
     objective = Objective(sweep, Path(runs_root))
     grid = grid_points(sweep) if sweep.sampler == "grid" else None
-    ran, free_since, aside = 0, time.time(), [False]
+    ran, free_since, aside, oom = 0, time.time(), [False], [None]
 
     def claimed(trial: optuna.Trial) -> float:
         aside[0] = False
@@ -133,6 +144,10 @@ def run_worker(sweep: SweepConfig, storage_url: str, runs_root: str | Path, name
         except KeyboardInterrupt:  # wherever Ctrl-C lands in the trial, it is not counted
             mark_interrupted(study._storage, trial._trial_id)
             raise
+        except torch.OutOfMemoryError as err:
+            torch.cuda.empty_cache()
+            oom[0] = trial._trial_id
+            raise OutOfMemory(str(err).splitlines()[0]) from None
 
     with _failed_trials_logged_without_traceback():
         while True:
@@ -146,7 +161,11 @@ def run_worker(sweep: SweepConfig, storage_url: str, runs_root: str | Path, name
             if not budget.Ledger(trials).may_start(sweep.n_trials):
                 time.sleep(POLL_S)  # the rest are running elsewhere; one of them may die and come back
                 continue
-            study.optimize(claimed, n_trials=1, catch=(MicroArchError, SteppedAside), gc_after_trial=True)
+            study.optimize(claimed, n_trials=1, catch=(MicroArchError, SteppedAside, OutOfMemory), gc_after_trial=True)
+            if oom[0] is not None:
+                console.print("  [yellow]out of memory despite the estimate[/]: the trial is queued again")
+                stale_callback(study._storage)(study, study._storage.get_trial(oom[0]))
+                oom[0] = None
             if not aside[0]:
                 ran += 1
                 free_since = time.time()
