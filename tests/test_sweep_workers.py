@@ -334,3 +334,12 @@ def test_a_trial_out_of_memory_despite_the_estimate_is_failed_and_run_again(swee
     assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
     ledger = budget.Ledger(trials)
     assert sorted(t.params["train.lr"] for t in trials if ledger.counted(t)) == LRS
+
+
+def test_a_sweep_with_a_bad_storage_leaves_no_folder(sweep_file, tmp_path):
+    from micro_arch.errors import MicroArchError
+    from micro_arch.sweep.study import run_sweep
+
+    with pytest.raises(MicroArchError, match="unknown kind of storage"):
+        run_sweep(sweep_file(), storage="redis://localhost/0", runs_root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()

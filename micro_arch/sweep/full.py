@@ -92,7 +92,9 @@ def train_best(study: optuna.Study, sweep: SweepConfig, runs_root: str | Path, c
     if todo:
         plan = placement(todo, gpus, rendezvous)
         if plan == "side by side":
-            run_side_by_side(todo, [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(len(gpus))], sweep, console)
+            from micro_arch.sweep.pool import visible_gpus
+
+            run_side_by_side(todo, [{"CUDA_VISIBLE_DEVICES": g} for g in visible_gpus()], sweep, console)
         elif plan == "ddp":
             for job in todo:
                 _run_ddp(job, sweep, max(1, len(gpus)), rendezvous)

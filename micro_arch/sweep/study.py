@@ -29,7 +29,8 @@ def open_study(sweep: SweepConfig, runs_root: str | Path, storage: str | None = 
     """The sweep's study (created on first use); trials left RUNNING by a dead worker of this machine are
     failed and queued again at once."""
     folder = sweep_dir(sweep, runs_root)
-    folder.mkdir(parents=True, exist_ok=True)
+    if storage is None or storage == default_url(folder):  # another storage: no folder until it opens
+        folder.mkdir(parents=True, exist_ok=True)
     study = load_study(sweep, storage or default_url(folder))
     fail_dead_local_trials(study, 3 * sweep.heartbeat_s)
     return study
@@ -50,7 +51,7 @@ def run_sweep(path, overrides=None, n_trials: int | None = None, runs_root: str 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = sweep_dir(sweep, runs_root)
     url = storage or default_url(folder)
-    study = open_study(sweep, runs_root, url)
+    study = open_study(sweep, runs_root, storage)
     done = budget.done(study.get_trials(deepcopy=False))
     console.print(f"[bold]sweep {sweep.name}[/]: {sweep.experiment}, {len(sweep.search_space)} parameters, "
                   f"{done} of {sweep.n_trials} trials done, {workers} worker(s) here -> {folder} "
