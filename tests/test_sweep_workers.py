@@ -194,6 +194,8 @@ def test_two_workers_on_a_journal_finish_exactly_n_trials_each_grid_point_once(s
     assert len({t.user_attrs["pid"] for t in counted}) == 2  # both workers ran trials
     assert all(t.user_attrs["wait_s"] >= 0 for t in counted)
     assert "## Workers" in (tmp_path / "runs" / "sweeps" / "w" / "trials.md").read_text()
+    header = (tmp_path / "runs" / "sweeps" / "w" / "trials.csv").read_text().splitlines()[0]
+    assert all(f"user_attrs_{key}" in header for key in ("worker", "host", "pid", "wait_s"))
 
 
 def test_a_worker_killed_mid_trial_leaves_the_sweep_to_finish_n_trials(sweep_file, tmp_path):
