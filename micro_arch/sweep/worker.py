@@ -181,8 +181,8 @@ def _failed_trials_logged_without_traceback():
     def keep(record: logging.LogRecord) -> bool:
         if record.exc_info and issubclass(record.exc_info[0], SteppedAside):
             return False
-        if "SteppedAside" in record.getMessage():
-            return False
+        if "SteppedAside" in record.getMessage() or record.getMessage().endswith("failed with value None."):
+            return False  # the second line Optuna logs for every failed trial says nothing the first did not
         if record.exc_info and issubclass(record.exc_info[0], (KeyboardInterrupt, MicroArchError)):
             record.exc_info = None
         return True
