@@ -47,6 +47,8 @@ BAD_NUMBERS = [
     (["trace", EXPERIMENT, "--seq-len", "-1"], ["--seq-len", "at least 1"]),
     (["trace", EXPERIMENT, "--depth", "-1"], ["--depth", "at least 0"]),
     (["sweep", "sweeps/tiny.yaml", "--trials", "0"], ["--trials", "at least 1"]),
+    (["sweep", "sweeps/tiny.yaml", "--workers", "0"], ["--workers", "at least 1"]),
+    (["sweep", "sweeps/tiny.yaml", "--nnodes", "0"], ["--nnodes", "at least 1"]),
     (["run", EXPERIMENT, "--nproc", "0"], ["--nproc", "at least 1"]),
 ]
 
@@ -56,6 +58,11 @@ def test_bad_numbers_are_refused_while_parsing(capsys, args, words):
     code, out, err = cli(capsys, *args)
     assert_one_line_error(code, out, err, *words)
     assert out == ""  # nothing ran
+
+
+def test_sweep_nnodes_without_a_rendezvous_endpoint_is_refused(capsys):
+    code, out, err = cli(capsys, "sweep", "sweeps/tiny.yaml", "--nnodes", "2")
+    assert_one_line_error(code, out, err, "--nnodes and --rdzv-endpoint go together")
 
 
 def test_trace_out_in_a_missing_folder_is_refused_before_tracing(capsys, tmp_path):

@@ -122,7 +122,7 @@ def test_side_by_side_members_see_one_gpu_each(monkeypatch):
 
 
 def test_a_sweeps_trial_budget_outranks_an_experiments_flop_budget(tmp_path):
-    from micro_arch.sweep.study import budget_overrides
+    from micro_arch.sweep.objective import budget_overrides
 
     exp = make_experiment(tmp_path)
     cfg = load_config(exp, ["train.budget_flops=1e12", "model.vocab_size=65", *budget_overrides(10, None)])

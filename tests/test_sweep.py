@@ -3,6 +3,8 @@
 import csv
 import json
 import math
+import socket
+import subprocess
 import sys
 
 import optuna
@@ -46,20 +48,31 @@ def tiny(tmp_path):
     return path, tmp_path / "runs"
 
 
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
 def test_prunes_over_budget_resumes_and_reports(tiny):
     path, runs = tiny
     run_sweep(path, runs_root=runs)  # 2 trials
     folder = runs / "sweeps" / "tiny"
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'study.db'}")
     assert len(study.trials) == 2
-    # a sweep killed mid-trial leaves a RUNNING trial behind: it is closed and not counted
-    open_study(load_sweep(path), runs).ask()
+    # a sweep killed mid-trial leaves a RUNNING trial of a dead process of this machine: failed, not counted,
+    # and run again in its place (Optuna's retry callback)
+    killed = open_study(load_sweep(path), runs).ask()
+    killed.set_user_attr("host", socket.gethostname())
+    killed.set_user_attr("pid", dead_pid())
     run_sweep(path, overrides=["top_k=1", "full_steps=3"], n_trials=5, runs_root=runs)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'study.db'}")
     trials = study.trials
-    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
-    assert len(interrupted) == 1 and interrupted[0].state == optuna.trial.TrialState.FAIL
-    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    assert trials[2].state == optuna.trial.TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == 2]  # queued again by Optuna's callback
+    assert retry.state != optuna.trial.TrialState.FAIL
+    counted = [t for t in trials if t.number != 2]
     assert len(counted) == 5, [t.state for t in trials]  # grew to the target: 2 + 3, not restarted
     pruned = [t for t in counted if t.state == optuna.trial.TrialState.PRUNED]
     complete = [t for t in counted if t.state == optuna.trial.TrialState.COMPLETE]
@@ -79,10 +92,10 @@ def test_prunes_over_budget_resumes_and_reports(tiny):
     for name in ("study.db", "trials.csv", "trials.md", "history.png", "importances.json"):
         assert (folder / name).is_file(), name
     assert "memory_estimate_mb" in (folder / "trials.csv").read_text()
-    # the best trial trained in full, in its own run directory under runs/<experiment>/
+    # the best trial trained in full, in its own run directory under runs/sweeps/<name>/full/<trial>/
     finals = json.loads((folder / "full_runs.json").read_text())
     assert [f["trial"] for f in finals] == [study.best_trial.number]
-    full = json.loads((runs / "tinyexp").glob("*/summary.json").__next__().read_text())
+    (full,) = [json.loads(p.read_text()) for p in (folder / "full").glob("*/tinyexp/*/summary.json")]
     assert full["steps"] == 3 and full["status"] == "completed"
 
 
@@ -112,7 +125,11 @@ class SigintOnce(nn.Module):
 '''
 
 
-def sigint_sweep(tiny, monkeypatch, request, **changes):
+ARMED_SIGINT_BLOCK = SIGINT_BLOCK.replace("if self.training and type(x) is torch.Tensor:",
+                                         "if self.training and type(x) is torch.Tensor and os.environ.get('ZZ_ARMED'):")
+
+
+def sigint_sweep(tiny, monkeypatch, request, block=SIGINT_BLOCK, **changes):
     """The tiny sweep over an experiment whose third training forward in this process sends Ctrl-C."""
     registry.load_all()  # the signalling block must not outlive the test
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
@@ -124,7 +141,7 @@ def sigint_sweep(tiny, monkeypatch, request, **changes):
     config = yaml.safe_load((path.parent / "tinyexp" / "config.yaml").read_text())
     config["model"]["layers"] = [{"spec": "Norm->Attn->+->Norm->MLP->zz_sigint_once->+"}]
     (exp / "config.yaml").write_text(yaml.safe_dump(config))
-    (exp / "blocks.py").write_text(SIGINT_BLOCK)
+    (exp / "blocks.py").write_text(block)
     sweep = yaml.safe_load(path.read_text())
     sweep["experiment"], sweep["search_space"]["model.d_model"]["choices"] = str(exp), [16]  # every trial trains
     path.write_text(yaml.safe_dump(sweep | changes))
@@ -234,3 +251,61 @@ def test_zero_trials_is_an_error_before_anything_is_written(tiny, how):
                   runs_root=runs)
     assert "n_trials" in str(err.value) and "at least 1" in str(err.value)
     assert not runs.exists()
+
+
+def test_a_sweep_stopped_during_its_full_training_resumes_that_run(tiny, monkeypatch, request, capsys):
+    """Issue 25.12: started again, the sweep continues the interrupted full run instead of starting another."""
+    path, runs = sigint_sweep(tiny, monkeypatch, request, block=ARMED_SIGINT_BLOCK, n_trials=1, full_steps=12)
+    run_sweep(path, overrides=["top_k=0"], runs_root=runs)  # the trial
+    monkeypatch.setenv("ZZ_ARMED", "1")  # Ctrl-C at the third step of the full training
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(path, overrides=["top_k=1"], runs_root=runs)
+    monkeypatch.delenv("ZZ_ARMED")
+    capsys.readouterr()
+    run_sweep(path, overrides=["top_k=1"], runs_root=runs)
+    assert "resuming" in capsys.readouterr().out
+    full = [p for p in runs.rglob("summary.json") if "trials" not in p.parts]
+    assert len(full) == 1, full  # one full run: resumed, not orphaned
+    summary = json.loads(full[0].read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 12
+    finals = json.loads((runs / "sweeps" / "tiny" / "full_runs.json").read_text())
+    assert [f["run_dir"] for f in finals] == [str(full[0].parent)]
+
+
+def test_a_sweep_space_valid_only_in_combination_is_accepted_and_bad_combinations_are_pruned(tiny):
+    """Issue 25.17: d_model {48, 64} x n_heads {3}: n_heads=3 is valid with 48 (not with the base d_model),
+    so the space is accepted; the trial of 64 x 3 is pruned before it trains, with the reason."""
+    path, runs = tiny
+    sweep = yaml.safe_load(path.read_text())
+    sweep |= {"sampler": "grid", "pruner": "none", "memory_budget_mb": None, "top_k": 0,
+              "search_space": {"model.d_model": {"type": "categorical", "choices": [48, 64]},
+                               "model.n_heads": {"type": "categorical", "choices": [3]}}}
+    path.write_text(yaml.safe_dump(sweep))
+    study = run_sweep(path, runs_root=runs)
+    by_width = {t.params["model.d_model"]: t for t in study.trials}
+    assert by_width[48].state == optuna.trial.TrialState.COMPLETE
+    assert by_width[64].state == optuna.trial.TrialState.PRUNED
+    assert "not divisible by n_heads=3" in by_width[64].user_attrs["invalid"]
+    assert not (runs / "sweeps" / "tiny" / "trials" / f"{by_width[64].number:04d}").exists()
+
+
+def test_a_value_valid_in_no_combination_is_refused(tiny):
+    path, _ = tiny
+    sweep = yaml.safe_load(path.read_text())
+    sweep["search_space"] = {"model.d_model": {"type": "categorical", "choices": [50, 70]},
+                             "model.n_heads": {"type": "categorical", "choices": [3]}}
+    path.write_text(yaml.safe_dump(sweep))
+    with pytest.raises(MicroArchError) as err:
+        load_sweep(path)
+    assert "search_space.model.n_heads: value 3 is not accepted with any combination of the other swept values" \
+        in str(err.value)
+
+
+def test_a_sweep_whose_every_trial_is_pruned_says_the_full_training_is_skipped(tiny, capsys):
+    """Issue 25.18: no completed trial, no best configuration: the sweep says so instead of nothing."""
+    path, runs = tiny
+    run_sweep(path, overrides=["memory_budget_mb=0.001", "top_k=1"], runs_root=runs)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no trial completed (2 pruned, 0 failed of 2)" in out
+    assert "the full training of the best 1 is skipped" in out
+    assert "Skipped: no trial completed" in (runs / "sweeps" / "tiny" / "trials.md").read_text()

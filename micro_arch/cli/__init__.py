@@ -85,7 +85,15 @@ def cmd_eval(args) -> None:
 def cmd_sweep(args) -> None:
     from micro_arch.sweep.study import run_sweep
 
-    run_sweep(args.sweep, overrides=args.set, n_trials=args.trials)
+    rendezvous = None
+    if args.nnodes is not None or args.rdzv_endpoint is not None:
+        if args.nnodes is None or args.rdzv_endpoint is None:
+            raise MicroArchError("sweep: --nnodes and --rdzv-endpoint go together (torchrun's rendezvous for the "
+                                 "full trainings over several machines), e.g. --nnodes 2 --rdzv-endpoint node1:29500")
+        rendezvous = [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
+                      f"--rdzv-id={args.rdzv_id or 'micro-arch-sweep'}"]
+    run_sweep(args.sweep, overrides=args.set, n_trials=args.trials, workers=args.workers, storage=args.storage,
+              full_training=not args.no_full_training, rendezvous=rendezvous, runs_root=args.runs_dir)
 
 
 def cmd_ladder(args) -> None:
@@ -182,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_set(sub.add_parser("sweep", help="run an Optuna study, then train the best configs in full"))
     p.add_argument("sweep", help="sweep file, e.g. sweeps/tiny.yaml")
     p.add_argument("--trials", type=positive_int, default=None, help="override the number of trials")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="worker processes on this machine, each on its own device (default: one per visible GPU, "
+                        "1 on a CPU)")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="where the study lives, shared by every worker of every machine that names it: "
+                        "journal:PATH, sqlite:///PATH, postgresql://USER@HOST/DB, mysql://USER@HOST/DB "
+                        "(default: runs/sweeps/<name>/study.db)")
+    p.add_argument("--runs-dir", default="runs", type=output_dir,
+                   help="root of the sweep's folder (runs/sweeps/<name>/) and of its trials' runs")
+    p.add_argument("--no-full-training", action="store_true",
+                   help="run trials only (e.g. on the other machines of a multi-machine sweep)")
+    p.add_argument("--nnodes", type=positive_int, default=None,
+                   help="full trainings with DDP over this many machines (torchrun's --nnodes)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="torchrun's rendezvous endpoint")
+    p.add_argument("--rdzv-id", default=None, help="torchrun's rendezvous id (default: micro-arch-sweep)")
     p.set_defaults(func=cmd_sweep)
 
     p = with_set(sub.add_parser("ladder", help="train a scaling ladder; fit loss against compute with intervals"))

@@ -1,4 +1,5 @@
-"""What a sweep leaves beside its study: trials.csv and trials.md, parameter importances, plots."""
+"""What a sweep leaves beside its study: trials.csv and trials.md (with the worker and host that ran each
+trial and how long it waited for it), parameter importances, plots."""
 
 from __future__ import annotations
 
@@ -54,7 +55,11 @@ def write_report(study: optuna.Study, folder: Path, sweep, finals: list[dict], c
     folder.mkdir(parents=True, exist_ok=True)
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
     df.to_csv(folder / "trials.csv", index=False)
-    shown = df.drop(columns=[c for c in df.columns if c in ("user_attrs_runs_root", "user_attrs_memory_method")])
+    hidden = ("user_attrs_runs_root", "user_attrs_memory_method", "user_attrs_pid", "user_attrs_host",
+              "user_attrs_queued_at")
+    shown = df.drop(columns=[c for c in df.columns if c in hidden])
+    if "user_attrs_skipped" in shown:  # trials that stepped aside at once (surplus, duplicate): nothing to see
+        shown = shown[shown["user_attrs_skipped"].isna()].drop(columns=["user_attrs_skipped"])
     imp = importances(study)
     with warnings.catch_warnings():  # optuna's matplotlib plots are marked experimental
         warnings.simplefilter("ignore")
@@ -74,6 +79,10 @@ def write_report(study: optuna.Study, folder: Path, sweep, finals: list[dict], c
     lines += ([f"- `{k}`: {v:.3f}" for k, v in imp.items()] if isinstance(imp, dict) else [imp]) + [""]
     if finals:
         lines += ["## Trained in full", ""] + [f"- trial {f['trial']} -> `{f['run_dir']}`" for f in finals] + [""]
+    elif best is None and sweep.top_k:
+        lines += ["## Trained in full", "", f"Skipped: no trial completed, so there is no best configuration to "
+                  f"train in full (top_k={sweep.top_k}).", ""]
+    lines += ["## Workers", "", markdown_table(workers_table(study)), ""]
     lines += ["## Trials", "", markdown_table(shown)]
     lines += [f"![{name}]({name})" for name in images]
     (folder / "trials.md").write_text("\n".join(lines) + "\n")
@@ -81,16 +90,44 @@ def write_report(study: optuna.Study, folder: Path, sweep, finals: list[dict], c
         _print_summary(console, study, sweep, folder)
 
 
+def workers_table(study: optuna.Study):
+    """Per worker (host/name): its host, the trials it ran, and how long it waited for them in all (the time
+    from being free to starting a trial: the study's latency, or an empty queue)."""
+    import pandas as pd
+
+    from micro_arch.sweep.budget import Ledger
+
+    ledger = Ledger(study.trials)
+    rows: dict[str, dict] = {}
+    for t in study.trials:
+        name = t.user_attrs.get("worker")
+        if name is None or t.user_attrs.get("skipped"):
+            continue
+        row = rows.setdefault(name, {"worker": name, "host": t.user_attrs.get("host"), "trials": 0,
+                                     "counted": 0, "waited_s": 0.0})
+        row["trials"] += 1
+        row["counted"] += ledger.counted(t)
+        row["waited_s"] = round(row["waited_s"] + t.user_attrs.get("wait_s", 0.0), 2)
+    return pd.DataFrame(list(rows.values()) or [{"worker": "-", "host": "-", "trials": 0, "counted": 0,
+                                                  "waited_s": 0.0}])
+
+
 def _print_summary(console, study, sweep, folder: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"sweep {sweep.name}: {sweep.objective}")
     keys = list(sweep.search_space)
-    for col in ["trial", "state", sweep.objective, "memory MiB", *keys]:
+    for col in ["trial", "state", sweep.objective, "memory MiB", "worker", "waited s", *keys]:
         table.add_column(col)
-    for t in sorted(study.trials, key=lambda t: (t.value is None, t.value or 0.0)):
+    from micro_arch.sweep.budget import Ledger
+
+    ledger = Ledger(study.trials)
+    shown = [t for t in study.trials if not t.user_attrs.get("skipped")]
+    for t in sorted(shown, key=lambda t: (t.value is None, t.value or 0.0)):
         mem = t.user_attrs.get("memory_estimate_mb")
-        table.add_row(str(t.number), t.state.name.lower(), "" if t.value is None else f"{t.value:.4f}",
-                      "" if mem is None else f"{mem:,.1f}", *[str(t.params.get(k, "")) for k in keys])
+        state = t.state.name.lower() + (f" ({ledger.note(t)})" if ledger.note(t) else "")
+        table.add_row(str(t.number), state, "" if t.value is None else f"{t.value:.4f}",
+                      "" if mem is None else f"{mem:,.1f}", t.user_attrs.get("worker", ""),
+                      f"{t.user_attrs.get('wait_s', 0.0):.1f}", *[str(t.params.get(k, "")) for k in keys])
     console.print(table)
     console.print(f"report: {folder / 'trials.md'}")

@@ -59,10 +59,12 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def launch(nproc: int, cli_args: list[str]) -> int:
-    """Start `nproc` processes of `micro-arch <cli_args>` through torchrun; returns its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "micro_arch", *cli_args]
+def launch(nproc: int, cli_args: list[str], rendezvous: list[str] | None = None) -> int:
+    """Start `nproc` processes of `micro-arch <cli_args>` through torchrun; returns its exit code. `rendezvous`
+    (torchrun's own arguments, e.g. --nnodes=2 --rdzv-endpoint=host:29500 --rdzv-id=sweep) joins the
+    processes of several machines; without it they are this machine's alone (--standalone)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *(rendezvous or ["--standalone"]),
+           f"--nproc_per_node={nproc}", "-m", "micro_arch", *cli_args]
     process = subprocess.Popen(cmd)
     while True:
         try:
