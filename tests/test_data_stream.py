@@ -348,7 +348,7 @@ def test_bad_input_is_one_line_naming_the_file_and_leaves_nothing_in_the_cache(c
 def test_a_non_text_file_among_text_files_is_refused_by_kind(cache, tmp_path):
     (tmp_path / "a.txt").write_text("one\n\ntwo")
     (tmp_path / "b.bin").write_bytes(b"\x00\x01")
-    with pytest.raises(MicroArchError, match="needs files of one kind"):
+    with pytest.raises(MicroArchError, match="b.bin: micro-arch does not read '.bin' files"):
         prepare_data(DataConfig(source=str(tmp_path / "*")))
     assert os.path.exists(tmp_path / "a.txt")
 

@@ -170,7 +170,7 @@ def test_full_trainings_side_by_side_run_as_processes_at_once(sweep_file, tmp_pa
     from micro_arch.sweep.objective import budget_overrides
 
     sweep = load_sweep(sweep_file())
-    jobs = [Job(i, {"train.lr": lr}, 1.0, SETTINGS + [f"train.lr={lr}"] + budget_overrides(3, None),
+    jobs = [Job(i, {"train.lr": lr}, 1.0, SETTINGS + [f"train.lr={lr}"] + budget_overrides(100, None),
                 tmp_path / "full" / f"{i:04d}") for i, lr in enumerate(LRS[:2])]
     from rich.console import Console
 

@@ -231,8 +231,9 @@ def run_scan(cfg: DataConfig, root: Path, plan_: SourcePlan, sample_bytes: int, 
     if scan.skipped and not quiet:  # said, never dropped silently
         from rich.console import Console
 
-        Console(stderr=True).print(f"{plan_.label}: {scan.skipped:,} record(s) skipped: their {plan_.field!r} is "
-                                   "empty or not a string")
+        Console(stderr=True).print(f"warning: {plan_.label}: {scan.skipped:,} of {scan.rows:,} rows have a "
+                                   f"{plan_.field!r} that is not text (a number, null, empty or missing) and were "
+                                   "left out", highlight=False, soft_wrap=True)
     scan.save(scan_path(root, plan_))
     return scan
 

@@ -165,7 +165,8 @@ class Scan:
     n_bytes: int = 0
     chars: str = ""
     has_chars: bool = False  # whether `chars` was collected
-    skipped: int = 0  # records whose text was not a non-empty string
+    skipped: int = 0  # records whose text was not a non-empty string, or missing
+    rows: int = 0  # records read (lines, rows; paragraphs of text)
     sample: list[str] = field(default_factory=list)  # not cached
     sample_counts: list[int] = field(default_factory=list)  # sampled documents per piece; not cached
 
@@ -230,7 +231,8 @@ def scan_source(pieces, sizes_total: int, run: Settings, sample_bytes: int, want
             result.piece_docs.append(got.n_docs)
             result.n_docs += got.n_docs
             result.n_bytes += got.n_bytes
-            result.skipped += got.read.not_text
+            result.skipped += got.read.not_text + got.read.no_field
+            result.rows += got.read.rows
             chars.update(got.chars)
             sample_lists.append(got.sample)
             c = checks.setdefault(piece.file, FileCheck())
