@@ -29,3 +29,14 @@ def tiny_experiment(tmp_path):
     from helpers import TINY, make_experiment
 
     return lambda text=TINY, name="tiny": make_experiment(tmp_path, text, name)
+
+
+@pytest.fixture
+def tok():
+    """A character tokenizer with the chat template (tests of the later stages)."""
+    from stage_helpers import TEXT
+
+    from micro_arch.data import CharTokenizer
+    from micro_arch.data.chat_template import ChatTokenizer
+
+    return ChatTokenizer(CharTokenizer(TEXT))
