@@ -27,6 +27,12 @@ class LayerGroup:
     spec: str | list[str]  # a block string, or a list of them run as parallel branches
     repeat: int = 1
 
+    def check(self, need) -> None:
+        """The rules of these fields (need(ok, key or keys, message)); run by from_dict after reading."""
+        need(self.repeat >= 1, "repeat", f"must be at least 1, got {self.repeat}")
+        specs = self.spec if isinstance(self.spec, list) else [self.spec]
+        need(len(specs) > 0, "spec", "an empty list of branches; write at least one block string")
+
 
 @dataclass
 class ModelConfig:
@@ -53,6 +59,24 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     init_from: str | None = None  # a run directory or local Hugging Face folder to start from (micro_arch.hf)
+
+    def check(self, need) -> None:
+        """The rules of these fields (need(ok, key or keys, message)); run by from_dict after reading."""
+        for key in ("d_model", "n_heads", "max_seq_len"):
+            need(getattr(self, key) >= 1, key, f"must be positive, got {getattr(self, key)}")
+        need(self.head_dim is not None or self.d_model % self.n_heads == 0, ("n_heads", "d_model", "head_dim"),
+             f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim or change either")
+        if self.n_kv_heads is not None:
+            need(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0, ("n_kv_heads", "n_heads"),
+                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        need(len(self.layers) > 0, "layers", "no layers; write e.g. layers: [{spec: 'Norm->Attn->+', repeat: 2}]")
+        need(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        need(self.rope_scaling > 0, "rope_scaling", f"must be positive (1: none), got {self.rope_scaling}")
+        for key in ("d_ff", "head_dim", "vocab_size"):
+            value = getattr(self, key)
+            need(value is None or value >= 1, key, f"must be at least 1 (or null for the default), got {value}")
+        need(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+        need(self.init_std >= 0, "init_std", f"must be >= 0, got {self.init_std}")
 
 
 @dataclass
@@ -86,6 +110,17 @@ class DataConfig:
     prepare_memory_mb: int = 1024
     shard_tokens: int = 100_000_000
 
+    def check(self, need) -> None:
+        """The rules of these fields (need(ok, key or keys, message)); run by from_dict after reading."""
+        need(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        need(self.vocab_size >= 2, "vocab_size", "must be at least 2")
+        need(self.val_source is None or bool(self.val_source), "val_source", "an empty string; leave it unset")
+        need(self.tokenizer_sample_bytes >= 1, "tokenizer_sample_bytes", "must be at least 1")
+        need(self.max_tokens is None or self.max_tokens >= 2, "max_tokens", "must be at least 2 (or null for all)")
+        need(self.workers >= 0, "workers", "must be >= 0 (0: one per CPU)")
+        need(self.prepare_memory_mb >= 256, "prepare_memory_mb", f"must be at least 256, got {self.prepare_memory_mb}")
+        need(self.shard_tokens >= 1, "shard_tokens", "must be at least 1")
+
 
 @dataclass
 class SampleConfig:
@@ -94,6 +129,13 @@ class SampleConfig:
     temperature: float = 0.8
     top_k: int | None = 200
     top_p: float | None = None
+
+    def check(self, need) -> None:
+        """The rules of these fields (need(ok, key or keys, message)); run by from_dict after reading."""
+        need(self.max_new_tokens >= 0, "max_new_tokens", f"must be >= 0 (0: no samples), got {self.max_new_tokens}")
+        need(self.temperature >= 0, "temperature", f"must be >= 0 (0: greedy), got {self.temperature}")
+        need(self.top_k is None or self.top_k >= 1, "top_k", f"must be at least 1 (or null), got {self.top_k}")
+        need(self.top_p is None or 0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (or null), got {self.top_p}")
 
 
 @dataclass
@@ -149,6 +191,36 @@ class TrainConfig:
     def data_order_seed(self) -> int:
         """The seed of the training data's order: data_seed when set, else seed."""
         return self.seed if self.data_seed is None else self.data_seed
+
+    def check(self, need) -> None:
+        """The rules of these fields (need(ok, key or keys, message)); run by from_dict after reading."""
+        for key in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                    "log_every", "checkpoint_every"):
+            need(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}")
+        need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        need(self.dpo_beta > 0, "dpo_beta", f"must be positive, got {self.dpo_beta}")
+        need(self.muon_lr > 0, "muon_lr", f"must be positive, got {self.muon_lr}")
+        need(0 <= self.muon_momentum < 1, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        need(self.muon_ns_steps >= 1, "muon_ns_steps", f"must be at least 1, got {self.muon_ns_steps}")
+        need(len(self.betas) == 2, "betas", f"needs two values, got {self.betas}")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(0.0 < self.decay_fraction <= 1.0, "decay_fraction", "must be in (0, 1]")
+        need(self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
+             f"must be at least 1 (or null to use max_steps), got {self.max_tokens}")
+        budgets = [k for k in ("max_tokens", "budget_tokens", "budget_flops") if getattr(self, k) is not None]
+        need(len(budgets) <= 1, budgets[-1] if budgets else "budget_flops",
+             f"{' and '.join(budgets)} are set together; a run has one budget: keep one (the others null), "
+             "or none to train max_steps steps")
+        need(self.budget_tokens is None or self.budget_tokens >= 1, "budget_tokens",
+             f"must be at least 1 (or null), got {self.budget_tokens}")
+        need(self.budget_flops is None or self.budget_flops > 0, "budget_flops",
+             f"must be positive (or null), got {self.budget_flops}")
+        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip",
+             f"must be positive (or null for no clipping), got {self.grad_clip}")
+        need(self.min_lr >= 0, "min_lr", f"must be >= 0, got {self.min_lr}")
+        need(all(0 <= b < 1 for b in self.betas), "betas", f"each must be in [0, 1), got {self.betas}")
+        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        need(self.eps > 0, "eps", f"must be positive, got {self.eps}")
 
 
 @dataclass
@@ -283,68 +355,9 @@ def _validate(obj, where: str) -> None:
         if not ok:
             raise MicroArchError(f"{where}.{keys[0]}: {msg}", where=tuple(f"{where}.{k}" for k in keys))
 
-    if isinstance(obj, LayerGroup):
-        need(obj.repeat >= 1, "repeat", f"must be at least 1, got {obj.repeat}")
-        specs = obj.spec if isinstance(obj.spec, list) else [obj.spec]
-        need(len(specs) > 0, "spec", "an empty list of branches; write at least one block string")
-    elif isinstance(obj, ModelConfig):
-        for key in ("d_model", "n_heads", "max_seq_len"):
-            need(getattr(obj, key) >= 1, key, f"must be positive, got {getattr(obj, key)}")
-        need(obj.head_dim is not None or obj.d_model % obj.n_heads == 0, ("n_heads", "d_model", "head_dim"),
-             f"d_model={obj.d_model} is not divisible by n_heads={obj.n_heads}; set head_dim or change either")
-        if obj.n_kv_heads is not None:
-            need(obj.n_kv_heads >= 1 and obj.n_heads % obj.n_kv_heads == 0, ("n_kv_heads", "n_heads"),
-                 f"n_heads={obj.n_heads} must be a multiple of n_kv_heads={obj.n_kv_heads}")
-        need(len(obj.layers) > 0, "layers", "no layers; write e.g. layers: [{spec: 'Norm->Attn->+', repeat: 2}]")
-        need(0.0 <= obj.dropout < 1.0, "dropout", f"must be in [0, 1), got {obj.dropout}")
-        need(obj.rope_scaling > 0, "rope_scaling", f"must be positive (1: none), got {obj.rope_scaling}")
-        for key in ("d_ff", "head_dim", "vocab_size"):
-            value = getattr(obj, key)
-            need(value is None or value >= 1, key, f"must be at least 1 (or null for the default), got {value}")
-        need(obj.rope_theta > 0, "rope_theta", f"must be positive, got {obj.rope_theta}")
-        need(obj.init_std >= 0, "init_std", f"must be >= 0, got {obj.init_std}")
-    elif isinstance(obj, TrainConfig):
-        for key in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches",
-                    "log_every", "checkpoint_every"):
-            need(getattr(obj, key) >= 1, key, f"must be at least 1, got {getattr(obj, key)}")
-        need(obj.lr > 0, "lr", f"must be positive, got {obj.lr}")
-        need(obj.dpo_beta > 0, "dpo_beta", f"must be positive, got {obj.dpo_beta}")
-        need(obj.muon_lr > 0, "muon_lr", f"must be positive, got {obj.muon_lr}")
-        need(0 <= obj.muon_momentum < 1, "muon_momentum", f"must be in [0, 1), got {obj.muon_momentum}")
-        need(obj.muon_ns_steps >= 1, "muon_ns_steps", f"must be at least 1, got {obj.muon_ns_steps}")
-        need(len(obj.betas) == 2, "betas", f"needs two values, got {obj.betas}")
-        need(obj.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        need(0.0 < obj.decay_fraction <= 1.0, "decay_fraction", "must be in (0, 1]")
-        need(obj.max_tokens is None or obj.max_tokens >= 1, "max_tokens",
-             f"must be at least 1 (or null to use max_steps), got {obj.max_tokens}")
-        budgets = [k for k in ("max_tokens", "budget_tokens", "budget_flops") if getattr(obj, k) is not None]
-        need(len(budgets) <= 1, budgets[-1] if budgets else "budget_flops",
-             f"{' and '.join(budgets)} are set together; a run has one budget: keep one (the others null), "
-             "or none to train max_steps steps")
-        need(obj.budget_tokens is None or obj.budget_tokens >= 1, "budget_tokens",
-             f"must be at least 1 (or null), got {obj.budget_tokens}")
-        need(obj.budget_flops is None or obj.budget_flops > 0, "budget_flops",
-             f"must be positive (or null), got {obj.budget_flops}")
-        need(obj.grad_clip is None or obj.grad_clip > 0, "grad_clip",
-             f"must be positive (or null for no clipping), got {obj.grad_clip}")
-        need(obj.min_lr >= 0, "min_lr", f"must be >= 0, got {obj.min_lr}")
-        need(all(0 <= b < 1 for b in obj.betas), "betas", f"each must be in [0, 1), got {obj.betas}")
-        need(obj.weight_decay >= 0, "weight_decay", f"must be >= 0, got {obj.weight_decay}")
-        need(obj.eps > 0, "eps", f"must be positive, got {obj.eps}")
-    elif isinstance(obj, SampleConfig):  # checked now, not when sampling after the whole run
-        need(obj.max_new_tokens >= 0, "max_new_tokens", f"must be >= 0 (0: no samples), got {obj.max_new_tokens}")
-        need(obj.temperature >= 0, "temperature", f"must be >= 0 (0: greedy), got {obj.temperature}")
-        need(obj.top_k is None or obj.top_k >= 1, "top_k", f"must be at least 1 (or null), got {obj.top_k}")
-        need(obj.top_p is None or 0 < obj.top_p <= 1, "top_p", f"must be in (0, 1] (or null), got {obj.top_p}")
-    elif isinstance(obj, DataConfig):
-        need(0.0 < obj.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {obj.val_fraction}")
-        need(obj.vocab_size >= 2, "vocab_size", "must be at least 2")
-        need(obj.val_source is None or bool(obj.val_source), "val_source", "an empty string; leave it unset")
-        need(obj.tokenizer_sample_bytes >= 1, "tokenizer_sample_bytes", "must be at least 1")
-        need(obj.max_tokens is None or obj.max_tokens >= 2, "max_tokens", "must be at least 2 (or null for all)")
-        need(obj.workers >= 0, "workers", "must be >= 0 (0: one per CPU)")
-        need(obj.prepare_memory_mb >= 256, "prepare_memory_mb", f"must be at least 256, got {obj.prepare_memory_mb}")
-        need(obj.shard_tokens >= 1, "shard_tokens", "must be at least 1")
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(need)
 
 
 def to_dict(obj) -> dict:

@@ -20,3 +20,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path):
+    """A factory of tiny experiment folders (tests/helpers.py's TINY unless another config text is given):
+    `exp = tiny_experiment()`, `tiny_experiment(text, name="other")`."""
+    from helpers import TINY, make_experiment
+
+    return lambda text=TINY, name="tiny": make_experiment(tmp_path, text, name)
+
+
+@pytest.fixture
+def tok():
+    """A character tokenizer with the chat template (tests of the later stages)."""
+    from stage_helpers import TEXT
+
+    from micro_arch.data import CharTokenizer
+    from micro_arch.data.chat_template import ChatTokenizer
+
+    return ChatTokenizer(CharTokenizer(TEXT))

@@ -1,9 +1,12 @@
 """Shared helpers for the tests."""
 
+import csv
+import json
 import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -53,3 +56,52 @@ def run_torchrun(script, *args, nproc=2, timeout=300):
            str(script), *map(str, args)]
     run = lambda: subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)  # noqa: E731
     return _again_after_gloo_abort(run)
+
+
+# The tiny experiment most tests train: 2 layers of d_model 32 on Shakespeare by character, 24 steps.
+TINY = """
+model:
+  d_model: 32
+  n_heads: 2
+  max_seq_len: 32
+  layers: [{spec: "Norm->Attn->+->Norm->MLP->+", repeat: 2}]
+data: {source: shakespeare, tokenizer: char}
+train:
+  batch_size: 4
+  seq_len: 32
+  max_steps: 24
+  warmup_steps: 4
+  lr: 3.0e-3
+  min_lr: 3.0e-4
+  eval_every: 8
+  eval_batches: 2
+  log_every: 4
+  checkpoint_every: 12
+  sample: {prompts: ["ROMEO:"], max_new_tokens: 8}
+"""
+
+
+def make_experiment(tmp_path, text=TINY, name="tiny"):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.yaml").write_text(textwrap.dedent(text))
+    return folder
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def run_on_one_and_two_processes(exp, tmp_path, overrides):
+    """The experiment run with a global batch of 8: in this process, and by `micro-arch run --nproc 2` with 4 per
+    rank. Returns the two run directories."""
+    from micro_arch.commands.run import run_experiment
+
+    one = run_experiment(exp, runs_root=tmp_path / "one", overrides=overrides + ["train.batch_size=8"])
+    result = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "two", "--set", *overrides,
+                     "train.batch_size=4", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (two,) = (tmp_path / "two" / "tiny").iterdir()
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    return one, two

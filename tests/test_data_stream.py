@@ -434,15 +434,15 @@ def test_prepare_command_shows_the_plan_then_prepares(tmp_path, prose, monkeypat
         command.prepare_command(exp, [f"data.source={tmp_path / 'missing.txt'}"])
 
 
-def test_a_run_on_many_shards_resumes_exactly(tmp_path):
+def test_a_run_on_many_shards_resumes_exactly(tmp_path, tiny_experiment):
     """The trainer on a split of ~25 shards: killed after step 12 and resumed, it matches the run that went on."""
     import shutil
 
-    from test_train import make_experiment, read_metrics
+    from helpers import read_metrics
 
     from micro_arch.commands.run import run_experiment
 
-    exp = make_experiment(tmp_path)
+    exp = tiny_experiment()
     sets = [f"data.cache_dir={tmp_path / 'cache'}", "data.shard_tokens=200000"]
     full = run_experiment(exp, runs_root=tmp_path / "runs", overrides=sets)
     assert len(list((tmp_path / "cache").glob("tokens/*/shard_*.bin"))) > 20

@@ -5,8 +5,8 @@ import textwrap
 
 import numpy as np
 import pytest
+from helpers import make_experiment
 from scipy.optimize import curve_fit
-from test_train import make_experiment
 
 from micro_arch.errors import MicroArchError
 from micro_arch.ladder.fit import PowerLaw, crossings, fit_power_law, fit_with_bootstrap

@@ -7,9 +7,8 @@ import shutil
 
 import pytest
 import torch
-from helpers import ROOT, run_torchrun
+from helpers import ROOT, read_metrics, run_on_one_and_two_processes, run_torchrun
 from muon_shard_worker import grads_for, mixed_params, three_muon_steps
-from test_train import make_experiment, read_metrics, run_on_one_and_two_processes
 
 from micro_arch.commands.run import run_experiment
 from micro_arch.config import TrainConfig
@@ -160,9 +159,9 @@ def test_ddp_sharded_orthogonalisation_equals_one_process(tmp_path):
         assert result["orthogonalised"] == 3 * (2 + 1 + 1 + 1)  # one process: 3 * 7
 
 
-def test_muon_run_on_two_processes_equals_one_process(tmp_path):
+def test_muon_run_on_two_processes_equals_one_process(tmp_path, tiny_experiment):
     """End to end through `micro-arch run --nproc 2`: the same parameters as one process with the global batch."""
-    exp = make_experiment(tmp_path)
+    exp = tiny_experiment()
     common = ["train.optimizer=muon", "train.muon_ns_dtype=fp32", "train.max_steps=6", "train.log_every=2",
               "train.eval_every=6", "train.checkpoint_every=6"]
     one, two = run_on_one_and_two_processes(exp, tmp_path, common)
@@ -172,8 +171,8 @@ def test_muon_run_on_two_processes_equals_one_process(tmp_path):
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5)
 
 
-def test_resume_of_a_muon_run_is_exact(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_resume_of_a_muon_run_is_exact(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     overrides = ["train.optimizer=muon"]
     full = run_experiment(exp, runs_root=tmp_path / "runs", overrides=overrides)
     stopped = tmp_path / "stopped"  # what a run killed after its step-12 checkpoint leaves

@@ -13,9 +13,8 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, run_cli
+from helpers import ROOT, TINY, make_experiment, read_metrics, run_cli
 from test_stages import chain  # noqa: F401 (a fixture)
-from test_train import TINY, make_experiment, read_metrics
 
 from micro_arch.commands.run import check_resumable, run_experiment
 from micro_arch.errors import MicroArchError
@@ -159,8 +158,8 @@ def test_a_run_that_is_nan_from_its_first_step_blames_the_model_not_the_learning
     assert "Traceback" not in result.stderr
 
 
-def test_a_huge_learning_rate_without_clipping_diverges_and_names_both(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_a_huge_learning_rate_without_clipping_diverges_and_names_both(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     with pytest.raises(RunDiverged) as stopped:
         run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT + ["train.lr=1e6", "train.grad_clip=null"])
     assert "train.lr=1e+06" in str(stopped.value) and "train.grad_clip=1.0" in str(stopped.value)
@@ -190,8 +189,8 @@ def test_the_finite_watch_keeps_the_first_bad_step_of_a_loss_or_a_gradient_norm(
     assert not weights_finite(model, Dist())
 
 
-def test_a_ddp_run_that_diverges_stops_every_rank_at_one_step_and_says_it_once(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_a_ddp_run_that_diverges_stops_every_rank_at_one_step_and_says_it_once(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     result = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "runs", "--set", *SHORT, "train.lr=1e6",
                      "train.grad_clip=null", "train.log_every=1", "train.checkpoint_every=2",
                      env={"OMP_NUM_THREADS": "1"})
@@ -230,8 +229,8 @@ def test_a_checkpoint_of_nan_weights_is_refused_in_one_line_and_compare_leaves_i
 # --- 2. resuming a finished run -----------------------------------------------------------------------
 
 
-def test_resuming_a_finished_run_without_set_keeps_it_byte_identical(tmp_path, capsys):
-    exp = make_experiment(tmp_path)  # the experiment says 24 steps; the run was started with 8
+def test_resuming_a_finished_run_without_set_keeps_it_byte_identical(tmp_path, capsys, tiny_experiment):
+    exp = tiny_experiment()  # the experiment says 24 steps; the run was started with 8
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT)
     before = snapshot(run_dir)
     capsys.readouterr()
@@ -283,8 +282,8 @@ def test_a_second_trainer_is_refused_while_the_first_runs_and_allowed_after_a_ki
     assert (run_dir / "run.lock").read_text() == ""  # released: nobody holds it
 
 
-def test_the_lock_names_its_holder_and_the_launcher_checks_it_before_starting_workers(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_the_lock_names_its_holder_and_the_launcher_checks_it_before_starting_workers(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=4"])
     held = RunLock(run_dir)
     held.acquire()
@@ -305,17 +304,17 @@ def test_the_lock_names_its_holder_and_the_launcher_checks_it_before_starting_wo
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "/abs/path", "..", "a/b"])
-def test_a_run_name_is_one_folder_name(tmp_path, name):
-    exp = make_experiment(tmp_path)
+def test_a_run_name_is_one_folder_name(tmp_path, name, tiny_experiment):
+    exp = tiny_experiment()
     with pytest.raises(MicroArchError, match=r"--set name=.*one folder name") as refused:
         run_experiment(exp, runs_root=tmp_path / "runs" / "inner", overrides=["train.max_steps=2", f"name={name}"])
     assert "\n" not in str(refused.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # nothing created anywhere
 
 
-def test_sample_prompts_the_tokenizer_cannot_encode_stop_the_run_before_its_first_step(tmp_path):
+def test_sample_prompts_the_tokenizer_cannot_encode_stop_the_run_before_its_first_step(tmp_path, tiny_experiment):
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog.\n\n" * 400)
-    exp = make_experiment(tmp_path)
+    exp = tiny_experiment()
     with pytest.raises(MicroArchError, match=r"train.sample.prompts: prompt 'ROMEO:' cannot be encoded.*'.*EMO"):
         run_experiment(exp, runs_root=tmp_path / "runs", overrides=[f"data.source={tmp_path / 'corpus.txt'}"])
     assert run_folders(tmp_path / "runs") == []
@@ -324,8 +323,8 @@ def test_sample_prompts_the_tokenizer_cannot_encode_stop_the_run_before_its_firs
 # --- 8. a checkpoint of another configuration ---------------------------------------------------------
 
 
-def test_resuming_from_a_checkpoint_of_another_model_is_one_line(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_resuming_from_a_checkpoint_of_another_model_is_one_line(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT)
     other = run_experiment(exp, runs_root=tmp_path / "other", overrides=["train.max_steps=4", "model.d_model=64"])
     result = run_cli("run", exp, "--resume", run_dir, "--checkpoint", other / "checkpoints/latest.pt",
@@ -380,12 +379,12 @@ def test_an_unfinished_run_without_a_checkpoint_is_not_advised_to_resume(tmp_pat
 # --- 13. messages that point the right way ------------------------------------------------------------
 
 
-def test_chat_of_a_missing_folder_and_resume_of_a_file_say_what_they_are(tmp_path):
+def test_chat_of_a_missing_folder_and_resume_of_a_file_say_what_they_are(tmp_path, tiny_experiment):
     from micro_arch.commands.chat import chat_command
 
     with pytest.raises(MicroArchError, match="no such run directory"):
         chat_command(tmp_path / "nowhere", ["hi"], device="cpu")
-    exp = make_experiment(tmp_path)
+    exp = tiny_experiment()
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=4"])
     with pytest.raises(MicroArchError, match=rf"a file, not a run directory.*--resume {run_dir} --checkpoint latest.pt"):
         run_experiment(exp, resume=run_dir / "checkpoints/latest.pt")
@@ -396,8 +395,8 @@ def test_chat_of_a_missing_folder_and_resume_of_a_file_say_what_they_are(tmp_pat
 # --- 14. advice that works ----------------------------------------------------------------------------
 
 
-def test_a_dpo_resume_may_name_the_parents_checkpoint_of_the_step_it_began_from(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_a_dpo_resume_may_name_the_parents_checkpoint_of_the_step_it_began_from(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     parent = run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT)
     child = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=2"])
     (child / "parent.json").write_text(json.dumps({"type": "micro-arch run", "path": str(parent.resolve()), "step": 4}))
@@ -409,8 +408,8 @@ def test_a_dpo_resume_may_name_the_parents_checkpoint_of_the_step_it_began_from(
         check_resumable(child, cfg, [f"model.init_from={cfg.model.init_from}"])
 
 
-def test_init_from_a_run_with_a_truncated_latest_checkpoint_advises_a_setting_that_works(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_init_from_a_run_with_a_truncated_latest_checkpoint_advises_a_setting_that_works(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     parent = run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT)
     latest = parent / "checkpoints/latest.pt"
     latest.write_bytes(latest.read_bytes()[:1000])

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from test_train import make_experiment
 
 from micro_arch.commands import seeds as seeds_module
 from micro_arch.commands.seeds import group_folder, member_state, run_group, seed_list
@@ -26,8 +25,8 @@ def test_seed_list_counts_from_the_experiments_seed_or_takes_a_list():
             seed_list(bad, 0)
 
 
-def test_group_id_ignores_the_seed_and_cadences_but_not_the_configuration(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_group_id_ignores_the_seed_and_cadences_but_not_the_configuration(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     base = group_id(load_config(exp))
     assert group_id(load_config(exp, ["train.seed=5", "train.eval_every=3", "train.device=cpu"])) == base
     assert group_id(load_config(exp, ["model.d_model=48"])) != base
@@ -38,8 +37,8 @@ def test_group_id_ignores_the_seed_and_cadences_but_not_the_configuration(tmp_pa
     assert group_id(cfg) != base
 
 
-def test_data_seed_holds_the_data_order_while_the_seed_changes(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_data_seed_holds_the_data_order_while_the_seed_changes(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     tokens = torch.arange(5000) % 97
 
     def first_batch(*overrides):
@@ -50,8 +49,8 @@ def test_data_seed_holds_the_data_order_while_the_seed_changes(tmp_path):
     assert torch.equal(first_batch("train.seed=9"), first_batch("train.seed=1", "train.data_seed=9"))
 
 
-def test_budgets_replace_max_steps(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_budgets_replace_max_steps(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     cfg = load_config(exp, ["train.budget_tokens=1000", "model.vocab_size=65"])
     assert planned_steps(cfg, 1) == -(-1000 // tokens_per_step(cfg, 1)) == 8  # 4 x 32 tokens per step
     assert planned_steps(load_config(exp, ["train.budget_tokens=128e2"]), 1) == 100  # YAML reads 128e2 as text
@@ -65,8 +64,8 @@ def test_budgets_replace_max_steps(tmp_path):
         load_config(exp, ["train.budget_flops=-1"])
 
 
-def test_a_seed_group_trains_each_seed_in_its_own_folder_and_resumes_only_what_is_unfinished(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_a_seed_group_trains_each_seed_in_its_own_folder_and_resumes_only_what_is_unfinished(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     overrides = ["train.max_steps=8", "train.eval_every=4", "train.checkpoint_every=4", "train.log_every=4",
                  "train.sample.max_new_tokens=2"]
     group = run_group(exp, seeds="3,4", overrides=overrides, runs_root=tmp_path / "runs")
@@ -95,8 +94,8 @@ def test_a_seed_group_trains_each_seed_in_its_own_folder_and_resumes_only_what_i
     assert not (group / "seed-5").exists()
 
 
-def test_a_group_resume_continues_an_interrupted_member_from_its_checkpoint(tmp_path, monkeypatch):
-    exp = make_experiment(tmp_path)
+def test_a_group_resume_continues_an_interrupted_member_from_its_checkpoint(tmp_path, monkeypatch, tiny_experiment):
+    exp = tiny_experiment()
     group = tmp_path / "g"
     (group / "seed-1" / "checkpoints").mkdir(parents=True)
     (group / "seed-1" / "checkpoints" / "latest.pt").write_bytes(b"x")
@@ -121,22 +120,22 @@ def test_side_by_side_members_see_one_gpu_each(monkeypatch):
     assert seeds_module._nth_visible(1) == "1"
 
 
-def test_a_sweeps_trial_budget_outranks_an_experiments_flop_budget(tmp_path):
+def test_a_sweeps_trial_budget_outranks_an_experiments_flop_budget(tmp_path, tiny_experiment):
     from micro_arch.sweep.objective import budget_overrides
 
-    exp = make_experiment(tmp_path)
+    exp = tiny_experiment()
     cfg = load_config(exp, ["train.budget_flops=1e12", "model.vocab_size=65", *budget_overrides(10, None)])
     assert planned_steps(cfg, 1) == 10
     cfg = load_config(exp, ["train.budget_flops=1e12", "model.vocab_size=65", *budget_overrides(None, 1280)])
     assert planned_steps(cfg, 1) == 10  # 1280 tokens of 4 x 32
 
 
-def test_a_completed_budget_run_says_how_to_train_it_further(tmp_path, capsys):
+def test_a_completed_budget_run_says_how_to_train_it_further(tmp_path, capsys, tiny_experiment):
     import shlex
 
     from micro_arch.commands.run import run_experiment
 
-    exp = make_experiment(tmp_path)
+    exp = tiny_experiment()
     quiet = ["train.sample.max_new_tokens=2", "train.eval_every=4", "train.log_every=4"]
     run = run_experiment(exp, overrides=[*quiet, "train.budget_tokens=512"], runs_root=tmp_path / "runs")
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
@@ -150,7 +149,7 @@ def test_a_completed_budget_run_says_how_to_train_it_further(tmp_path, capsys):
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
 
 
-def test_side_by_side_trains_each_job_in_its_own_process_and_reports_failures(tmp_path, monkeypatch):
+def test_side_by_side_trains_each_job_in_its_own_process_and_reports_failures(tmp_path, monkeypatch, tiny_experiment):
     """The several-GPU path, on a CPU: two `micro-arch run` processes at once, each told its own device."""
     import subprocess
 
@@ -164,7 +163,7 @@ def test_side_by_side_trains_each_job_in_its_own_process_and_reports_failures(tm
 
     monkeypatch.setattr(subprocess, "Popen", popen)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    exp = make_experiment(tmp_path)
+    exp = tiny_experiment()
     quick = ["train.max_steps=4", "train.eval_every=4", "train.sample.max_new_tokens=2", "train.device=cpu"]
     jobs = [Job(f"seed {s}", str(exp), [*quick, f"train.seed={s}"], tmp_path / "g" / f"seed-{s}", "fresh")
             for s in (1, 2)]

@@ -1,68 +1,21 @@
 """The trainer end to end: run directories, exact resume, DDP equals one process, bad input."""
 
-import csv
 import json
 import os
 import shutil
-import textwrap
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import TINY, make_experiment, read_metrics, run_cli, run_on_one_and_two_processes
 
 from micro_arch.commands.run import run_experiment
 from micro_arch.config import TrainConfig
 from micro_arch.errors import MicroArchError
 from micro_arch.train.optim import lr_factor
 
-TINY = """
-model:
-  d_model: 32
-  n_heads: 2
-  max_seq_len: 32
-  layers: [{spec: "Norm->Attn->+->Norm->MLP->+", repeat: 2}]
-data: {source: shakespeare, tokenizer: char}
-train:
-  batch_size: 4
-  seq_len: 32
-  max_steps: 24
-  warmup_steps: 4
-  lr: 3.0e-3
-  min_lr: 3.0e-4
-  eval_every: 8
-  eval_batches: 2
-  log_every: 4
-  checkpoint_every: 12
-  sample: {prompts: ["ROMEO:"], max_new_tokens: 8}
-"""
 
-
-def make_experiment(tmp_path, text=TINY, name="tiny"):
-    folder = tmp_path / name
-    folder.mkdir()
-    (folder / "config.yaml").write_text(textwrap.dedent(text))
-    return folder
-
-
-def read_metrics(run_dir):
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def run_on_one_and_two_processes(exp, tmp_path, overrides):
-    """The experiment run with a global batch of 8: in this process, and by `micro-arch run --nproc 2` with 4 per
-    rank. Returns the two run directories."""
-    one = run_experiment(exp, runs_root=tmp_path / "one", overrides=overrides + ["train.batch_size=8"])
-    result = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "two", "--set", *overrides,
-                     "train.batch_size=4", env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    (two,) = (tmp_path / "two" / "tiny").iterdir()
-    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
-    return one, two
-
-
-def test_run_leaves_a_complete_run_directory(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_run_leaves_a_complete_run_directory(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs")
     for name in ("config.yaml", "model_config.json", "train_config.json", "data_config.json", "metrics.csv",
                  "summary.json", "samples.json", "trace.txt", "checkpoints/latest.pt",
@@ -140,8 +93,8 @@ def test_an_experiment_that_extends_one_with_its_own_blocks_trains_and_evaluates
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_resume_matches_the_uninterrupted_run(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_resume_matches_the_uninterrupted_run(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     full = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["model.dropout=0.1"])
     # The state a run killed after step 12 leaves behind: its checkpoint at 12 is the latest.
     stopped = tmp_path / "stopped"
@@ -178,8 +131,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
             assert float(rb["val_loss"]) == pytest.approx(float(ra["val_loss"]), rel=1e-4)
 
 
-def test_muon_and_schedules_train(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_muon_and_schedules_train(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     for schedule in ("wsd", "constant"):
         run_dir = run_experiment(exp, runs_root=tmp_path / "runs",
                                  overrides=["train.optimizer=muon", f"train.schedule={schedule}", "train.max_steps=12",
@@ -202,8 +155,8 @@ def test_lr_schedules():
     assert lr_factor(100, cfg, 110) == 1.0
 
 
-def test_dry_run_prints_the_plan(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_dry_run_prints_the_plan(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     result = run_cli("run", exp, "--dry-run", "--runs-dir", tmp_path / "runs")
     assert result.returncode == 0, result.stderr
     for text in ("parameters", "without embeddings", "FLOPs per token", "tokens per non-embedding parameter",
@@ -216,12 +169,12 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert ratio == pytest.approx(24 * 4 * 32 / non_embedding, rel=0.05)  # TINY's tokens, two digits
 
 
-def test_dry_run_of_a_billion_parameter_model_allocates_no_weights(tmp_path):
+def test_dry_run_of_a_billion_parameter_model_allocates_no_weights(tmp_path, tiny_experiment):
     """d_model 2048 x 24 layers is 1.2B parameters, 4.8 GB in fp32: the plan must not build them."""
     import subprocess
     import sys
 
-    exp = make_experiment(tmp_path)
+    exp = tiny_experiment()
     code = ("import resource, sys; from micro_arch.cli import main; sys.argv = ['micro-arch'] + sys.argv[1:]\n"
             "try:\n    main()\nfinally:\n"
             "    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
@@ -240,15 +193,15 @@ def test_dry_run_of_a_billion_parameter_model_allocates_no_weights(tmp_path):
     (["model.vocab_size=10"], "vocab_size"),
     (["train.optimizer=sgd"], "optimizer"),
 ])
-def test_bad_input_stops_with_a_message(tmp_path, override, message):
-    exp = make_experiment(tmp_path)
+def test_bad_input_stops_with_a_message(tmp_path, override, message, tiny_experiment):
+    exp = tiny_experiment()
     result = run_cli("run", exp, "--runs-dir", tmp_path / "runs", "--set", *override)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_resuming_with_another_number_of_processes_warns_that_the_global_batch_changes(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_resuming_with_another_number_of_processes_warns_that_the_global_batch_changes(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     first = run_cli("run", exp, "--nproc", "2", "--runs-dir", tmp_path / "runs", "--set", "train.max_steps=4",
                     env={"OMP_NUM_THREADS": "1"})
     assert first.returncode == 0, first.stderr[-3000:]
@@ -265,8 +218,8 @@ def test_resuming_with_another_number_of_processes_warns_that_the_global_batch_c
     assert "--nproc 2" in done.stdout.split("resume with a larger train.max_steps")[1], done.stdout
 
 
-def test_resume_refuses_corrupt_checkpoints_and_other_configs(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_resume_refuses_corrupt_checkpoints_and_other_configs(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=4"])
     with pytest.raises(MicroArchError, match="--set model.d_model=64: the run has 32.*leave those --set out"):
         run_experiment(exp, runs_root=tmp_path / "runs", overrides=["model.d_model=64"], resume=run_dir)

@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_cli
-from test_train import make_experiment, read_metrics
+from helpers import read_metrics, run_cli
 
 from micro_arch.commands.run import run_experiment
 from micro_arch.errors import MicroArchError
@@ -22,8 +21,8 @@ def run_folders(root):
     return sorted(p for p in root.glob("*/*") if p.is_dir()) if root.exists() else []
 
 
-def test_resuming_a_completed_run_changes_nothing_and_says_how_to_extend_it(tmp_path, capsys):
-    exp = make_experiment(tmp_path)
+def test_resuming_a_completed_run_changes_nothing_and_says_how_to_extend_it(tmp_path, capsys, tiny_experiment):
+    exp = tiny_experiment()
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT)
     before = snapshot(run_dir)
     capsys.readouterr()
@@ -33,24 +32,24 @@ def test_resuming_a_completed_run_changes_nothing_and_says_how_to_extend_it(tmp_
     assert snapshot(run_dir) == before
 
 
-def test_a_bad_block_string_leaves_no_run_directory(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_a_bad_block_string_leaves_no_run_directory(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     result = run_cli("run", exp, "--runs-dir", tmp_path / "runs", "--set", "model.layers.0.spec=Norm->Atn->+")
     assert result.returncode == 2 and "Atn" in result.stderr
     assert run_folders(tmp_path / "runs") == []
 
 
-def test_a_sequence_longer_than_the_held_out_split_leaves_no_run_directory(tmp_path):
+def test_a_sequence_longer_than_the_held_out_split_leaves_no_run_directory(tmp_path, tiny_experiment):
     text = "\n\n".join(["To be, or not to be, that is the question. " * 40] * 9 + ["Short end."])
     (tmp_path / "corpus.txt").write_text(text)
-    exp = make_experiment(tmp_path)
+    exp = tiny_experiment()
     with pytest.raises(MicroArchError, match="held-out split"):
         run_experiment(exp, runs_root=tmp_path / "runs", overrides=[f"data.source={tmp_path / 'corpus.txt'}"])
     assert run_folders(tmp_path / "runs") == []
 
 
-def test_a_failure_after_the_start_keeps_a_folder_that_holds_checkpoints(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_a_failure_after_the_start_keeps_a_folder_that_holds_checkpoints(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
 
     def fail_at_eight(step, val_loss):
         if step == 8:
@@ -62,8 +61,8 @@ def test_a_failure_after_the_start_keeps_a_folder_that_holds_checkpoints(tmp_pat
     assert (run_dir / "checkpoints/step_0000004.pt").is_file()
 
 
-def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys):
-    exp = make_experiment(tmp_path)
+def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys, tiny_experiment):
+    exp = tiny_experiment()
     full = run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT + ["train.max_steps=12"])
     reference = torch.load(full / "checkpoints/latest.pt", weights_only=True)["model"]
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT)
@@ -82,8 +81,8 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_p
         torch.testing.assert_close(resumed["model"][k], reference[k], rtol=0, atol=0)
 
 
-def test_checkpoint_selects_the_checkpoint_to_resume_from(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_checkpoint_selects_the_checkpoint_to_resume_from(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT)
     result = run_cli("run", exp, "--resume", run_dir, "--checkpoint", "step_0000004.pt", "--runs-dir",
                      tmp_path / "runs", "--set", *SHORT, "train.max_steps=10")
@@ -97,8 +96,8 @@ def test_checkpoint_selects_the_checkpoint_to_resume_from(tmp_path):
     assert bad.returncode == 2 and "step_0000099.pt" in bad.stderr and "step_0000004.pt" in bad.stderr
 
 
-def test_all_checkpoints_damaged_is_a_clear_error_that_removes_nothing(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_all_checkpoints_damaged_is_a_clear_error_that_removes_nothing(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT)
     for path in (run_dir / "checkpoints").iterdir():
         path.write_bytes(path.read_bytes()[:100])
@@ -108,8 +107,8 @@ def test_all_checkpoints_damaged_is_a_clear_error_that_removes_nothing(tmp_path)
     assert snapshot(run_dir) == before
 
 
-def test_a_larger_budget_on_resume_warns_that_the_schedule_is_re_stretched(tmp_path, capsys):
-    exp = make_experiment(tmp_path)
+def test_a_larger_budget_on_resume_warns_that_the_schedule_is_re_stretched(tmp_path, capsys, tiny_experiment):
+    exp = tiny_experiment()
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT)
     capsys.readouterr()
     run_experiment(exp, runs_root=tmp_path / "runs", overrides=SHORT + ["train.max_steps=10"], resume=run_dir)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_train import make_experiment, read_metrics
+from helpers import read_metrics
 
 from micro_arch.commands.run import run_experiment
 from micro_arch.config import DataConfig, TrainConfig
@@ -35,8 +35,8 @@ def test_prefetched_batches_are_the_batches_of_their_step(data):
             assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
-def test_a_stage_loss_plugs_into_the_step(tmp_path, data):
-    cfg = load_experiment(make_experiment(tmp_path))
+def test_a_stage_loss_plugs_into_the_step(tmp_path, data, tiny_experiment):
+    cfg = load_experiment(tiny_experiment())
     cfg.model.vocab_size = data.tokenizer.vocab_size
     seen = []
 
@@ -53,8 +53,8 @@ def test_a_stage_loss_plugs_into_the_step(tmp_path, data):
     torch.testing.assert_close(metrics["halved"], metrics["train_loss"] * 0.5)
 
 
-def test_throughput_leaves_out_the_first_step_evaluation_and_checkpoints(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_throughput_leaves_out_the_first_step_evaluation_and_checkpoints(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=["train.max_steps=8", "train.log_every=4",
                                                                           "train.eval_every=4"])
     s = json.loads((run_dir / "summary.json").read_text())
@@ -66,10 +66,10 @@ def test_throughput_leaves_out_the_first_step_evaluation_and_checkpoints(tmp_pat
     assert slow * 0.99 <= s["tokens_per_sec"] <= fast * 1.01
 
 
-def test_a_log_row_of_only_the_first_step_has_no_throughput_rather_than_zero(tmp_path):
+def test_a_log_row_of_only_the_first_step_has_no_throughput_rather_than_zero(tmp_path, tiny_experiment):
     """The first step of a process (a fresh run or a resume) is timed as compilation: a log row whose window
     holds only that step says nothing about throughput (it used to say 0 tok/s)."""
-    exp = make_experiment(tmp_path)
+    exp = tiny_experiment()
     steps = ["train.max_steps=4", "train.log_every=1", "train.eval_every=4", "train.checkpoint_every=2"]
     run_dir = run_experiment(exp, runs_root=tmp_path / "runs", overrides=steps)
     rows = read_metrics(run_dir)
@@ -83,11 +83,11 @@ def test_a_log_row_of_only_the_first_step_has_no_throughput_rather_than_zero(tmp
     assert rows["3"]["tokens_per_sec"] == "" and float(rows["4"]["tokens_per_sec"]) > 0
 
 
-def test_no_host_reads_between_log_steps(tmp_path, data, monkeypatch):
+def test_no_host_reads_between_log_steps(tmp_path, data, monkeypatch, tiny_experiment):
     """Between log steps the dense path never reads a tensor on the host (on a GPU each read is a stall)."""
     from micro_arch.train import bookkeeping
 
-    cfg = load_experiment(make_experiment(tmp_path), ["train.max_steps=8", "train.log_every=4"])
+    cfg = load_experiment(tiny_experiment(), ["train.max_steps=8", "train.log_every=4"])
     cfg.model.vocab_size = data.tokenizer.vocab_size
     trainer = Trainer(cfg, data, Dist(), torch.device("cpu"), pieces=stage_of(cfg).pieces(cfg, data, torch.device("cpu")))
     hot, reads = [False], []
@@ -128,7 +128,7 @@ def test_no_host_reads_between_log_steps(tmp_path, data, monkeypatch):
     assert trainer.step == 8 and reads == []
 
 
-def test_compile_mode_reaches_torch_compile_and_the_log_window_keeps_its_own_copy(tmp_path, data, monkeypatch):
+def test_compile_mode_reaches_torch_compile_and_the_log_window_keeps_its_own_copy(tmp_path, data, monkeypatch, tiny_experiment):
     """train.compile_mode is passed to torch.compile ('default' as torch's own default). With CUDA graphs
     (reduce-overhead) a step's outputs are overwritten by the next replay, so the log window must not keep
     the first step's tensors themselves."""
@@ -137,7 +137,7 @@ def test_compile_mode_reaches_torch_compile_and_the_log_window_keeps_its_own_cop
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
-    cfg = load_experiment(make_experiment(tmp_path), ["train.compile=true", "train.compile_mode=reduce-overhead"])
+    cfg = load_experiment(tiny_experiment(), ["train.compile=true", "train.compile_mode=reduce-overhead"])
     cfg.model.vocab_size = data.tokenizer.vocab_size
     model = torch.nn.Linear(2, 2)
     assert wrap_model(model, cfg, Dist(), torch.device("cpu")) is model and seen == [{"mode": "reduce-overhead"}]

@@ -10,8 +10,7 @@ import sys
 import time
 
 import torch
-from helpers import ROOT, run_cli
-from test_train import TINY, make_experiment
+from helpers import ROOT, TINY, make_experiment, run_cli
 
 PAUSE_BLOCK = '''
 import time

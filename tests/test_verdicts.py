@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 from scipy import stats
-from test_train import make_experiment
 
 from micro_arch.commands.seeds import run_group
 from micro_arch.errors import MicroArchError
@@ -144,8 +143,8 @@ def test_equal_flops_is_the_most_every_run_reached():
 # --- compare on two seed groups, end to end ---------------------------------------------------------
 
 
-def test_compare_two_seed_groups_prints_the_difference_with_its_interval(tmp_path):
-    exp = make_experiment(tmp_path)
+def test_compare_two_seed_groups_prints_the_difference_with_its_interval(tmp_path, tiny_experiment):
+    exp = tiny_experiment()
     common = ["train.budget_flops=5e8", "train.eval_every=4", "train.log_every=4", "train.checkpoint_every=8",
               "train.sample.max_new_tokens=2"]
     wide = run_group(exp, seeds="1,2", overrides=common, runs_root=tmp_path / "runs")
