@@ -40,3 +40,25 @@ def tok():
     from micro_arch.data.chat_template import ChatTokenizer
 
     return ChatTokenizer(CharTokenizer(TEXT))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A tiny pretrain run, and SFT/DPO experiments (with their data) that start from it (once per test module)."""
+    from stage_helpers import PRETRAIN, STAGE, write_jsonl
+
+    from micro_arch.commands.run import run_experiment
+    from micro_arch.data.corpus import read_works
+    from micro_arch.stages.dialogues import exchanges, preference_pairs
+
+    root = tmp_path_factory.mktemp("chain")
+    items = [e for w in read_works()[3:5] for e in exchanges([w], max_user_chars=60, max_answer_chars=50)[:30]]
+    for name, rows in (("sft", [{"messages": e.messages()} for e in items]), ("dpo", preference_pairs(items, 0))):
+        write_jsonl(root / f"{name}_train.jsonl", rows[:48])
+        write_jsonl(root / f"{name}_val.jsonl", rows[48:])
+    for name, text in (("pretrain", PRETRAIN), *((s, STAGE.format(stage=s, train=root / f"{s}_train.jsonl",
+                                                                  val=root / f"{s}_val.jsonl")) for s in ("sft", "dpo"))):
+        (root / name).mkdir()
+        (root / name / "config.yaml").write_text(text)
+    parent = run_experiment(root / "pretrain", runs_root=root / "runs")
+    return root, parent

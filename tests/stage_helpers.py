@@ -4,6 +4,7 @@ configs (the chat-template tokenizer is the `tok` fixture in conftest)."""
 import json
 
 import torch
+import yaml
 
 from micro_arch.config import LayerGroup, ModelConfig
 from micro_arch.data import CharTokenizer
@@ -70,3 +71,18 @@ def stage_config(tmp_path, stage, source, parent, **train):
 PAIRS = [{"prompt": "Who goes there?", "chosen": "Nay, answer me.", "rejected": "Good night."},
          {"prompt": "What is the hour?", "chosen": "Twelve, my lord.", "rejected": "A ship, a ship."},
          {"prompt": "Is it the king?", "chosen": "It is.", "rejected": "Go to, go to."}]
+
+
+PRETRAIN = yaml.safe_dump({
+    "model": tiny_model_section(32), "data": {"source": "shakespeare", "tokenizer": "char"},
+    "train": {"batch_size": 4, "seq_len": 32, "max_steps": 8, "warmup_steps": 2, "eval_every": 8, "eval_batches": 1,
+              "log_every": 4, "sample": {"prompts": ["A"], "max_new_tokens": 4}}})
+
+
+STAGE = """
+extends: ../pretrain/config.yaml
+model: {{max_seq_len: 160, dropout: 0.1}}
+data: {{source: {train}, val_source: {val}}}
+train: {{stage: {stage}, seq_len: 160, batch_size: 4, max_steps: 8, lr: 1.0e-3, warmup_steps: 2, eval_every: 4,
+        eval_batches: 1, log_every: 2, checkpoint_every: 4}}
+"""

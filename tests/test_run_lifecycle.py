@@ -14,7 +14,6 @@ import time
 import pytest
 import torch
 from helpers import ROOT, TINY, make_experiment, read_metrics, run_cli
-from test_stages import chain  # noqa: F401 (a fixture)
 
 from micro_arch.commands.run import check_resumable, run_experiment
 from micro_arch.errors import MicroArchError
@@ -424,7 +423,7 @@ def test_init_from_a_run_with_a_truncated_latest_checkpoint_advises_a_setting_th
     assert json.loads((child / "parent.json").read_text())["step"] == 4
 
 
-def test_a_dpo_resume_after_its_parent_trained_on_follows_the_advice_to_the_end(chain, tmp_path):  # noqa: F811
+def test_a_dpo_resume_after_its_parent_trained_on_follows_the_advice_to_the_end(chain, tmp_path):
     import shutil
 
     from micro_arch.rundir import read_summary

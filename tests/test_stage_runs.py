@@ -5,13 +5,11 @@ import math
 
 import pytest
 import torch
-import yaml
 from stage_helpers import (
     PAIRS,
     make_run,
     stage_config,
     tiny_model,
-    tiny_model_section,
     write_jsonl,
 )
 
@@ -151,41 +149,6 @@ def test_context_extension_from_a_run_reports_both_lengths(tmp_path):
     assert len(lines) == 2 and "64-token windows (the parent's length)" in lines[0]
     assert "128-token windows (this run's length)" in lines[1]
     assert context_lines(tmp_path / "parent", small, tokens, 64, 8, "cpu") == []
-
-
-PRETRAIN = yaml.safe_dump({
-    "model": tiny_model_section(32), "data": {"source": "shakespeare", "tokenizer": "char"},
-    "train": {"batch_size": 4, "seq_len": 32, "max_steps": 8, "warmup_steps": 2, "eval_every": 8, "eval_batches": 1,
-              "log_every": 4, "sample": {"prompts": ["A"], "max_new_tokens": 4}}})
-
-
-STAGE = """
-extends: ../pretrain/config.yaml
-model: {{max_seq_len: 160, dropout: 0.1}}
-data: {{source: {train}, val_source: {val}}}
-train: {{stage: {stage}, seq_len: 160, batch_size: 4, max_steps: 8, lr: 1.0e-3, warmup_steps: 2, eval_every: 4,
-        eval_batches: 1, log_every: 2, checkpoint_every: 4}}
-"""
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """A tiny pretrain run, and SFT/DPO experiments (with their data) that start from it."""
-    from micro_arch.commands.run import run_experiment
-    from micro_arch.data.corpus import read_works
-    from micro_arch.stages.dialogues import exchanges, preference_pairs
-
-    root = tmp_path_factory.mktemp("chain")
-    items = [e for w in read_works()[3:5] for e in exchanges([w], max_user_chars=60, max_answer_chars=50)[:30]]
-    for name, rows in (("sft", [{"messages": e.messages()} for e in items]), ("dpo", preference_pairs(items, 0))):
-        write_jsonl(root / f"{name}_train.jsonl", rows[:48])
-        write_jsonl(root / f"{name}_val.jsonl", rows[48:])
-    for name, text in (("pretrain", PRETRAIN), *((s, STAGE.format(stage=s, train=root / f"{s}_train.jsonl",
-                                                                  val=root / f"{s}_val.jsonl")) for s in ("sft", "dpo"))):
-        (root / name).mkdir()
-        (root / name / "config.yaml").write_text(text)
-    parent = run_experiment(root / "pretrain", runs_root=root / "runs")
-    return root, parent
 
 
 def check_resume_is_exact(exp, overrides, full, tmp_path):
