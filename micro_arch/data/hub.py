@@ -21,7 +21,7 @@ from pathlib import Path
 from micro_arch.errors import MicroArchError
 
 from .shards import DONE, digest
-from .sources import HubSource, first_line, hub_offline_reason, offline_mode
+from .sources import HubSource, hub_error, hub_offline_reason, offline_mode
 
 BYTES_PER_TOKEN = 4.0  # what a BPE token of English text spans, about (GPT-2 and SentencePiece vocabularies)
 PART_BYTES = 64 << 20
@@ -73,14 +73,7 @@ class StreamedHub:
                 with offline_mode(True):
                     loaded = datasets.load_dataset(self.name)
         except Exception as err:
-            if offline is None and not isinstance(err, (ConnectionError, OSError, TimeoutError)):
-                raise MicroArchError(f"data.source {self.name!r}: not a file here, and the hub says: "
-                                     f"{first_line(err)}") from None
-            why = offline or first_line(err)
-            raise MicroArchError(
-                f"data.source {self.name!r}: could not reach the Hugging Face hub ({why}) and the dataset is "
-                "not in the local cache; offline, point data.source at local files instead: a .txt, .jsonl or "
-                ".parquet file or a glob such as 'data/*.jsonl', or 'shakespeare' for the built-in corpus") from None
+            raise hub_error(self.name, err, offline) from None
         split = "train" if "train" in loaded else next(iter(loaded))
         return iter(loaded[split])
 

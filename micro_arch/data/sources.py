@@ -127,14 +127,7 @@ class HubSource:
             with offline_mode(offline is not None):  # offline, only the local cache is tried: no retries
                 loaded = datasets.load_dataset(self.name)
         except Exception as err:
-            if offline is None and not isinstance(err, (ConnectionError, OSError, TimeoutError)):
-                raise MicroArchError(f"data.source {self.name!r}: not a file here, and the hub says: "
-                                     f"{first_line(err)}") from None
-            why = offline or first_line(err)
-            raise MicroArchError(
-                f"data.source {self.name!r}: could not reach the Hugging Face hub ({why}) and the dataset is "
-                "not in the local cache; offline, point data.source at local files instead: a .txt, .jsonl or "
-                ".parquet file or a glob such as 'data/*.jsonl', or 'shakespeare' for the built-in corpus") from None
+            raise hub_error(self.name, err, offline) from None
         split = "train" if "train" in loaded else next(iter(loaded))
         return hold_out(column_texts(loaded[split], self.text_field, self.name), val_fraction, self.name)
 
@@ -303,3 +296,14 @@ def offline_mode(on: bool):
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def hub_error(name: str, err: Exception, offline: str | None) -> MicroArchError:
+    """One line for a hub dataset that could not be loaded: the hub's own answer, or no connection and no cache."""
+    if offline is None and not isinstance(err, (ConnectionError, OSError, TimeoutError)):
+        return MicroArchError(f"data.source {name!r}: not a file here, and the hub says: {first_line(err)}")
+    why = offline or first_line(err)
+    return MicroArchError(
+        f"data.source {name!r}: could not reach the Hugging Face hub ({why}) and the dataset is not in the local "
+        "cache; offline, point data.source at local files instead: a .txt, .jsonl or .parquet file or a glob such "
+        "as 'data/*.jsonl', or 'shakespeare' for the built-in corpus")

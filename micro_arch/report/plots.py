@@ -37,18 +37,25 @@ def plot_curves(curves: dict, folder: Path, unit: str, groups: dict | None = Non
             held.plot(val[x], val["val_loss"], "o-", color=color, markersize=3, label=label)
             tr = df.dropna(subset=[x, "train_loss"])
             train.plot(tr[x], tr["train_loss"], "-", color=color, linewidth=1.2, label=label)
-        for ax, title in ((held, "held-out loss"), (train, "training loss")):
-            ax.set_title(title)
-            ax.set_xlabel(xlabel)
-            ax.grid(alpha=0.3)
-        held.set_ylim(*_interesting_range(curves))
-        held.set_ylabel(unit)
-        held.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
+        _finish(fig, held, train, xlabel, unit, _interesting_range(curves), folder / name)
         written.append((name, f"Held-out and training loss ({unit}) {caption}"))
     return written
+
+
+def _finish(fig, held, train, xlabel: str, unit: str, y_range, path: Path) -> None:
+    """Titles, labels, grid and the held-out panel's range; the figure saved and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax, title in ((held, "held-out loss"), (train, "training loss")):
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    held.set_ylim(*y_range)
+    held.set_ylabel(unit)
+    held.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _interesting_range(curves: dict) -> tuple[float, float]:
@@ -107,16 +114,7 @@ def _plot_groups(curves: dict, folder: Path, unit: str, groups: dict) -> list[tu
                 ax.plot(grid, mean, style, color=color, markersize=3, linewidth=1.2, label=label + seeds)
                 if len(members) > 1:
                     ax.fill_between(grid, low, high, color=color, alpha=0.2, linewidth=0)
-        for ax, title in ((held, "held-out loss"), (train, "training loss")):
-            ax.set_title(title)
-            ax.set_xlabel(xlabel)
-            ax.grid(alpha=0.3)
-        held.set_ylim(*_interesting_range(curves))
-        held.set_ylabel(unit)
-        held.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
+        _finish(fig, held, train, xlabel, unit, _interesting_range(curves), folder / name)
         written.append((name, f"Held-out and training loss ({unit}) {caption}: each seed group's mean, its band "
                               "from the lowest to the highest seed"))
     return written
