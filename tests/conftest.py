@@ -62,3 +62,11 @@ def chain(tmp_path_factory):
         (root / name / "config.yaml").write_text(text)
     parent = run_experiment(root / "pretrain", runs_root=root / "runs")
     return root, parent
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A data cache of the test's own ($MICRO_ARCH_CACHE), for tests that look at what preparation writes."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("MICRO_ARCH_CACHE", str(path))
+    return path

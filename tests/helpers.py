@@ -105,3 +105,19 @@ def run_on_one_and_two_processes(exp, tmp_path, overrides):
     (two,) = (tmp_path / "two" / "tiny").iterdir()
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
     return one, two
+
+
+def sweep_experiment(tmp_path, lines: int = 300) -> Path:
+    """tmp_path/tinyexp, a tiny experiment (d_model 16) on tmp_path/corpus.txt: `lines` numbered lines in
+    documents of 20 (split at blank lines). The sweep tests' base."""
+    import yaml
+
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" + ("\n" if i % 20 == 19 else "")
+                   for i in range(lines))
+    (tmp_path / "corpus.txt").write_text(text)
+    exp = tmp_path / "tinyexp"
+    exp.mkdir()
+    (exp / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"d_model": 16, "n_heads": 2, "max_seq_len": 16, "layers": [{"spec": "Norm->Attn->+->Norm->MLP->+"}]},
+        "data": {"source": str(tmp_path / "corpus.txt"), "tokenizer": "char"}}))
+    return exp

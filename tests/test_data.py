@@ -22,13 +22,6 @@ from micro_arch.errors import MicroArchError
 from micro_arch.eval.text import source_documents
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv("MICRO_ARCH_CACHE", str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def works():
     return read_works()

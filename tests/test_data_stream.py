@@ -20,13 +20,6 @@ from micro_arch.data.sources import hold_out, resolve_source
 from micro_arch.errors import MicroArchError
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv("MICRO_ARCH_CACHE", str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def prose():
     """Real English: the start of the first works, about 60 KB."""

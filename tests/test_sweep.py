@@ -11,6 +11,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from helpers import sweep_experiment
 
 from micro_arch.data import prepare_data
 from micro_arch.errors import MicroArchError
@@ -19,8 +20,6 @@ from micro_arch.memory import estimate_memory
 from micro_arch.model import registry
 from micro_arch.sweep.study import load_sweep, open_study, run_sweep
 
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" + ("\n" if i % 20 == 19 else "")
-               for i in range(400))  # 20 documents, split at blank lines
 SETTINGS = ["train.batch_size=4", "train.seq_len=16", "train.max_steps=6", "train.eval_every=3",
             "train.eval_batches=1", "train.log_every=3", "train.warmup_steps=1", "train.sample.max_new_tokens=4",
             "train.device=cpu", "model.n_heads=2"]
@@ -30,12 +29,7 @@ SETTINGS = ["train.batch_size=4", "train.seq_len=16", "train.max_steps=6", "trai
 def tiny(tmp_path):
     """A tmp experiment on a tmp text file, and a sweep over d_model 16 or 64 whose memory budget lies
     between their two estimates: every d_model=64 trial must be pruned before it trains."""
-    (tmp_path / "corpus.txt").write_text(TEXT)
-    exp = tmp_path / "tinyexp"
-    exp.mkdir()
-    (exp / "config.yaml").write_text(yaml.safe_dump({
-        "model": {"d_model": 16, "n_heads": 2, "max_seq_len": 16, "layers": [{"spec": "Norm->Attn->+->Norm->MLP->+"}]},
-        "data": {"source": str(tmp_path / "corpus.txt"), "tokenizer": "char"}}))
+    exp = sweep_experiment(tmp_path, lines=400)
     small, big = (estimate_memory(with_vocab(load_experiment(exp, SETTINGS + [f"model.d_model={d}"])),
                                   torch.device("cpu")).peak_mb for d in (16, 64))
     assert small < big

@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from helpers import sweep_experiment
 from optuna.trial import TrialState
 
 from micro_arch.sweep import budget
@@ -20,8 +21,6 @@ from micro_arch.sweep.full import Job, placement, run_side_by_side
 from micro_arch.sweep.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" + ("\n" if i % 20 == 19 else "")
-               for i in range(300))  # 15 documents, split at blank lines
 SETTINGS = ["train.batch_size=4", "train.seq_len=16", "train.eval_every=100", "train.eval_batches=1",
             "train.log_every=100", "train.warmup_steps=1", "train.sample.max_new_tokens=2", "train.device=cpu",
             "model.n_heads=2", "model.d_model=16", "train.checkpoint_every=1000"]
@@ -32,12 +31,7 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 @pytest.fixture
 def sweep_file(tmp_path):
     """A tmp experiment and a sweep over four learning rates; write(**changes) writes the sweep file."""
-    (tmp_path / "corpus.txt").write_text(TEXT)
-    exp = tmp_path / "tinyexp"
-    exp.mkdir()
-    (exp / "config.yaml").write_text(yaml.safe_dump({
-        "model": {"d_model": 16, "n_heads": 2, "max_seq_len": 16, "layers": [{"spec": "Norm->Attn->+->Norm->MLP->+"}]},
-        "data": {"source": str(tmp_path / "corpus.txt"), "tokenizer": "char"}}))
+    exp = sweep_experiment(tmp_path)
 
     def write(**changes) -> Path:
         sweep = {"experiment": str(exp), "n_trials": 4, "trial_steps": 4, "sampler": "grid", "seed": 0,
@@ -171,7 +165,6 @@ def test_full_trainings_side_by_side_run_as_processes_at_once(sweep_file, tmp_pa
     import subprocess
     import time
 
-    from micro_arch.sweep import full
     from micro_arch.sweep.config import load_sweep
     from micro_arch.sweep.objective import budget_overrides
 
@@ -189,7 +182,7 @@ def test_full_trainings_side_by_side_run_as_processes_at_once(sweep_file, tmp_pa
                 self.life[1] = time.monotonic()
             return code
 
-    monkeypatch.setattr(full.subprocess, "Popen", Timed)
+    monkeypatch.setattr(subprocess, "Popen", Timed)
     sweep = load_sweep(sweep_file())
     jobs = [Job(i, {"train.lr": lr}, 1.0, SETTINGS + [f"train.lr={lr}"] + budget_overrides(3, None),
                 tmp_path / "full" / f"{i:04d}") for i, lr in enumerate(LRS[:2])]
