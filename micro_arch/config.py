@@ -639,12 +639,13 @@ def blame(err: MicroArchError, overrides: list[str] | None, path: Path) -> Micro
                                              for p in err.places))
 
 
-def dotted(data: dict, prefix: str = "") -> dict:
-    """A nested config dict as {"model.defaults.Norm": "rmsnorm", ...}; lists stay whole values."""
+def dotted(data: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict:
+    """A nested config dict as {"model.defaults.Norm": "rmsnorm", ...}; lists, empty mappings and the keys
+    named in `whole` (e.g. "defaults": model.defaults as one value) stay whole values."""
     out = {}
     for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(dotted(value, f"{prefix}{key}."))
+        if isinstance(value, dict) and value and key not in whole:
+            out.update(dotted(value, f"{prefix}{key}.", whole))
         else:
             out[prefix + key] = value
     return out

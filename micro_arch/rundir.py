@@ -5,13 +5,14 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import secrets
 import time
 from pathlib import Path
 
 import yaml
 
-from micro_arch.config import ExperimentConfig, from_dict, read_yaml, to_dict
+from micro_arch.config import ExperimentConfig, dotted, from_dict, read_yaml, to_dict
 from micro_arch.data.sources import BUILTIN
 from micro_arch.errors import MicroArchError
 
@@ -38,20 +39,24 @@ def group_id(cfg: ExperimentConfig) -> str:
     full = to_dict(cfg)
     full.pop("description", None)
     full["train"] = {k: v for k, v in full["train"].items() if k not in NOT_THE_CONFIGURATION}
-    defaults = _flat(to_dict(ExperimentConfig()))
-    changed = {k: v for k, v in _flat(full).items() if k not in defaults or defaults[k] != v}
+    defaults = dotted(to_dict(ExperimentConfig()), whole=("defaults",))  # model.defaults: one value
+    changed = {k: v for k, v in dotted(full, whole=("defaults",)).items() if k not in defaults or defaults[k] != v}
     text = json.dumps(changed, sort_keys=True, default=str)
     return f"{cfg.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and key != "defaults":  # model.defaults stays one value
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    try:  # a killed child not yet reaped by its parent is a zombie: dead
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def check_run_name(name: str) -> None:

@@ -16,9 +16,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from rich.console import Console
 
 from micro_arch.errors import MicroArchError
 from micro_arch.rundir import GROUP_FILE, member_dir, new_run_dir, write_json
+from micro_arch.train.distributed import Process, run_in_slots
 
 console = Console()
 
@@ -175,28 +173,14 @@ def side_by_side(jobs: list[Job], runs_root, gpus: int) -> None:
     """One job per GPU at a time, each a `micro-arch run` process that sees only its GPU (CUDA_VISIBLE_DEVICES),
     its output in <folder>.log. Untested on a machine with several GPUs (written for it; the test machines have
     at most one, where jobs train one after another in this process instead)."""
-    waiting, running, failed = list(jobs), {}, []
-    while waiting or running:
-        free = [g for g in range(gpus) if g not in running]
-        while waiting and free:
-            job, gpu = waiting.pop(0), free.pop(0)
-            if job.state == "fresh" and job.folder.exists():
-                shutil.rmtree(job.folder)
-            job.folder.parent.mkdir(parents=True, exist_ok=True)
-            args = ["run", job.target, "--runs-dir", str(runs_root), "--set", *job.overrides,
-                    *(["--resume", str(job.folder)] if job.state == "resumable" else ["--into", str(job.folder)])]
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": _nth_visible(gpu)}
-            log = open(job.folder.with_name(job.folder.name + ".log"), "a")  # noqa: SIM115 (closed when it ends)
-            running[gpu] = (job, subprocess.Popen([sys.executable, "-m", "micro_arch", *args], env=env,
-                                                  stdout=log, stderr=subprocess.STDOUT), log)
-            console.print(f"{job.name} on GPU {gpu} (log: {log.name})", highlight=False)
-        time.sleep(1.0)
-        for gpu, (job, process, log) in list(running.items()):
-            if process.poll() is not None:
-                log.close()
-                del running[gpu]
-                if process.returncode:
-                    failed.append(f"{job.name} (exit code {process.returncode}, see {log.name})")
+    processes = []
+    for job in jobs:
+        if job.state == "fresh" and job.folder.exists():
+            shutil.rmtree(job.folder)
+        args = ["run", job.target, "--runs-dir", str(runs_root), "--set", *job.overrides,
+                *(["--resume", str(job.folder)] if job.state == "resumable" else ["--into", str(job.folder)])]
+        processes.append(Process(job.name, args, job.folder.with_name(job.folder.name + ".log")))
+    failed = run_in_slots(processes, [{"CUDA_VISIBLE_DEVICES": _nth_visible(g)} for g in range(gpus)], console)
     if failed:
         raise MicroArchError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix the cause and start the same "
                              "command again (completed runs are kept)")

@@ -242,31 +242,38 @@ def decode(data: bytes, piece: Piece) -> str:
     return text
 
 
+ONE_OBJECT = "one JSON object such as {\"text\": \"...\"}"
+
+
+def json_line(line: str, where: str) -> dict:
+    """One line of a .jsonl file as its object; `where` (path:line) leads the one-line error otherwise."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise MicroArchError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); each line of a .jsonl "
+                             f"file must be {ONE_OBJECT}") from None
+    if not isinstance(row, dict):
+        raise MicroArchError(f"{where}: a JSON {type(row).__name__}, not an object; each line of a .jsonl file "
+                             f"must be {ONE_OBJECT}")
+    return row
+
+
 def read_json(text: str, piece: Piece) -> Read:
     out = Read([])
     if text.lstrip().startswith("[") and piece.start == 0 and not piece.file.lower().endswith(".jsonl"):
         try:
-            rows, lines = json.loads(text), None
+            rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise MicroArchError(f"{piece.file}: not valid JSON ({err.msg} at line {err.lineno}, column "
                                  f"{err.colno})") from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise MicroArchError(f"{piece.file}:item {i + 1}: a JSON {type(row).__name__}, not an object; each "
+                                     f"line of a .jsonl file must be {ONE_OBJECT}")
     else:
-        rows, lines = [], []
-        for number, line in enumerate(text.split("\n")):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise MicroArchError(f"{piece.file}:{line_number(piece, number)}: not valid JSON ({err.msg} at column "
-                                     f"{err.colno}); each line of a .jsonl file must be one JSON object such as "
-                                     "{\"text\": \"...\"}") from None
-            lines.append(number)
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            at = line_number(piece, lines[i]) if lines is not None else f"item {i + 1}"
-            raise MicroArchError(f"{piece.file}:{at}: a JSON {type(row).__name__}, not an object; each line of a "
-                                 ".jsonl file must be one JSON object such as {\"text\": \"...\"}")
+        rows = [json_line(line, f"{piece.file}:{line_number(piece, number)}")
+                for number, line in enumerate(text.split("\n")) if line.strip()]
+    for row in rows:
         out.rows += 1
         value = row.get(piece.field)
         if piece.field not in row:

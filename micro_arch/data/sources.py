@@ -12,7 +12,6 @@ import codecs
 import collections
 import contextlib
 import glob
-import json
 import logging
 import os
 import socket
@@ -24,6 +23,7 @@ from urllib.parse import urlparse
 from micro_arch.errors import MicroArchError
 
 from .corpus import archive_digest, shakespeare_documents
+from .documents import json_line
 
 BUILTIN = "shakespeare"
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -252,16 +252,8 @@ def check_json_lines(path: str) -> None:
         return
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MicroArchError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); each "
-                                     "line of a .jsonl file must be one JSON object such as {\"text\": \"...\"}") from None
-            if not isinstance(value, dict):
-                raise MicroArchError(f"{path}:{number}: a JSON {type(value).__name__}, not an object; each line "
-                                     "of a .jsonl file must be one JSON object such as {\"text\": \"...\"}")
+            if line.strip():
+                json_line(line, f"{path}:{number}")
 
 
 def hub_offline_reason() -> str | None:

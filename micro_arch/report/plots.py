@@ -20,25 +20,32 @@ def plot_curves(curves: dict, folder: Path, unit: str, groups: dict | None = Non
     runs' labels; an arm of several seeds is drawn as its mean with a band from its lowest to highest seed.
     """
     groups = {g: [r for r in members if r in curves] for g, members in (groups or {}).items()}
-    several = {g: members for g, members in groups.items() if len(members) > 1}
-    if several:
-        return _plot_groups(curves, folder, unit, groups)
+    several = any(len(members) > 1 for members in groups.values())
+    if not several:  # one line per run, under its own label
+        groups = {label: [label] for label in curves}
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    band_note = ": each seed group's mean, its band from the lowest to the highest seed" if several else ""
     written = []
     for name, x, xlabel, caption in AXES:
         fig, (held, train) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
-        for i, (label, df) in enumerate(curves.items()):
+        for i, (label, members) in enumerate(groups.items()):
             color = f"C{i % 10}"
-            val = df.dropna(subset=[x, "val_loss"])
-            held.plot(val[x], val["val_loss"], "o-", color=color, markersize=3, label=label)
-            tr = df.dropna(subset=[x, "train_loss"])
-            train.plot(tr[x], tr["train_loss"], "-", color=color, linewidth=1.2, label=label)
+            frames = [curves[m] for m in members]
+            for ax, y, style in ((held, "val_loss", "o-"), (train, "train_loss", "-")):
+                band = mean_band(frames, x, y)
+                if band is None:
+                    continue
+                grid, mean, low, high = band
+                seeds = f" ({len(members)} seeds)" if len(members) > 1 else ""
+                ax.plot(grid, mean, style, color=color, markersize=3, linewidth=1.2, label=label + seeds)
+                if len(members) > 1:
+                    ax.fill_between(grid, low, high, color=color, alpha=0.2, linewidth=0)
         _finish(fig, held, train, xlabel, unit, _interesting_range(curves), folder / name)
-        written.append((name, f"Held-out and training loss ({unit}) {caption}"))
+        written.append((name, f"Held-out and training loss ({unit}) {caption}{band_note}"))
     return written
 
 
@@ -91,30 +98,3 @@ def mean_band(frames: list, x: str, y: str):
         return None
     ys = np.stack([np.interp(grid, p[x].to_numpy(float), p[y].to_numpy(float)) for p in parts])
     return grid, ys.mean(0), ys.min(0), ys.max(0)
-
-
-def _plot_groups(curves: dict, folder: Path, unit: str, groups: dict) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for name, x, xlabel, caption in AXES:
-        fig, (held, train) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
-        for i, (label, members) in enumerate(groups.items()):
-            color = f"C{i % 10}"
-            frames = [curves[m] for m in members]
-            for ax, y, style in ((held, "val_loss", "o-"), (train, "train_loss", "-")):
-                band = mean_band(frames, x, y)
-                if band is None:
-                    continue
-                grid, mean, low, high = band
-                seeds = f" ({len(members)} seeds)" if len(members) > 1 else ""
-                ax.plot(grid, mean, style, color=color, markersize=3, linewidth=1.2, label=label + seeds)
-                if len(members) > 1:
-                    ax.fill_between(grid, low, high, color=color, alpha=0.2, linewidth=0)
-        _finish(fig, held, train, xlabel, unit, _interesting_range(curves), folder / name)
-        written.append((name, f"Held-out and training loss ({unit}) {caption}: each seed group's mean, its band "
-                              "from the lowest to the highest seed"))
-    return written

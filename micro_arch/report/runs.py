@@ -7,14 +7,13 @@ stamped with the checkpoint and settings they were computed from, so that a seco
 from __future__ import annotations
 
 import json
-import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from micro_arch.checkpoint import has_checkpoints, latest_checkpoint
 from micro_arch.errors import MicroArchError
-from micro_arch.rundir import SUMMARY_FORMAT_VERSION, read_run_config
+from micro_arch.rundir import SUMMARY_FORMAT_VERSION, process_alive, read_run_config
 
 
 @dataclass
@@ -70,13 +69,7 @@ def _alive(pid) -> bool | None:
     """Whether process `pid` of this host still exists (None: cannot tell)."""
     if not isinstance(pid, int) or pid <= 0:
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process: it exists
-        return True
-    return True
+    return process_alive(pid)
 
 
 def run_state(path: Path, summary: dict) -> str:

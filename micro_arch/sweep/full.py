@@ -13,10 +13,6 @@ Where they train:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +23,7 @@ from micro_arch.errors import MicroArchError
 from micro_arch.sweep import budget
 from micro_arch.sweep.config import SweepConfig
 from micro_arch.sweep.objective import budget_overrides, param_overrides, sweep_dir
+from micro_arch.train.distributed import Process, run_in_slots
 
 RESUMABLE = ("running", "interrupted")  # a run whose process was stopped; any other status is final
 
@@ -126,36 +123,10 @@ def _cli(job: Job, sweep: SweepConfig) -> list[str]:
 def run_side_by_side(jobs: list[Job], slots: list[dict], sweep: SweepConfig, console: Console) -> None:
     """Each job a `micro-arch run` process with the environment of a free slot (a GPU), as many at once as
     there are slots; the output of each goes to <its folder>/full.log."""
-    pending, running = list(jobs), []
-    try:
-        while pending or running:
-            while pending and len(running) < len(slots):
-                used = [slot for _, slot, _ in running]
-                slot = next(s for s in slots if s not in used)
-                job = pending.pop(0)
-                job.folder.mkdir(parents=True, exist_ok=True)
-                with open(job.folder / "full.log", "ab") as log:
-                    p = subprocess.Popen([sys.executable, "-m", "micro_arch", *_cli(job, sweep)],
-                                         env={**os.environ, **slot}, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-                console.print(f"  trial {job.trial} -> {slot} (pid {p.pid}, log {job.folder / 'full.log'})",
-                              highlight=False)
-                running.append((job, slot, p))
-            finished = [r for r in running if r[2].poll() is not None]
-            if not finished:
-                time.sleep(1.0)
-                continue
-            job, slot, p = finished[0]
-            running.remove((job, slot, p))
-            if p.returncode:
-                raise MicroArchError(f"the full training of trial {job.trial} failed (exit code {p.returncode}); "
-                                     f"see {job.folder / 'full.log'}; start the sweep again to resume it")
-    except KeyboardInterrupt:
-        for _, _, p in running:
-            p.send_signal(2)
-        for _, _, p in running:
-            p.wait()
-        raise
+    failed = run_in_slots([Process(f"trial {job.trial}", _cli(job, sweep), job.folder / "full.log") for job in jobs],
+                          slots, console)
+    if failed:
+        raise MicroArchError(f"the full training of {'; '.join(failed)} failed; start the sweep again to resume it")
 
 
 def _run_ddp(job: Job, sweep: SweepConfig, nproc: int, rendezvous: list[str] | None) -> None:

@@ -23,6 +23,7 @@ import torch
 from optuna.trial import TrialState
 
 from micro_arch.errors import MicroArchError
+from micro_arch.rundir import process_alive
 from micro_arch.sweep import budget
 from micro_arch.sweep.config import SweepConfig, grid_points
 from micro_arch.sweep.objective import Objective, console, mark_interrupted
@@ -85,7 +86,7 @@ def fail_dead_local_trials(study: optuna.Study, grace_s: float) -> None:
         if pid is None:
             if t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace_s:
                 continue
-        elif t.user_attrs.get("host") != host or pid == os.getpid() or alive(pid):
+        elif t.user_attrs.get("host") != host or pid == os.getpid() or process_alive(pid):
             continue
         try:
             if not storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
@@ -100,19 +101,6 @@ def stale_callback(storage):
     if hasattr(storage, "get_heartbeat_stale_trial_callback"):
         return storage.get_heartbeat_stale_trial_callback()
     return storage.get_failed_trial_callback()  # Optuna before 4.9
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child not yet reaped by its parent is a zombie: dead
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def run_worker(sweep: SweepConfig, storage_url: str, runs_root: str | Path, name: str = "w0",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -71,3 +73,45 @@ def launch(nproc: int, cli_args: list[str], rendezvous: list[str] | None = None)
             return process.wait()
         except KeyboardInterrupt:  # Ctrl-C reached the workers too: let them save and stop
             continue
+
+
+@dataclass
+class Process:
+    """One `micro-arch <args>` process to run beside others: a seed group's member, a sweep's full training."""
+    name: str
+    args: list[str]
+    log: Path  # its output, appended
+
+
+def run_in_slots(processes: list[Process], slots: list[dict], console) -> list[str]:
+    """Each process with the environment of a free slot (a GPU's CUDA_VISIBLE_DEVICES, say), as many at once as
+    there are slots; returns a line for each that failed. Ctrl-C is passed on to the running ones (they save
+    and stop), which are waited for, and raised again."""
+    pending, running, failed = list(processes), [], []
+    try:
+        while pending or running:
+            while pending and len(running) < len(slots):
+                slot = next(s for s in slots if s not in [r[1] for r in running])
+                proc = pending.pop(0)
+                proc.log.parent.mkdir(parents=True, exist_ok=True)
+                log = open(proc.log, "ab")  # noqa: SIM115 (closed when it ends)
+                child = subprocess.Popen([sys.executable, "-m", "micro_arch", *proc.args], env={**os.environ, **slot},
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                where = ", ".join(f"{k}={v}" for k, v in slot.items())
+                console.print(f"{proc.name} -> {where} (pid {child.pid}, log {proc.log})", highlight=False)
+                running.append((proc, slot, child, log))
+            time.sleep(1.0)
+            for entry in [r for r in running if r[2].poll() is not None]:
+                proc, _, child, log = entry
+                log.close()
+                running.remove(entry)
+                if child.returncode:
+                    failed.append(f"{proc.name} (exit code {child.returncode}, see {proc.log})")
+    except KeyboardInterrupt:
+        for _, _, child, _ in running:
+            child.send_signal(2)
+        for _, _, child, log in running:
+            child.wait()
+            log.close()
+        raise
+    return failed
