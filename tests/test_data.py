@@ -85,6 +85,27 @@ def test_char_tokenizer_round_trips_and_refuses_unknown_characters(tmp_path):
     assert again.name == "char" and again.encode(text) == ids
 
 
+def test_char_ids_of_bytes_and_code_points_match_a_dictionary_lookup():
+    import numpy as np
+
+    text = "To be, or not to be: Ünïcödé ✓ 𝄞\n\n\tand the rest" * 3
+    tok = CharTokenizer.from_texts([text])
+    expected = [tok.chars.index(c) for c in text]
+    ascii_part = "To be, or not to be:\n\t"
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    for dtype in (np.uint16, np.uint32, np.int32):
+        assert tok.ids_of(codes, dtype).tolist() == expected and tok.ids_of(codes, dtype).dtype == dtype
+        assert tok.ids_of(ascii_part.encode(), dtype).tolist() == [tok.chars.index(c) for c in ascii_part]
+        out = np.full(len(ascii_part) + 2, 7, dtype=dtype)
+        tok.ids_of(ascii_part.encode(), dtype, out=out[1:-1])
+        assert out[1:-1].tolist() == [tok.chars.index(c) for c in ascii_part] and out[0] == out[-1] == 7
+        with pytest.raises(ValueError, match="'Z'"):
+            tok.ids_of(b"to Zed", dtype)  # ASCII bytes: translated byte for byte
+        with pytest.raises(ValueError, match="'Zж'"):
+            tok.ids_of(np.frombuffer("to Zed ж".encode("utf-32-le"), dtype=np.uint32), dtype)
+    assert tok.encode_array(text, np.uint16).tolist() == expected == tok.encode(text)
+
+
 def test_bpe_trains_once_round_trips_and_loads_from_a_model_path(cache, tmp_path, works, monkeypatch):
     (tmp_path / "corpus.txt").write_text(prose(works))
     trained = []

@@ -493,13 +493,47 @@ def test_hub_conversations_are_streamed_into_the_cache_for_sft(tmp_path, monkeyp
 
 
 def test_a_text_piece_joined_without_splitting_equals_its_documents_joined():
-    from micro_arch.data.documents import Piece, joined_text
+    from micro_arch.data.documents import Piece, joined_utf8
 
     rng = np.random.default_rng(0)
     for _ in range(5000):
-        parts = rng.choice(["a", "b c", "\n", "\n\n", "\n\n\n", "\n\n\n\n\n", "\r\n", "\r", " "],
+        parts = rng.choice(["a", "b c", "é", "🧙", "\n", "\n\n", "\n\n\n", "\n\n\n\n\n", "\r\n", "\r", " "],
                            size=rng.integers(0, 10))
         data = "".join(parts).encode()
         piece = Piece("x.txt", "text", 0, len(data), len(data), data=data)
         docs = read(piece).docs
-        assert joined_text(piece) == (SEPARATOR.join(docs), len(docs)), (data, docs)
+        assert joined_utf8(piece) == (SEPARATOR.join(docs).encode(), len(docs)), (data, docs)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_char_shards_of_text_in_every_script_equal_the_whole_file_tokens(cache, tmp_path, prose, monkeypatch,
+                                                                         workers):
+    """A piece's text is decoded and looked up a part at a time (piece_work.PART bytes): parts cut between
+    characters of 1 to 4 bytes, in ASCII and other parts, give the tokens of the whole file."""
+    from micro_arch.data import piece_work
+
+    words = [w for w in prose.split(" ") if w] + ["é", "Ünïcödé", "✓ ", "𝄞", "日本語", "🧙\n\n"]
+    rng = np.random.default_rng(1)
+    text = " ".join(rng.choice(words, size=20_000))
+    path = tmp_path / "mixed.txt"
+    path.write_text(text.replace("\n\n", "\r\n\r\n", 30), newline="")
+    monkeypatch.setattr(piece_work, "PART", 97)  # many parts, cut at every kind of character
+    monkeypatch.setattr(stream_module, "SMALL", 0)
+    monkeypatch.setattr(prepare_module, "settings", lambda c, t: stream_module.Settings(workers, 5000, 7000))
+    data = prepare_data(DataConfig(source=str(path), val_fraction=0.1))
+    assert set(data.tokenizer.chars) == set(text.replace("\r", ""))
+    train, val, val_bytes = reference(str(path), "text", 0.1, data.tokenizer)
+    assert np.array_equal(np.asarray(data.train), train) and np.array_equal(np.asarray(data.val), val)
+    assert data.val_bytes == val_bytes
+    assert not list(cache.rglob(".piece_*")), "a worker's piece file was left behind"
+
+
+def test_bad_bytes_deep_in_a_file_name_the_byte_and_leave_no_piece_files(cache, tmp_path, prose, monkeypatch):
+    path = tmp_path / "late.txt"
+    good = "\n\n".join(paragraphs(prose, 300)).encode()
+    path.write_bytes(good + b"\n\ncaf\xe9 au lait\n\n" + good)
+    monkeypatch.setattr(stream_module, "SMALL", 0)
+    monkeypatch.setattr(prepare_module, "settings", lambda c, t: stream_module.Settings(2, 4000, 7000))
+    with pytest.raises(MicroArchError, match=f"late.txt: not UTF-8 text: byte {len(good) + 5} \\(0xe9\\)"):
+        prepare_data(DataConfig(source=str(path)))
+    assert not [p for p in cache.rglob("*") if p.is_file() and ("tokens" in p.parts or ".piece_" in p.name)]

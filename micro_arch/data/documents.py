@@ -185,41 +185,49 @@ def read(piece: Piece) -> Read:
     return read_json(text, piece)
 
 
-def joined_text(piece: Piece) -> tuple[str, int] | None:
-    """(a .txt piece's documents joined by the blank line, their number), without splitting the text: what
-    splitting at every "\\n\\n" and dropping empty paragraphs then joining does to it is done to its runs of
-    newlines instead (a run of 4 or more in the middle becomes 2, or 3 when odd; at either end an even run
-    goes, an odd one keeps a newline of its own). None for other pieces."""
+RUNS = re.compile(rb"\n\n(?:\n\n)+")  # an even number of newlines, 4 or more: leftmost-longest in a run
+
+
+def joined_utf8(piece: Piece) -> tuple[bytes, int] | None:
+    """(a .txt piece's documents joined by the blank line, as UTF-8, their number), without splitting or decoding
+    the text: what splitting at every "\\n\\n", dropping empty paragraphs and joining does to it is done to its
+    runs of newlines instead (a run of 4 or more in the middle becomes 2, or 3 when odd; at either end an even
+    run goes, an odd one keeps a newline of its own). Not yet checked to be UTF-8: see `text_of`. None for
+    other pieces."""
     if piece.kind != "text":
         return None
-    text = decode(piece.data if piece.data is not None else read_bytes(piece), piece)
-    text = text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
-    lead = newlines_at(text, 0, 1)
-    if lead == len(text):  # nothing but newlines: one document "\n" when their number is odd
-        return ("\n", 1) if lead % 2 else ("", 0)
-    trail = newlines_at(text, len(text) - 1, -1)
-    head = "\n" if lead % 2 else ""
-    tail = text[len(text) - trail:] if trail < 2 else ("\n\n\n" if trail % 2 else "")
-    joined = head + shrink_runs(text[lead:len(text) - trail]) + tail
-    return joined, joined.count("\n\n") + 1
+    data = piece.data if piece.data is not None else read_bytes(piece)
+    if b"\x00" in data:
+        decode(data, piece)  # raises: a binary file
+    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
+    first = NOT_NEWLINE.search(data)
+    if first is None:  # nothing but newlines: one document "\n" when their number is odd
+        return (b"\n", 1) if len(data) % 2 else (b"", 0)
+    lead, trail = first.start(), trailing_newlines(data)
+    tail = b"\n" * trail if trail < 2 else (b"\n\n\n" if trail % 2 else b"")
+    body = RUNS.sub(b"\n\n", memoryview(data)[lead:len(data) - trail])  # one copy, not three
+    joined = body if not (lead % 2 or tail) else b"".join([b"\n" if lead % 2 else b"", body, tail])
+    return joined, joined.count(b"\n\n") + 1
 
 
-def newlines_at(text: str, start: int, step: int) -> int:
-    """How many newlines follow one another from text[start], going forward (step 1) or back (-1)."""
-    n, i = 0, start
-    while 0 <= i < len(text) and text[i] == "\n":
-        n, i = n + 1, i + step
+NOT_NEWLINE = re.compile(rb"[^\n]")
+
+
+def trailing_newlines(data: bytes) -> int:
+    n = 0
+    while n < len(data) and data[len(data) - 1 - n] == 10:
+        n += 1
     return n
 
 
-def shrink_runs(text: str) -> str:
-    """Every run of 4 or more newlines as 2, or 3 when its length is odd (found with str.find: C speed)."""
-    out, at = [], 0
-    while (i := text.find("\n\n\n\n", at)) >= 0:
-        run = newlines_at(text, i, 1)
-        out += [text[at:i], "\n\n\n" if run % 2 else "\n\n"]
-        at = i + run
-    return "".join(out) + text[at:] if out else text
+def text_of(joined: bytes, piece: Piece) -> str:
+    """The text of `joined_utf8(piece)`; a clear error, naming the byte of the file, if it is not UTF-8 (the
+    joining only drops and changes newlines, so the file's own bytes fail exactly when these do)."""
+    try:
+        return joined.decode("utf-8")
+    except UnicodeDecodeError:
+        decode(piece.data if piece.data is not None else read_bytes(piece), piece)
+        raise
 
 
 def read_bytes(piece: Piece) -> bytes:

@@ -7,7 +7,9 @@ Two passes over a source, each a map over its pieces in order (micro_arch.data.p
   encode   token ids of each piece, written in order as one stream, the documents joined by the separator:
            train = the stream up to the separator before the first held-out document, val = the rest
 The pieces go to `workers` processes with at most 2 per worker in flight, so memory is bounded by the
-piece size, which data.prepare_memory_mb sets; the shards are the same whatever the number of workers.
+piece size, which data.prepare_memory_mb sets; the shards are the same whatever the number of workers. A worker
+leaves a piece's tokens in a file beside the shards (piece_file), which this process appends to the shards in
+order and deletes.
 """
 
 from __future__ import annotations
@@ -320,14 +322,20 @@ def encode_source(folder: Path, pieces_factory, scan: Scan, n_train: int, tokeni
         for k, piece in enumerate(pieces):
             n = scan.piece_docs[state["piece"] + k] if state["piece"] + k < len(scan.piece_docs) else 0
             first_held = n_train - before if before + n > n_train else None
-            yield piece, (max(first_held, 0) if first_held is not None else None), dtype
+            work = (piece, (max(first_held, 0) if first_held is not None else None), dtype)
+            yield (*work, str(piece_file(folder, state["piece"] + k))) if run.workers > 1 else work
             before += n
 
     spec = piece_work.tokenizer_spec(tokenizer) if run.workers > 1 else None
+    encode = piece_work.run_encode_to_file if run.workers > 1 else piece_work.run_encode
     position, docs, val_start, val_bytes = state["position"], state["docs"], state["val_start"], state["val_bytes"]
     piece_number = state["piece"]
+    remove_piece_files(folder)  # from a killed run
     try:
-        for (piece, _, _), got in ordered_map(piece_work.run_encode, items(), run.workers, spec, tokenizer):
+        for (piece, *_), got in ordered_map(encode, items(), run.workers, spec, tokenizer):
+            if got.path is not None:
+                got.tokens = np.fromfile(got.path, dtype=dtype)
+                os.unlink(got.path)
             current.update(piece=piece_number, docs=docs, position=position, val_start=val_start,
                            val_bytes=val_bytes)
             if got.n_docs:
@@ -349,6 +357,7 @@ def encode_source(folder: Path, pieces_factory, scan: Scan, n_train: int, tokeni
         lengths = writer.close()
     except BaseException:
         writer.abandon()
+        remove_piece_files(folder)  # the workers are stopped by now: ordered_map's pool ended with the loop
         meter.close(quiet=True)
         raise
     meter.close(quiet)
@@ -363,6 +372,16 @@ def encode_source(folder: Path, pieces_factory, scan: Scan, n_train: int, tokeni
     (folder / DONE).write_text("")
     progress_path.unlink(missing_ok=True)
     return index
+
+
+def piece_file(folder: Path, number: int) -> Path:
+    """Where a worker process leaves piece `number`'s tokens for this process to write into the shards."""
+    return folder / f".piece_{number:06d}.tmp"
+
+
+def remove_piece_files(folder: Path) -> None:
+    for path in folder.glob(".piece_*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 def read_progress(folder: Path) -> dict | None:

@@ -30,6 +30,8 @@ class CharTokenizer:
         self._table = np.full(0x110000, -1, dtype=np.int32)  # every code point: a lookup needs no bounds check
         self._table[codes] = np.arange(len(codes), dtype=np.int32)
         self._lookup = np.array(list(self.chars))
+        self._typed: dict[np.dtype, np.ndarray] = {}  # the table in the dtypes asked for
+        self._ascii = bytes(int(i) if i >= 0 else 255 for i in self._table[:128]) + b"\xff" * 128
 
     @classmethod
     def from_texts(cls, texts) -> CharTokenizer:
@@ -42,14 +44,34 @@ class CharTokenizer:
     def identity(self) -> str:
         return "char:" + self.chars
 
-    def encode_array(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        ids = self._table[codes]
-        unknown = ids < 0
-        if unknown.any():
-            missing = sorted({chr(c) for c in codes[unknown]})
-            raise ValueError(f"characters not in the vocabulary: {''.join(missing)!r}")
+    def encode_array(self, text: str, dtype=np.int32) -> np.ndarray:
+        return self.ids_of(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32), dtype)
+
+    def ids_of(self, codes, dtype=np.int32, out: np.ndarray | None = None) -> np.ndarray:
+        """The ids, as `dtype` (into `out` if given), of ASCII text given as bytes or of an array of code points.
+        ASCII bytes are translated byte for byte (the ASCII characters sort first, so their ids are below 128),
+        which spares numpy's lookup its copy of the indices as int64."""
+        dtype = np.dtype(dtype)
+        if isinstance(codes, bytes):
+            ids = np.frombuffer(codes.translate(self._ascii), dtype=np.uint8)
+            if ids.max(initial=0) == 255:
+                self._refuse(np.frombuffer(codes, dtype=np.uint8))
+            if out is None:
+                return ids.astype(dtype)
+            out[...] = ids
+            return out
+        if dtype not in self._typed:  # unknown characters: -1, or the largest value of an unsigned type (no id
+            # reaches it: token_dtype leaves room)
+            unknown = np.iinfo(dtype).max if dtype.kind == "u" else -1
+            self._typed[dtype] = np.where(self._table < 0, unknown, self._table).astype(dtype)
+        ids = np.take(self._typed[dtype], codes, out=out)
+        if len(ids) and (ids.max() == np.iinfo(dtype).max if dtype.kind == "u" else ids.min() < 0):
+            self._refuse(codes)
         return ids
+
+    def _refuse(self, codes: np.ndarray):
+        missing = sorted({chr(c) for c in np.unique(codes[self._table[codes] < 0])})
+        raise ValueError(f"characters not in the vocabulary: {''.join(missing)!r}")
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
