@@ -86,8 +86,6 @@ def test_char_tokenizer_round_trips_and_refuses_unknown_characters(tmp_path):
 
 
 def test_char_ids_of_bytes_and_code_points_match_a_dictionary_lookup():
-    import numpy as np
-
     text = "To be, or not to be: Ünïcödé ✓ 𝄞\n\n\tand the rest" * 3
     tok = CharTokenizer.from_texts([text])
     expected = [tok.chars.index(c) for c in text]
@@ -104,6 +102,43 @@ def test_char_ids_of_bytes_and_code_points_match_a_dictionary_lookup():
         with pytest.raises(ValueError, match="'Zж'"):
             tok.ids_of(np.frombuffer("to Zed ж".encode("utf-32-le"), dtype=np.uint32), dtype)
     assert tok.encode_array(text, np.uint16).tolist() == expected == tok.encode(text)
+
+
+TRAIN_IN_A_PROCESS = """
+import hashlib, os, sys
+import numpy as np
+from micro_arch.data import tokenizers
+if sys.argv[1] == "one-core":  # as on a machine of one core
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    os.cpu_count = lambda: 1
+rng = np.random.default_rng(0)
+words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(3, 9))) for _ in range(3000)]
+p = 1 / np.arange(1, 3001)
+texts = ["\\n".join(" ".join(rng.choice(words, size=8, p=p / p.sum())) for _ in range(400)) for _ in range(10)]
+tokenizers.SENTENCES = 300
+print(hashlib.sha256(tokenizers.train_bpe(texts, 600)).hexdigest())
+"""
+
+
+def test_bpe_from_one_corpus_is_one_tokenizer_in_any_process_on_any_cores():
+    """SentencePiece's own line sample differs from process to process, and its model depends on its number of
+    threads: the sample is ours (seeded) and the threads fixed, so two machines train the same tokenizer."""
+    import subprocess
+    import sys
+
+    digests = {subprocess.run([sys.executable, "-c", TRAIN_IN_A_PROCESS, how], capture_output=True, text=True,
+                              check=True).stdout for how in ("all-cores", "all-cores", "one-core")}
+    assert len(digests) == 1, digests
+
+
+def test_training_lines_are_every_line_or_a_fixed_sample(monkeypatch):
+    from micro_arch.data import tokenizers
+
+    texts = ["a\nb\n\n  \nc", "d\ne", "f"]
+    assert list(tokenizers.training_lines(texts)) == ["a", "b", "c", "d", "e", "f"]
+    monkeypatch.setattr(tokenizers, "SENTENCES", 4)
+    sample = list(tokenizers.training_lines(texts))
+    assert len(sample) == 4 and sample == sorted(sample) and sample == list(tokenizers.training_lines(texts))
 
 
 def test_bpe_trains_once_round_trips_and_loads_from_a_model_path(cache, tmp_path, works, monkeypatch):

@@ -361,6 +361,7 @@ def encode_source(folder: Path, pieces_factory, scan: Scan, n_train: int, tokeni
         meter.close(quiet=True)
         raise
     meter.close(quiet)
+    remove_piece_files(folder)
     if docs != scan.n_docs:
         raise MicroArchError(f"{label}: changed while it was being prepared ({scan.n_docs} documents when scanned, "
                              f"{docs} now); prepare again")
@@ -375,8 +376,9 @@ def encode_source(folder: Path, pieces_factory, scan: Scan, n_train: int, tokeni
 
 
 def piece_file(folder: Path, number: int) -> Path:
-    """Where a worker process leaves piece `number`'s tokens for this process to write into the shards."""
-    return folder / f".piece_{number:06d}.tmp"
+    """Where a worker process leaves piece `number`'s tokens for this process to write into the shards (named
+    for this process too: a worker of a killed preparation may still finish its piece while the next one runs)."""
+    return folder / f".piece_{os.getpid()}_{number:06d}.tmp"
 
 
 def remove_piece_files(folder: Path) -> None:

@@ -155,20 +155,41 @@ def train_bytelevel(texts, vocab_size: int) -> str:
     return tok.to_str()
 
 
+SENTENCES = 2_000_000  # lines SentencePiece trains on at most: beyond, a seeded sample of them (SentencePiece's
+# own sample differs from run to run, whatever its seed: measured)
+THREADS = 16  # fixed: SentencePiece's model depends on its number of threads (measured), not on the cores
+
+
+def training_lines(texts: list[str]):
+    """The non-blank lines of `texts`, or a sample of SENTENCES of them (the same for the same texts)."""
+    n = sum(1 for text in texts for line in text.splitlines() if line.strip())
+    keep = iter(np.sort(np.random.default_rng(0).choice(n, SENTENCES, replace=False))) if n > SENTENCES else None
+    wanted, i = (next(keep) if keep else 0), 0
+    for text in texts:
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            if keep is None:
+                yield line
+            elif i == wanted:
+                yield line
+                wanted = next(keep, -1)
+            i += 1
+
+
 def train_bpe(texts: list[str], vocab_size: int) -> bytes:
     """A SentencePiece BPE model (serialized) that keeps text exactly: no normalization, byte fallback."""
     import sentencepiece as spm
 
     # SentencePiece trains on "sentences" of limited length: feed lines, and keep '\n' as its own piece
-    lines = (line for text in texts for line in text.splitlines() if line.strip())
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            sentence_iterator=training_lines(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
             byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
             remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
             split_digits=True, user_defined_symbols=["\n"], bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0,
-            input_sentence_size=2_000_000, shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+            input_sentence_size=0, num_threads=THREADS,
             minloglevel=2)
     except RuntimeError as err:
         text = str(err)
