@@ -114,10 +114,17 @@ def test_a_group_resume_continues_an_interrupted_member_from_its_checkpoint(tmp_
 
 
 def test_side_by_side_members_see_one_gpu_each(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    assert seeds_module._nth_visible(1) == "5"
+    assert seeds_module.gpus_for("auto") == ["3", "5"] == seeds_module.gpus_for("cuda")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert seeds_module._nth_visible(1) == "1"
+    assert seeds_module.gpus_for("auto") == ["0", "1"]
+    assert seeds_module.gpus_for("cpu") == [] == seeds_module.gpus_for("cuda:1")  # the user chose the device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert seeds_module.gpus_for("auto") == []
 
 
 def test_a_sweeps_trial_budget_outranks_an_experiments_flop_budget(tmp_path, tiny_experiment):
@@ -167,7 +174,7 @@ def test_side_by_side_trains_each_job_in_its_own_process_and_reports_failures(tm
     quick = ["train.max_steps=4", "train.eval_every=4", "train.sample.max_new_tokens=2", "train.device=cpu"]
     jobs = [Job(f"seed {s}", str(exp), [*quick, f"train.seed={s}"], tmp_path / "g" / f"seed-{s}", "fresh")
             for s in (1, 2)]
-    side_by_side(jobs, tmp_path / "runs", gpus=2)
+    side_by_side(jobs, tmp_path / "runs", gpus=["0", "1"])
     for s, gpu in ((1, "0"), (2, "1")):
         assert seen[str(tmp_path / "g" / f"seed-{s}")] == gpu
         summary = json.loads((tmp_path / "g" / f"seed-{s}" / "summary.json").read_text())
@@ -175,4 +182,4 @@ def test_side_by_side_trains_each_job_in_its_own_process_and_reports_failures(tm
         assert (tmp_path / "g" / f"seed-{s}.log").is_file()
     bad = Job("broken", str(exp), [*quick, "model.d_model=-1"], tmp_path / "g" / "seed-3", "fresh")
     with pytest.raises(MicroArchError, match=r"1 run\(s\) failed: broken \(exit code 2"):
-        side_by_side([bad], tmp_path / "runs", gpus=2)
+        side_by_side([bad], tmp_path / "runs", gpus=["0", "1"])

@@ -111,9 +111,9 @@ def run_group(target, seeds=None, overrides=None, resume=None, runs_root="runs",
     done = len(plan) - len(todo)
     console.print(f"[bold]seed group[/] {group}: seeds {', '.join(map(str, chosen))}"
                   + (f" ({done} completed, {len(todo)} to train)" if done else ""), highlight=False)
-    gpus = visible_gpus(cfg.train.device) if nproc == 1 else 0
+    gpus = gpus_for(cfg.train.device) if nproc == 1 else []
     try:
-        if gpus > 1 and len(todo) > 1:
+        if len(gpus) > 1 and len(todo) > 1:
             side_by_side([Job(f"seed {seed}", str(target), [*overrides, f"train.seed={seed}"], folder, state)
                           for seed, folder, state in todo], runs_root, gpus)
         else:
@@ -151,12 +151,11 @@ def _check_members_agree(group: Path, seeds: list[int], target, overrides: list[
             check_resumable(folder, cfg)
 
 
-def visible_gpus(device: str) -> int:
-    if device not in ("auto", "cuda"):
-        return 0  # a named device (cpu, cuda:1): the user chose where it runs
-    import torch
+def gpus_for(device: str) -> list[str]:
+    """The GPUs to train runs side by side on: none for a named device (cpu, cuda:1), where the user chose."""
+    from micro_arch.train.distributed import visible_gpus
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return visible_gpus() if device in ("auto", "cuda") else []
 
 
 @dataclass
@@ -169,7 +168,7 @@ class Job:
     state: str  # member_state: 'fresh' or 'resumable'
 
 
-def side_by_side(jobs: list[Job], runs_root, gpus: int) -> None:
+def side_by_side(jobs: list[Job], runs_root, gpus: list[str]) -> None:
     """One job per GPU at a time, each a `micro-arch run` process that sees only its GPU (CUDA_VISIBLE_DEVICES),
     its output in <folder>.log. Untested on a machine with several GPUs (written for it; the test machines have
     at most one, where jobs train one after another in this process instead)."""
@@ -180,13 +179,9 @@ def side_by_side(jobs: list[Job], runs_root, gpus: int) -> None:
         args = ["run", job.target, "--runs-dir", str(runs_root), "--set", *job.overrides,
                 *(["--resume", str(job.folder)] if job.state == "resumable" else ["--into", str(job.folder)])]
         processes.append(Process(job.name, args, job.folder.with_name(job.folder.name + ".log")))
-    failed = run_in_slots(processes, [{"CUDA_VISIBLE_DEVICES": _nth_visible(g)} for g in range(gpus)], console)
+    failed = run_in_slots(processes, [{"CUDA_VISIBLE_DEVICES": g} for g in gpus], console)
     if failed:
         raise MicroArchError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; fix the cause and start the same "
                              "command again (completed runs are kept)")
 
 
-def _nth_visible(i: int) -> str:
-    """The i-th GPU this process sees, as CUDA_VISIBLE_DEVICES names it for a child."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return visible.split(",")[i].strip() if visible else str(i)

@@ -127,15 +127,15 @@ def check_plan(points: list[Point], root: Path) -> None:
 def train_points(points: list[Point], runs_root, extra: list[str] | None = None) -> dict[str, int]:
     """Train every point that is not completed; returns how many points were {completed, trained}."""
     from micro_arch.commands.run import run_experiment
-    from micro_arch.commands.seeds import Job, side_by_side, visible_gpus
+    from micro_arch.commands.seeds import Job, gpus_for, side_by_side
     from micro_arch.config import load_config
 
     todo = [p for p in points if point_state(p) != "completed"]
     total_flops = sum(p.budget for p in todo)
     console.print(f"[bold]ladder[/]: {len(points)} points, {len(points) - len(todo)} completed, {len(todo)} to "
                   f"train ({total_flops:.3g} training FLOPs)", highlight=False)
-    gpus = visible_gpus(load_config(todo[0].target, todo[0].overrides).train.device) if todo else 0
-    if gpus > 1 and len(todo) > 1:  # one point per GPU, side by side
+    gpus = gpus_for(load_config(todo[0].target, todo[0].overrides).train.device) if todo else []
+    if len(gpus) > 1 and len(todo) > 1:  # one point per GPU, side by side
         side_by_side([Job(p.key, p.target, [*p.overrides, *(extra or [])], p.folder, point_state(p)) for p in todo],
                      runs_root, gpus)
         return {"completed": len(points) - len(todo), "trained": len(todo)}

@@ -89,7 +89,7 @@ def train_best(study: optuna.Study, sweep: SweepConfig, runs_root: str | Path, c
     if todo:
         plan = placement(todo, gpus, rendezvous)
         if plan == "side by side":
-            from micro_arch.sweep.pool import visible_gpus
+            from micro_arch.train.distributed import visible_gpus
 
             run_side_by_side(todo, [{"CUDA_VISIBLE_DEVICES": g} for g in visible_gpus()], sweep, console)
         elif plan == "ddp":

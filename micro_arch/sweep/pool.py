@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import torch
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -27,6 +26,7 @@ from micro_arch.errors import MicroArchError
 from micro_arch.sweep import budget
 from micro_arch.sweep.objective import DEVICE_SHARE_ENV
 from micro_arch.sweep.worker import this_host
+from micro_arch.train.distributed import visible_gpus
 
 REFRESH_S = 1.0
 
@@ -36,15 +36,6 @@ class Slot:
     name: str
     env: dict[str, str]
     device: str
-
-
-def visible_gpus() -> list[str]:
-    if not torch.cuda.is_available():
-        return []
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed:
-        return [d.strip() for d in listed.split(",") if d.strip()][: torch.cuda.device_count()]
-    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def default_workers() -> int:

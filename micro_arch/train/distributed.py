@@ -83,6 +83,16 @@ class Process:
     log: Path  # its output, appended
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process sees, as a child's CUDA_VISIBLE_DEVICES names them (none without CUDA)."""
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [d.strip() for d in listed.split(",") if d.strip()][: torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 def run_in_slots(processes: list[Process], slots: list[dict], console) -> list[str]:
     """Each process with the environment of a free slot (a GPU's CUDA_VISIBLE_DEVICES, say), as many at once as
     there are slots; returns a line for each that failed. Ctrl-C is passed on to the running ones (they save
