@@ -423,8 +423,13 @@ def test_prepare_command_shows_the_plan_then_prepares(tmp_path, prose, monkeypat
     shards = list(cache.glob("tokens/*/shard_00000.bin"))
     assert len(shards) == 1 and (shards[0].parent / "DONE").is_file()
     assert result["train_tokens"] + result["val_tokens"] + 2 == shards[0].stat().st_size // 2
+    assert "workers: 1 process(es)" in out and "raise it" not in out  # 67 KB: prepared in this process
     with pytest.raises(MicroArchError, match="missing.txt: no such file"):
         command.prepare_command(exp, [f"data.source={tmp_path / 'missing.txt'}"])
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # a machine of many cores: the memory bound says what to raise
+    command.prepare_command(exp)
+    out = capsys.readouterr().out
+    assert "data.prepare_memory_mb=1024 leaves room for 11 of this machine's 64 CPUs: raise it" in out
 
 
 def test_a_run_on_many_shards_resumes_exactly(tmp_path, tiny_experiment):

@@ -27,6 +27,8 @@ def prepare_command(experiment, overrides: list[str] = ()) -> dict:
     console.print(table)
     console.print(f"tokenizer: {plan['tokenizer']}; cache: {plan['cache']}"
                   + (f"; training tokens cut at {cfg.data.max_tokens:,}" if cfg.data.max_tokens else ""))
+    if "workers" in plan:
+        console.print(workers_line(plan["workers"], cfg.data.prepare_memory_mb), highlight=False)
     if reads_records(cfg):
         if not cfg.model.init_from:  # the records are ready; their tokens are init_from's tokenizer's
             console.print("records ready; they are encoded with model.init_from's tokenizer when the run starts "
@@ -61,6 +63,15 @@ def records_plan(cfg) -> dict:
         rows.append({"source": source, "files": len(files), "bytes": sum(os.path.getsize(f) for f in files),
                      "tokens": None, "disk": None})
     return {"sources": rows, "tokenizer": "model.init_from's, with the chat template's tokens", "cache": str(root)}
+
+
+def workers_line(w: dict, memory_mb: int) -> str:
+    """How many processes prepare, and when data.prepare_memory_mb is what keeps CPUs idle, what to raise."""
+    line = f"workers: {w['processes']} process(es), pieces of {megabytes(w['piece_bytes'])}"
+    if not w["chosen"] and w["memory_allows"] < w["cpus"]:
+        line += (f"; data.prepare_memory_mb={memory_mb} leaves room for {w['memory_allows']} of this machine's "
+                 f"{w['cpus']} CPUs: raise it (about 80 MB a worker) to use more")
+    return line
 
 
 def megabytes(n: int) -> str:

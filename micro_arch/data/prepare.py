@@ -32,6 +32,7 @@ from .stream import (
     Settings,
     encode_source,
     held_out_count,
+    memory_allows,
     read_progress,
     scan_source,
     settings,
@@ -340,6 +341,9 @@ def data_plan(cfg: DataConfig) -> dict:
         tokens = round(size * per_byte) if size is not None else None
         rows.append({"source": label, "files": files, "bytes": size or 0, "tokens": tokens,
                      "disk": tokens * width if tokens is not None else None})
-    return {"sources": rows, "tokenizer": cfg.tokenizer if cfg.tokenizer not in TRAINED[1:] else
+    run = settings(cfg, sum(r["bytes"] for r in rows))
+    workers = {"processes": run.workers, "piece_bytes": run.piece_bytes, "cpus": os.cpu_count() or 1,
+               "memory_allows": memory_allows(cfg), "chosen": cfg.workers}
+    return {"sources": rows, "workers": workers, "tokenizer": cfg.tokenizer if cfg.tokenizer not in TRAINED[1:] else
             f"{cfg.tokenizer} {cfg.vocab_size:,} (trained on at most {cfg.tokenizer_sample_bytes / 1e6:,.0f} MB)",
             "cache": str(root)}

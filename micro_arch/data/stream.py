@@ -48,12 +48,17 @@ def settings(cfg, total_bytes: int) -> Settings:
     flight at BYTES_PER_PIECE_BYTE each (so fewer workers than CPUs when the budget is small), pieces of at most
     4 MB (smaller ones keep the workers evenly busy and the worst piece cheap), at least 256 KB."""
     budget = cfg.prepare_memory_mb * 2**20 - MAIN_BYTES
-    least = 2 * BYTES_PER_PIECE_BYTE * (256 << 10)
-    wanted = max(1, min(cfg.workers or os.cpu_count() or 1, budget // (WORKER_BYTES + least)))
+    wanted = max(1, min(cfg.workers or os.cpu_count() or 1, memory_allows(cfg)))
     piece = (budget - wanted * WORKER_BYTES) // (2 * BYTES_PER_PIECE_BYTE * wanted)
     piece = max(256 << 10, min(piece, 4 << 20))
     workers = 1 if total_bytes < SMALL else max(1, min(wanted, math.ceil(total_bytes / piece)))
     return Settings(workers, piece, cfg.shard_tokens)
+
+
+def memory_allows(cfg) -> int:
+    """The most workers data.prepare_memory_mb leaves room for (each with the smallest pieces)."""
+    least = 2 * BYTES_PER_PIECE_BYTE * (256 << 10)
+    return (cfg.prepare_memory_mb * 2**20 - MAIN_BYTES) // (WORKER_BYTES + least)
 
 
 # --- ordered parallel map ---------------------------------------------------------------------
