@@ -15,6 +15,7 @@ import numpy as np
 
 from .corpus import SEPARATOR
 from .documents import Piece, Read, joined_utf8, read, text_of
+from .tokenizers import code_points
 
 _TOKENIZER = None
 BATCH_CHARS = 1 << 20  # documents encoded in one call of the library
@@ -69,7 +70,11 @@ def scan(piece: Piece, sample_bytes: int, want_chars: bool) -> Scanned:
     whole = joined_utf8(piece) if not sample_bytes else None
     if whole is not None:  # a .txt piece, no sample wanted: counted without splitting it
         data, n = whole
-        chars = characters_of(code_chunks(data, piece)) if want_chars else check_utf8(data, piece)
+        if want_chars:
+            chars = characters_of(code_chunks(data, piece))
+        else:
+            chars = ""
+            check_utf8(data, piece)
         seen = NOT_ASCII_SPACE.search(data)  # blank: nothing else, unless other (Unicode) space
         blank = seen is None or (data[seen.start()] >= 0x80 and text_of(data[seen.start():], piece).isspace())
         return Scanned(n, len(data) - len(SEPARATOR) * max(n - 1, 0), Read([], n, blank=blank), chars)
@@ -103,9 +108,10 @@ def utf8_parts(data: bytes):
 
 def code_chunks(data: bytes, piece: Piece | None = None):
     """The text of a joined .txt piece (checked to be UTF-8), or of documents already read (no piece), a part at
-    a time: ASCII parts as their bytes, the others as arrays of code points. Small parts keep the temporaries under the workers' mmap threshold, so
-    they come from the heap, reused; a whole piece's would be fresh pages from the system every time (measured:
-    2x the time) and numpy's lookup copies its indices as int64 (8 bytes a character)."""
+    a time: ASCII parts as their bytes, the others as arrays of code points. Small parts keep the temporaries
+    under the workers' mmap threshold, so they come from the heap, reused; a whole piece's would be fresh pages
+    from the system every time (measured: 2x the time), and numpy's lookup copies its indices as int64 (8 bytes
+    a character)."""
     for part in utf8_parts(data):
         if part.isascii():
             yield part
@@ -113,11 +119,11 @@ def code_chunks(data: bytes, piece: Piece | None = None):
             yield code_points(text_of(part, piece) if piece else part.decode("utf-8", "surrogatepass"))
 
 
-def check_utf8(data: bytes, piece: Piece) -> str:
+def check_utf8(data: bytes, piece: Piece) -> None:
+    """A clear error, naming the byte, if a joined .txt piece is not UTF-8 (decoded a part at a time)."""
     for part in utf8_parts(data):
         if not part.isascii():
             text_of(part, piece)
-    return ""
 
 
 def characters_of(chunks) -> str:
@@ -127,10 +133,6 @@ def characters_of(chunks) -> str:
     for codes in chunks:
         seen[np.frombuffer(codes, dtype=np.uint8) if isinstance(codes, bytes) else codes] = True
     return "".join(map(chr, np.flatnonzero(seen)))
-
-
-def code_points(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
 @dataclass

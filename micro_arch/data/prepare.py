@@ -344,6 +344,6 @@ def data_plan(cfg: DataConfig) -> dict:
     run = settings(cfg, sum(r["bytes"] for r in rows))
     workers = {"processes": run.workers, "piece_bytes": run.piece_bytes, "cpus": os.cpu_count() or 1,
                "memory_allows": memory_allows(cfg), "chosen": cfg.workers}
-    return {"sources": rows, "workers": workers, "tokenizer": cfg.tokenizer if cfg.tokenizer not in TRAINED[1:] else
-            f"{cfg.tokenizer} {cfg.vocab_size:,} (trained on at most {cfg.tokenizer_sample_bytes / 1e6:,.0f} MB)",
-            "cache": str(root)}
+    tokenizer = cfg.tokenizer if cfg.tokenizer not in TRAINED[1:] else (
+        f"{cfg.tokenizer} {cfg.vocab_size:,} (trained on at most {cfg.tokenizer_sample_bytes / 1e6:,.0f} MB)")
+    return {"sources": rows, "workers": workers, "tokenizer": tokenizer, "cache": str(root)}

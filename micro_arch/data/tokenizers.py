@@ -18,6 +18,10 @@ from micro_arch.data.files import write_atomically
 from micro_arch.errors import MicroArchError
 
 
+def code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
 class CharTokenizer:
     """One id per character; ids follow the sorted characters."""
 
@@ -45,7 +49,7 @@ class CharTokenizer:
         return "char:" + self.chars
 
     def encode_array(self, text: str, dtype=np.int32) -> np.ndarray:
-        return self.ids_of(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32), dtype)
+        return self.ids_of(code_points(text), dtype)
 
     def ids_of(self, codes, dtype=np.int32, out: np.ndarray | None = None) -> np.ndarray:
         """The ids, as `dtype` (into `out` if given), of ASCII text given as bytes or of an array of code points.
